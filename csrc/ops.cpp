@@ -1,0 +1,68 @@
+// Schemas of the flowkernels ops, declared once. Each backend file registers its own
+// implementation with TORCH_LIBRARY_IMPL (actnorm_conv_cpu.cpp, affine_coupling_cpu.cpp,
+// *_cuda.cu); fake (meta) implementations are registered from Python
+// (flowkernels/ops/*.py, register_extension_fakes). Semantics: docs/ops.md.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(flowkernels, m) {
+  // y[b, :, p] = matrix @ x[b, :, p] + offset; logdet[b] += logdet_term.
+  m.def(
+      "actnorm_conv_fwd("
+      "Tensor x, "
+      "Tensor matrix, "
+      "Tensor offset, "
+      "Tensor logdet_term, "
+      "Tensor(a!) logdet"
+      ") -> Tensor");
+  // From the output: inp = matrix_inv @ out + inv_offset, grad_inp = matrix^T @ grad_out,
+  // grad_matrix = sum grad_out inp^T, grad_offset = sum grad_out.
+  m.def(
+      "actnorm_conv_bwd("
+      "Tensor out, "
+      "Tensor grad_out, "
+      "Tensor matrix, "
+      "Tensor matrix_inv, "
+      "Tensor inv_offset"
+      ") -> (Tensor, Tensor, Tensor, Tensor)");
+  // y[:, passive:] = (x2 + shift) * s (shift_first) or x2 * s + shift; logdet[b] += sum log s.
+  m.def(
+      "affine_coupling_fwd("
+      "Tensor x, "
+      "Tensor h, "
+      "Tensor(a!) logdet, "
+      "int passive, "
+      "bool shift_first, "
+      "float eps"
+      ") -> Tensor");
+  // x2 = y2 / s - shift (shift_first) or (y2 - shift) / s; logdet[b] -= sum log s.
+  m.def(
+      "affine_coupling_inv("
+      "Tensor y, "
+      "Tensor h, "
+      "Tensor(a!) logdet, "
+      "int passive, "
+      "bool shift_first, "
+      "float eps"
+      ") -> Tensor");
+  // From the output of the forward (reverse=false) or inverse: (inp, grad_inp, grad_h).
+  m.def(
+      "affine_coupling_bwd("
+      "Tensor out, "
+      "Tensor h, "
+      "Tensor grad_out, "
+      "Tensor grad_logdet, "
+      "int passive, "
+      "bool shift_first, "
+      "float eps, "
+      "bool reverse"
+      ") -> (Tensor, Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef FLOWKERNELS_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

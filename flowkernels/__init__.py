@@ -1,0 +1,52 @@
+"""flowkernels: fused Glow/SRFlow flow-step kernels with memory-saving invertible backprop.
+
+Layers (``forward(x, cond=None, logdet=None) -> (y, logdet)``, ``inverse`` likewise):
+ActNorm2d, InvConv1x1, AffineCoupling, CondAffineCoupling, FlowStep, Squeeze, Split2d,
+FlowSequence. Fused ops: :mod:`flowkernels.ops`. Oracle: :mod:`flowkernels.reference`.
+Backends: :mod:`flowkernels.dispatch`.
+"""
+
+from . import ops, reference
+from .dispatch import BackendUnavailableError, get_backend, select_backend, set_backend, use_backend
+from .layers import (
+    ActNorm,
+    ActNorm2d,
+    AffineCoupling,
+    CondAffineCoupling,
+    Conv2dActNorm,
+    Conv2dZeros,
+    FlowSequence,
+    FlowStep,
+    InvConv1x1,
+    InvertibleModule,
+    Split2d,
+    Squeeze,
+    initialize_actnorms,
+    make_subnet,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActNorm",
+    "ActNorm2d",
+    "AffineCoupling",
+    "BackendUnavailableError",
+    "CondAffineCoupling",
+    "Conv2dActNorm",
+    "Conv2dZeros",
+    "FlowSequence",
+    "FlowStep",
+    "InvConv1x1",
+    "InvertibleModule",
+    "Split2d",
+    "Squeeze",
+    "get_backend",
+    "initialize_actnorms",
+    "make_subnet",
+    "ops",
+    "reference",
+    "select_backend",
+    "set_backend",
+    "use_backend",
+]

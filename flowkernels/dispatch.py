@@ -1,0 +1,206 @@
+"""Backend selection: ``"cuda" | "triton" | "reference" | "auto"``.
+
+* ``"reference"``: pure PyTorch (``flowkernels.reference``), any device and float dtype.
+* ``"triton"``: the Triton kernels in ``flowkernels/ops``; CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
+* ``"cuda"``: the compiled extension ``flowkernels._C``: its CUDA kernels for CUDA tensors and
+  its C++ kernels for CPU tensors.
+* ``"auto"``: the first backend in :data:`AUTO_PRIORITY` for the tensors' device that has no
+  reason to refuse them (xformers-style dispatch). The order is the measured speed order
+  (benchmarks/results/); the reference is last and never refuses.
+
+The default backend is the only mutable global: :func:`set_backend`, :func:`use_backend`, and
+the environment variable ``FLOWKERNELS_BACKEND`` (read once, at import). A backend named
+explicitly that cannot take an input raises :class:`BackendUnavailableError` listing every
+reason; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BACKENDS",
+    "AUTO_PRIORITY",
+    "BackendUnavailableError",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "select_backend",
+    "refusals",
+    "load_extension",
+    "load_triton",
+]
+
+BACKENDS = ("cuda", "triton", "reference")
+# Fastest measured first, per device type. On CPU the Triton interpreter is a test tool, never
+# an automatic choice.
+AUTO_PRIORITY: dict[str, tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cuda", "reference"),
+}
+_FLOW_DTYPES = (torch.float32,)
+_SUBNET_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend named explicitly cannot take the given inputs; the message says why."""
+
+
+def _validate(name: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS + ('auto',)}, got {name!r}")
+    return name
+
+
+_default_backend = _validate(os.environ.get("FLOWKERNELS_BACKEND", "auto"))
+
+
+def get_backend() -> str:
+    """The default backend used where a module or call passes ``backend=None``."""
+    return _default_backend
+
+
+def set_backend(name: str) -> None:
+    """Set the default backend: ``"cuda"``, ``"triton"``, ``"reference"`` or ``"auto"``."""
+    global _default_backend
+    _default_backend = _validate(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager that sets the default backend and restores the previous one on exit."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+class _Unavailable(ImportError):
+    pass
+
+
+@functools.cache
+def _import_extension() -> ModuleType | str:
+    try:
+        module = importlib.import_module("flowkernels._C")
+    except ImportError as exc:
+        return (
+            f"the compiled extension flowkernels._C is not built ({exc}); build it with "
+            "`pip install --no-build-isolation -e .` from the repository root"
+        )
+    # The C++ ops are declared by the extension; their fake (meta) implementations for
+    # torch.compile live in Python and can only be registered once the ops exist.
+    from .ops import actnorm_conv, affine_coupling
+
+    actnorm_conv.register_extension_fakes()
+    affine_coupling.register_extension_fakes()
+    return module
+
+
+def load_extension() -> ModuleType:
+    """Import ``flowkernels._C`` (once) and register its fakes; raise ImportError if missing."""
+    module = _import_extension()
+    if isinstance(module, str):
+        raise _Unavailable(module)
+    return module
+
+
+@functools.cache
+def _triton_reason() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); `pip install triton`"
+    return None
+
+
+def load_triton(op_module: str) -> ModuleType:
+    """Import the Triton kernel module ``flowkernels.ops.<op_module>`` (registers its ops)."""
+    reason = _triton_reason()
+    if reason is not None:
+        raise _Unavailable(reason)
+    return importlib.import_module(f"flowkernels.ops.{op_module}")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _layout_reason(name: str, t: Tensor) -> str | None:
+    """Kernels index pixels as ``p * stride_w`` inside a sample, which holds for dense NCHW
+    and dense channels_last tensors (H and W collapse into one pixel axis)."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return None
+    return f"{name} has strides {tuple(t.stride())}: the kernels need dense NCHW or channels_last"
+
+
+def refusals(backend: str, x: Tensor, h: Tensor | None = None) -> list[str]:
+    """Why ``backend`` cannot take flow state ``x`` (and subnet output ``h``); empty means it can."""
+    if backend == "reference":
+        return []
+    why: list[str] = []
+    if backend == "triton":
+        reason = _triton_reason()
+        if reason is not None:
+            why.append(reason)
+        if x.device.type != "cuda" and not _interpreting():
+            why.append(f"x is on {x.device}; the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    elif backend == "cuda":
+        module = _import_extension()
+        if isinstance(module, str):
+            why.append(module)
+        elif x.device.type == "cuda" and not module.with_cuda:
+            why.append("flowkernels._C was built without CUDA (no nvcc or a CPU build of torch at build time)")
+        if x.device.type not in ("cpu", "cuda"):
+            why.append(f"x is on {x.device}; the extension has CPU and CUDA kernels only")
+    if x.dtype not in _FLOW_DTYPES:
+        why.append(f"x has dtype {x.dtype}; the flow state must be torch.float32")
+    reason = _layout_reason("x", x)
+    if reason is not None:
+        why.append(reason)
+    if h is not None:
+        if h.dtype not in _SUBNET_DTYPES:
+            why.append(f"h has dtype {h.dtype}; subnet outputs must be float32 or bfloat16")
+        if h.device != x.device:
+            why.append(f"h is on {h.device} but x is on {x.device}")
+        reason = _layout_reason("h", h)
+        if reason is not None:
+            why.append(reason)
+    return why
+
+
+def _describe(x: Tensor, h: Tensor | None) -> str:
+    def one(name: str, t: Tensor) -> str:
+        return f"{name}: shape {tuple(t.shape)}, dtype {t.dtype}, strides {tuple(t.stride())}, device {t.device}"
+
+    return "; ".join([one("x", x)] + ([one("h", h)] if h is not None else []))
+
+
+def select_backend(requested: str | None, x: Tensor, h: Tensor | None = None) -> str:
+    """Resolve ``requested`` (None means the default) to a concrete backend for these inputs.
+
+    ``"auto"`` walks :data:`AUTO_PRIORITY` for ``x.device.type`` and takes the first backend
+    without refusals. A named backend that refuses raises :class:`BackendUnavailableError`.
+    """
+    name = _validate(requested if requested is not None else get_backend())
+    if name == "auto":
+        for candidate in AUTO_PRIORITY.get(x.device.type, ("reference",)):
+            if not refusals(candidate, x, h):
+                return candidate
+        return "reference"
+    why = refusals(name, x, h)
+    if why:
+        reasons = "\n".join(f"  - {r}" for r in why)
+        raise BackendUnavailableError(f"backend {name!r} cannot take {_describe(x, h)}:\n{reasons}")
+    return name

@@ -1,0 +1,29 @@
+"""Invertible flow layers sharing one contract (see :mod:`flowkernels.layers.base`)."""
+
+from .actnorm import ActNorm, ActNorm2d, initialize_actnorms
+from .base import InvertibleModule, StepGrads
+from .coupling import AffineCoupling, CondAffineCoupling, Conv2dActNorm, Conv2dZeros, make_subnet
+from .flowstep import FlowStep
+from .invconv import InvConv1x1
+from .sequence import FlowSequence, invertible_backprop
+from .split import Split2d
+from .squeeze import Squeeze
+
+__all__ = [
+    "ActNorm",
+    "ActNorm2d",
+    "AffineCoupling",
+    "CondAffineCoupling",
+    "Conv2dActNorm",
+    "Conv2dZeros",
+    "FlowSequence",
+    "FlowStep",
+    "InvConv1x1",
+    "InvertibleModule",
+    "Split2d",
+    "Squeeze",
+    "StepGrads",
+    "initialize_actnorms",
+    "invertible_backprop",
+    "make_subnet",
+]

@@ -1,0 +1,239 @@
+"""Affine couplings: Glow-style :class:`AffineCoupling` and SRFlow's :class:`CondAffineCoupling`.
+
+A coupling is a list of *stages*; each stage evaluates a subnet and applies the fused affine op
+(``flowkernels.ops.affine_coupling_*``) to the channels ``[passive:]`` of the flow state:
+
+* ``h = subnet(cat(x[:, :passive], cond))`` (or ``subnet(cond)`` for a stage that does not read
+  the flow state, SRFlow's affine injector), shift ``h[:, 0::2]``, raw scale ``h[:, 1::2]``,
+  ``s = sigmoid(raw + 2) + eps``;
+* ``y2 = (x2 + shift) * s`` (SRFlow, ``shift_first=True``) or ``y2 = x2 * s + shift`` (Glow).
+
+Because the passive channels are unchanged, the memory-saving backward evaluates each subnet
+exactly once, on the OUTPUT's passive channels, and gets from that one evaluation both the
+shift/scale to invert and the graph for the gradient (DESIGN.md section 3).
+
+Subnets follow the official SRFlow layout (keys ``0``, ``2``, ``4``): conv3x3 (no bias) +
+ActNorm, ReLU, conv1x1 (no bias) + ActNorm, ReLU, zero-initialised conv3x3 with bias whose
+output is scaled by ``exp(3 * logs)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..dispatch import select_backend
+from ..ops.affine_coupling import SRFLOW_EPS, affine_coupling_bwd, affine_coupling_fwd, affine_coupling_inv
+from .actnorm import ActNorm
+from .base import (
+    InvertibleModule,
+    StepGrads,
+    check_cond,
+    check_flow_input,
+    flat_grads,
+    flow_precision,
+    in_plain_mode,
+    module_pullback,
+)
+
+__all__ = ["Conv2dActNorm", "Conv2dZeros", "make_subnet", "AffineCoupling", "CondAffineCoupling", "Stage"]
+
+
+class Conv2dActNorm(nn.Module):
+    """Convolution without bias followed by ActNorm (the official subnet ``Conv2d``).
+
+    Keys: ``weight`` (out, in, k, k), ``actnorm.bias`` / ``actnorm.logs`` (1, out, 1, 1).
+    Weight ~ N(0, 0.05^2) as in the official code; 'same' padding.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size) * 0.05)
+        self.actnorm = ActNorm(out_channels)
+        self.padding = kernel_size // 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.actnorm(F.conv2d(x, self.weight, padding=self.padding))
+
+
+class Conv2dZeros(nn.Module):
+    """Zero-initialised conv3x3 with bias, output scaled by ``exp(logscale_factor * logs)``.
+
+    Keys: ``weight`` (out, in, 3, 3), ``bias`` (out,), ``logs`` (out, 1, 1).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, logscale_factor: float = 3.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(out_channels, in_channels, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.logs = nn.Parameter(torch.zeros(out_channels, 1, 1))
+        self.logscale_factor = logscale_factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, padding=1) * torch.exp(self.logs * self.logscale_factor)
+
+
+def make_subnet(in_channels: int, out_channels: int, hidden: int = 64) -> nn.Sequential:
+    """The official SRFlow/Glow coupling subnet (keys 0, 2, 4); output starts at exactly zero."""
+    return nn.Sequential(
+        Conv2dActNorm(in_channels, hidden, 3),
+        nn.ReLU(inplace=False),
+        Conv2dActNorm(hidden, hidden, 1),
+        nn.ReLU(inplace=False),
+        Conv2dZeros(hidden, out_channels),
+    )
+
+
+class Stage(NamedTuple):
+    """One subnet + affine application: ``passive`` untouched channels; ``reads_x`` says whether
+    the subnet input includes ``x[:, :passive]`` (else it is the conditioning tensor alone)."""
+
+    subnet: nn.Module
+    passive: int
+    reads_x: bool
+
+
+class AffineCoupling(InvertibleModule):
+    """Affine coupling: ``y1 = x1``, ``y2 = affine(x2, subnet(cat(x1, cond)))``, x1 = x[:, :C//2].
+
+    Args:
+        channels: C (>= 2).
+        cond_channels: channels of the conditioning tensor (0: unconditional).
+        hidden: subnet width.
+        shift_first: ``(x2 + t) * s`` (SRFlow) if True, ``x2 * s + t`` (Glow-style) if False.
+        eps: scale floor, ``s = sigmoid(raw + 2) + eps``.
+        backend: kernel backend of this layer (None: the global default).
+    Parameters: ``net`` (the subnet; ``make_subnet`` layout).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        cond_channels: int = 0,
+        hidden: int = 64,
+        shift_first: bool = False,
+        eps: float = SRFLOW_EPS,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"channels: a coupling needs at least 2 channels, got {channels}")
+        self.channels = channels
+        self.cond_channels = cond_channels
+        self.shift_first = shift_first
+        self.eps = eps
+        self.backend = backend
+        self._build_subnets(hidden)
+
+    def _build_subnets(self, hidden: int) -> None:
+        self.net = make_subnet(self.channels // 2 + self.cond_channels, 2 * (self.channels - self.channels // 2), hidden)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, cond_channels={self.cond_channels}, shift_first={self.shift_first}, eps={self.eps}"
+
+    def stages(self) -> list[Stage]:
+        """The stages in forward order."""
+        return [Stage(self.net, self.channels // 2, True)]
+
+    def _check_input(self, x: Tensor, cond: Tensor | None) -> None:
+        check_flow_input(x, self.channels)
+        check_cond(cond, x, self.cond_channels)
+
+    def _stage_input(self, stage: Stage, x: Tensor, cond: Tensor | None) -> Tensor:
+        if not stage.reads_x:
+            return cond
+        x1 = x[:, : stage.passive]
+        return x1 if cond is None else torch.cat([x1, cond], dim=1)
+
+    def kernel_backend(self, x: Tensor) -> str:
+        """The concrete backend for flow state ``x`` (the reference while initialising)."""
+        return "reference" if in_plain_mode() else select_backend(self.backend, x)
+
+    def _needs_unit(self, x: Tensor, cond: Tensor | None, logdet: Tensor) -> bool:
+        return (
+            self.kernel_backend(x) != "reference"
+            and torch.is_grad_enabled()
+            and (x.requires_grad or (cond is not None and cond.requires_grad) or bool(self.trainable_parameters()))
+        )
+
+    def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool) -> Tensor:
+        return self.apply_stages(x, cond, logdet, reverse, self.kernel_backend(x))
+
+    def apply_stages(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool, backend: str) -> Tensor:
+        """Run the stages (reversed and inverted when ``reverse``), ``logdet`` updated in place."""
+        stages = self.stages()
+        op = affine_coupling_inv if reverse else affine_coupling_fwd
+        for stage in reversed(stages) if reverse else stages:
+            h = stage.subnet(self._stage_input(stage, x, cond))
+            with flow_precision(x):
+                x, _ = op(x, h, logdet, passive=stage.passive, shift_first=self.shift_first, eps=self.eps, backend=backend)
+        return x
+
+    def backward_from_output(
+        self, out: Tensor, grad_out: Tensor, grad_logdet: Tensor, cond: Tensor | None, reverse: bool
+    ) -> StepGrads:
+        inp, grad_inp, grad_cond, named = self.backward_stages(
+            out, grad_out, grad_logdet, cond, reverse, select_backend(self.backend, out)
+        )
+        return StepGrads(inp, grad_inp, grad_cond, flat_grads(self.trainable_parameters(), named))
+
+    def backward_stages(
+        self, out: Tensor, grad_out: Tensor, grad_logdet: Tensor, cond: Tensor | None, reverse: bool, backend: str
+    ) -> tuple[Tensor, Tensor, Tensor | None, dict[int, Tensor | None]]:
+        """Backward with recompute through the stages: one subnet evaluation per stage on the
+        output's passive channels, then the fused op. Returns (inp, grad_inp, grad_cond,
+        parameter gradients keyed by ``id(param)``)."""
+        stages = self.stages()
+        named: dict[int, Tensor | None] = {}
+        grad_cond = torch.zeros_like(cond) if cond is not None else None
+        for stage in stages if reverse else reversed(stages):
+            h, pull = module_pullback(stage.subnet, self._stage_input(stage, out, cond))
+            with flow_precision(out):
+                out, grad_out, grad_h = affine_coupling_bwd(
+                    out, h, grad_out, grad_logdet, passive=stage.passive, shift_first=self.shift_first,
+                    eps=self.eps, reverse=reverse, backend=backend,
+                )
+            (g_in,), g_params = pull(grad_h)
+            if stage.reads_x:
+                grad_out[:, : stage.passive] += g_in[:, : stage.passive]
+                g_in = g_in[:, stage.passive :]
+            if grad_cond is not None:
+                grad_cond += g_in
+            params = [p for p in stage.subnet.parameters() if p.requires_grad]
+            named.update(zip(map(id, params), g_params))
+        return out, grad_out, grad_cond, named
+
+
+class CondAffineCoupling(AffineCoupling):
+    """SRFlow's ``CondAffineSeparatedAndCond``: affine injector, then conditional coupling.
+
+    1. injector: ``h = fFeatures(cond)``; ``x = (x + h[:, 0::2]) * s`` on all C channels;
+    2. coupling: ``h = fAffine(cat(x[:, :C//2], cond))``; the same on ``x[:, C//2:]``.
+
+    Args:
+        channels: C; cond_channels: conditioning channels (320 in SRFlow); hidden: 64.
+    Parameters (official keys): ``fFeatures`` (cond -> 2C), ``fAffine`` (C//2 + cond -> 2(C - C//2)).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        cond_channels: int = 320,
+        hidden: int = 64,
+        eps: float = SRFLOW_EPS,
+        backend: str | None = None,
+    ) -> None:
+        if cond_channels < 1:
+            raise ValueError(f"cond_channels: the conditional coupling needs a conditioning tensor, got {cond_channels}")
+        super().__init__(channels, cond_channels, hidden, shift_first=True, eps=eps, backend=backend)
+
+    def _build_subnets(self, hidden: int) -> None:
+        c = self.channels
+        self.fAffine = make_subnet(c // 2 + self.cond_channels, 2 * (c - c // 2), hidden)
+        self.fFeatures = make_subnet(self.cond_channels, 2 * c, hidden)
+
+    def stages(self) -> list[Stage]:
+        return [Stage(self.fFeatures, 0, False), Stage(self.fAffine, self.channels // 2, True)]

@@ -1,0 +1,19 @@
+"""Fused flow ops, one file per op; each dispatches to the Triton, CUDA/C++ or reference backend.
+
+Importing this package loads neither triton nor the compiled extension: each is imported on
+first use of its backend.
+"""
+
+from .actnorm_conv import actnorm_conv_bwd, actnorm_conv_fwd, actnorm_conv_inv, fold
+from .affine_coupling import SRFLOW_EPS, affine_coupling_bwd, affine_coupling_fwd, affine_coupling_inv
+
+__all__ = [
+    "SRFLOW_EPS",
+    "actnorm_conv_bwd",
+    "actnorm_conv_fwd",
+    "actnorm_conv_inv",
+    "affine_coupling_bwd",
+    "affine_coupling_fwd",
+    "affine_coupling_inv",
+    "fold",
+]

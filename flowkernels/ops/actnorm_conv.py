@@ -1,0 +1,290 @@
+"""Fused ActNorm + invertible 1x1 convolution: per pixel ``y = W diag(exp(logs)) (x + bias)``.
+
+Oracle: ``reference.actnorm_conv_fwd`` / ``reference.actnorm_conv_inv``.
+
+Both directions are the same per-pixel affine channel map ``out = matrix @ inp + offset`` with
+folded parameters (:func:`fold`), so every backend implements two kernels:
+
+* ``actnorm_conv_fwd(x, matrix, offset, logdet_term, logdet)``: ``y = matrix @ x + offset`` per
+  pixel, ``logdet[b] += logdet_term`` in place (``logdet_term = ±H*W*(sum(logs) + log|det W|)``).
+* ``actnorm_conv_bwd(out, grad_out, matrix, matrix_inv, inv_offset)``: backward with recompute
+  from the OUTPUT: ``inp = matrix_inv @ out + inv_offset``, ``grad_inp = matrix^T @ grad_out``,
+  ``grad_matrix = sum_{b,p} grad_out inp^T`` and ``grad_offset = sum_{b,p} grad_out`` (float32).
+
+Registered ops: ``flowkernels::actnorm_conv_{fwd,bwd}`` (C++/CUDA, ``flowkernels._C``) and
+``flowkernels::actnorm_conv_{fwd,bwd}_triton`` (``_actnorm_conv_kernels.py``), one schema:
+
+    actnorm_conv_fwd(Tensor x, Tensor matrix, Tensor offset, Tensor logdet_term, Tensor(a!) logdet) -> Tensor
+    actnorm_conv_bwd(Tensor out, Tensor grad_out, Tensor matrix, Tensor matrix_inv, Tensor inv_offset)
+        -> (Tensor, Tensor, Tensor, Tensor)
+
+The C x C folding and the chain rule from (matrix, offset) to (weight, logs, bias) are tiny and
+run as plain tensor ops here, in float64, shared by all backends.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..dispatch import load_extension, load_triton, select_backend
+from ._common import check_not_differentiating, new_logdet
+
+__all__ = [
+    "ChannelMap",
+    "fold",
+    "actnorm_conv_fwd",
+    "actnorm_conv_inv",
+    "actnorm_conv_bwd",
+    "register_extension_fakes",
+]
+
+
+class ChannelMap(NamedTuple):
+    """Folded parameters of one direction: ``out = matrix @ inp + offset`` and its inverse
+    ``inp = matrix_inv @ out + inv_offset`` (float32), plus the log-det per sample (0-dim)."""
+
+    matrix: Tensor
+    offset: Tensor
+    matrix_inv: Tensor
+    inv_offset: Tensor
+    logdet_term: Tensor
+
+
+def _check_params(x: Tensor, weight: Tensor, logs: Tensor, bias: Tensor) -> int:
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    if weight.shape != (c, c):
+        raise ValueError(f"weight: expected shape ({c}, {c}) to match x's {c} channels, got {tuple(weight.shape)}")
+    for name, p in (("logs", logs), ("bias", bias)):
+        if p.numel() != c:
+            raise ValueError(f"{name}: expected {c} elements to match x's channels, got shape {tuple(p.shape)}")
+    for name, t in (("weight", weight), ("logs", logs), ("bias", bias)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    return c
+
+
+def fold(
+    weight: Tensor,
+    logs: Tensor,
+    bias: Tensor,
+    pixels: int,
+    *,
+    reverse: bool = False,
+    weight_inv: Tensor | None = None,
+    logabsdet: Tensor | None = None,
+) -> ChannelMap:
+    """Fold ActNorm (logs, bias: C elements) and the 1x1 weight (C, C) into one channel map.
+
+    Forward: ``matrix = W diag(e^logs)``, ``offset = matrix @ bias``, inverse ``diag(e^-logs) W^-1``
+    and ``-bias``; ``logdet_term = pixels * (sum(logs) + log|det W|)``. ``reverse=True`` swaps the
+    two maps and negates the term. ``weight_inv`` / ``logabsdet`` may be passed precomputed (float64
+    preferred); otherwise they are computed here in float64. Not differentiable: the memory-saving
+    backward applies the chain rule itself (:func:`actnorm_conv_bwd`).
+    """
+    with torch.no_grad():
+        w = weight.double()
+        w_inv = torch.linalg.inv(w) if weight_inv is None else weight_inv.double()
+        lad = torch.linalg.slogdet(w)[1] if logabsdet is None else logabsdet.double()
+        ls, b = logs.double().reshape(-1), bias.double().reshape(-1)
+        scale = torch.exp(ls)
+        matrix = w * scale[None, :]
+        offset = matrix @ b
+        matrix_inv = w_inv / scale[:, None]
+        term = pixels * (ls.sum() + lad)
+        f32 = torch.float32
+        if reverse:
+            return ChannelMap(matrix_inv.to(f32), (-b).to(f32), matrix.to(f32), offset.to(f32), (-term).to(f32))
+        return ChannelMap(matrix.to(f32), offset.to(f32), matrix_inv.to(f32), (-b).to(f32), term.to(f32))
+
+
+def _apply(backend: str, x: Tensor, cmap: ChannelMap, logdet: Tensor) -> Tensor:
+    """``x -> matrix @ x + offset`` with ``logdet += logdet_term`` in place, on ``backend``."""
+    if backend == "reference":
+        logdet.add_(cmap.logdet_term)
+        return reference.channel_affine(x, cmap.matrix, cmap.offset)
+    args = (x, cmap.matrix, cmap.offset, cmap.logdet_term, logdet)
+    if backend == "triton":
+        load_triton("_actnorm_conv_kernels")
+        return torch.ops.flowkernels.actnorm_conv_fwd_triton(*args)
+    load_extension()
+    return torch.ops.flowkernels.actnorm_conv_fwd(*args)
+
+
+def actnorm_conv_fwd(
+    x: Tensor,
+    weight: Tensor,
+    logs: Tensor,
+    bias: Tensor,
+    logdet: Tensor | None = None,
+    *,
+    weight_inv: Tensor | None = None,
+    logabsdet: Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """ActNorm then 1x1 conv in one pass: ``y = W diag(exp(logs)) (x + bias)`` per pixel.
+
+    Args:
+        x: (B, C, H, W) float32, dense NCHW or channels_last.
+        weight: (C, C) 1x1 conv weight; logs, bias: C elements each ((C,) or (1, C, 1, 1)).
+        logdet: (B,) float32, incremented in place by ``H*W*(sum(logs) + log|det W|)``;
+            a zero buffer is made when None.
+        weight_inv, logabsdet: optional precomputed ``W^-1`` and ``log|det W|`` (float64).
+        backend: see :mod:`flowkernels.dispatch`; kernel backends are not differentiable here.
+    Returns: (y, logdet); y has x's shape and memory format.
+    """
+    _check_params(x, weight, logs, bias)
+    logdet = new_logdet(x, logdet)
+    name = select_backend(backend, x)
+    check_not_differentiating(name, x, weight, logs, bias)
+    if name == "reference":
+        y, dlogdet = reference.actnorm_conv_fwd(x, weight, logs, bias)
+        return y, logdet.add_(dlogdet)
+    cmap = fold(weight, logs, bias, x.shape[2] * x.shape[3], weight_inv=weight_inv, logabsdet=logabsdet)
+    return _apply(name, x, cmap, logdet), logdet
+
+
+def actnorm_conv_inv(
+    y: Tensor,
+    weight: Tensor,
+    logs: Tensor,
+    bias: Tensor,
+    logdet: Tensor | None = None,
+    *,
+    weight_inv: Tensor | None = None,
+    logabsdet: Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`actnorm_conv_fwd`: ``x = diag(exp(-logs)) W^-1 y - bias`` per pixel.
+
+    ``W^-1`` is computed in float64 unless ``weight_inv`` is given; ``logdet`` (B,) float32 is
+    decremented in place by ``H*W*(sum(logs) + log|det W|)``. Returns (x, logdet).
+    """
+    _check_params(y, weight, logs, bias)
+    logdet = new_logdet(y, logdet)
+    name = select_backend(backend, y)
+    check_not_differentiating(name, y, weight, logs, bias)
+    if name == "reference":
+        x, dlogdet = reference.actnorm_conv_inv(y, weight, logs, bias)
+        return x, logdet.add_(dlogdet)
+    cmap = fold(weight, logs, bias, y.shape[2] * y.shape[3], reverse=True, weight_inv=weight_inv, logabsdet=logabsdet)
+    return _apply(name, y, cmap, logdet), logdet
+
+
+def _bwd_kernel(backend: str, out: Tensor, grad_out: Tensor, cmap: ChannelMap) -> tuple[Tensor, ...]:
+    if backend == "reference":
+        return reference.channel_affine_bwd(out, grad_out, cmap.matrix, cmap.matrix_inv, cmap.inv_offset)
+    args = (out, grad_out, cmap.matrix, cmap.matrix_inv, cmap.inv_offset)
+    if backend == "triton":
+        load_triton("_actnorm_conv_kernels")
+        return torch.ops.flowkernels.actnorm_conv_bwd_triton(*args)
+    load_extension()
+    return torch.ops.flowkernels.actnorm_conv_bwd(*args)
+
+
+def actnorm_conv_bwd(
+    out: Tensor,
+    grad_out: Tensor,
+    grad_logdet: Tensor,
+    weight: Tensor,
+    logs: Tensor,
+    bias: Tensor,
+    *,
+    reverse: bool = False,
+    weight_inv: Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward with recompute from the output of :func:`actnorm_conv_fwd` (or ``_inv``).
+
+    Args:
+        out: (B, C, H, W) float32 output of the forward (``reverse=False``) or of the inverse.
+        grad_out: dL/dout, same shape; grad_logdet: (B,) dL/dlogdet of the running log-det.
+        weight, logs, bias: the parameters used in that call.
+    Returns: ``(inp, grad_inp, grad_weight, grad_logs, grad_bias)``: the rebuilt input of that
+    call, dL/dinp, and total parameter gradients (including the log-det terms) shaped like the
+    parameters. One kernel pass over the pixels; the chain rule on C x C runs in float64.
+    """
+    _check_params(out, weight, logs, bias)
+    if grad_out.shape != out.shape:
+        raise ValueError(f"grad_out: expected shape {tuple(out.shape)}, got {tuple(grad_out.shape)}")
+    name = select_backend(backend, out)
+    pixels = out.shape[2] * out.shape[3]
+    if weight_inv is None:
+        weight_inv = torch.linalg.inv(weight.detach().double())
+    cmap = fold(weight, logs, bias, pixels, reverse=reverse, weight_inv=weight_inv)
+    with torch.no_grad():
+        inp, grad_inp, g_map, g_off = _bwd_kernel(name, out, grad_out, cmap)
+        grads = _chain_rule(g_map.double(), g_off.double(), grad_logdet, weight, logs, bias, weight_inv, pixels, reverse)
+    g_w, g_logs, g_b = grads
+    return (
+        inp,
+        grad_inp,
+        g_w.to(weight.dtype),
+        g_logs.reshape(logs.shape).to(logs.dtype),
+        g_b.reshape(bias.shape).to(bias.dtype),
+    )
+
+
+def _chain_rule(
+    g_map: Tensor,
+    g_off: Tensor,
+    grad_logdet: Tensor,
+    weight: Tensor,
+    logs: Tensor,
+    bias: Tensor,
+    weight_inv: Tensor,
+    pixels: int,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """From dL/d(matrix, offset) of the applied map to dL/d(weight, logs, bias), float64.
+
+    Forward map ``A = W D, a = A b`` (D = diag(e^logs)); reverse map ``A = D^-1 W^-1, a = -b``.
+    The log-det term ``±pixels * (sum(logs) + log|det W|)`` adds ``±g`` to logs and ``±g W^-T``
+    to W, with ``g = pixels * sum_b grad_logdet``.
+    """
+    w, w_inv = weight.detach().double(), weight_inv.double()
+    ls, b = logs.detach().double().reshape(-1), bias.detach().double().reshape(-1)
+    scale = torch.exp(ls)
+    g = pixels * grad_logdet.double().sum()
+    if not reverse:
+        g_map = g_map + torch.outer(g_off, b)
+        g_b = (w * scale[None, :]).T @ g_off
+        g_w = g_map * scale[None, :] + g * w_inv.T
+        g_logs = (w * g_map).sum(0) * scale + g
+    else:
+        g_b = -g_off
+        g_w_inv = g_map / scale[:, None]
+        g_logs = -(g_map * w_inv / scale[:, None]).sum(1) - g
+        g_w = -w_inv.T @ g_w_inv @ w_inv.T - g * w_inv.T
+    return g_w, g_logs, g_b
+
+
+def _actnorm_conv_fwd_fake(x: Tensor, matrix: Tensor, offset: Tensor, logdet_term: Tensor, logdet: Tensor) -> Tensor:
+    c = x.shape[1]
+    torch._check(matrix.shape == (c, c), lambda: f"matrix: expected ({c}, {c}), got {tuple(matrix.shape)}")
+    torch._check(offset.shape == (c,), lambda: f"offset: expected ({c},), got {tuple(offset.shape)}")
+    return torch.empty_like(x)
+
+
+def _actnorm_conv_bwd_fake(
+    out: Tensor, grad_out: Tensor, matrix: Tensor, matrix_inv: Tensor, inv_offset: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    c = out.shape[1]
+    torch._check(grad_out.shape == out.shape, lambda: f"grad_out: expected {tuple(out.shape)}, got {tuple(grad_out.shape)}")
+    return (
+        torch.empty_like(out),
+        torch.empty_like(out),
+        out.new_empty((c, c), dtype=torch.float32),
+        out.new_empty((c,), dtype=torch.float32),
+    )
+
+
+def register_extension_fakes() -> None:
+    """Register the fake (meta) kernels of the C++ ops; called once after ``flowkernels._C`` loads."""
+    torch.library.register_fake("flowkernels::actnorm_conv_fwd")(_actnorm_conv_fwd_fake)
+    torch.library.register_fake("flowkernels::actnorm_conv_bwd")(_actnorm_conv_bwd_fake)

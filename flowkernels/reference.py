@@ -1,0 +1,276 @@
+"""Pure-PyTorch reference of every flow op: the oracle for the kernels and the CPU fallback.
+
+Tensors are (B, C, H, W). Every function here is differentiable with plain autograd and
+returns its per-sample log-determinant contribution ``dlogdet`` of shape (B,) instead of
+touching a buffer, so that it can be composed freely in tests. The dispatching wrappers in
+``flowkernels.ops`` turn these into the in-place ``logdet`` convention of the kernels.
+
+Conventions (DESIGN.md section 2, the official SRFlow):
+
+* ActNorm: ``y = (x + bias) * exp(logs)``, ``dlogdet = H*W*sum(logs)``.
+* Invertible 1x1 conv: ``y = W y`` per pixel, ``dlogdet = H*W*log|det W|`` (in float64).
+* Fused ActNorm + 1x1 conv: ``y = W diag(exp(logs)) (x + bias)``, the per-pixel affine channel
+  map ``y = matrix @ x + offset`` with ``matrix = W diag(exp(logs))``, ``offset = matrix @ bias``.
+* Affine coupling on channels ``[passive:]`` given a subnet output ``h`` with shift and raw scale
+  interleaved on channels (``shift = h[:, 0::2]``, ``raw = h[:, 1::2]``) and
+  ``s = sigmoid(raw + 2) + eps``: SRFlow ``y2 = (x2 + shift) * s`` (``shift_first=True``) or
+  Glow-style ``y2 = x2 * s + shift``; ``dlogdet = sum(log s)``. ``passive=0`` is SRFlow's
+  conditional affine injector, ``passive=C//2`` the coupling.
+
+This module imports only torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "actnorm_fwd",
+    "actnorm_inv",
+    "invconv_fwd",
+    "invconv_inv",
+    "lu_weight",
+    "actnorm_conv_fwd",
+    "actnorm_conv_inv",
+    "channel_affine",
+    "channel_affine_bwd",
+    "affine_coupling_fwd",
+    "affine_coupling_inv",
+    "affine_coupling_bwd",
+    "squeeze2d",
+    "unsqueeze2d",
+    "gaussian_log_prob",
+    "split2d_fwd",
+    "split2d_inv",
+]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _pixels(x: Tensor) -> int:
+    return x.shape[2] * x.shape[3]
+
+
+def actnorm_fwd(x: Tensor, logs: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """ActNorm ``y = (x + bias) * exp(logs)``; logs, bias (1, C, 1, 1). Returns (y, dlogdet (B,))."""
+    y = (x + bias) * torch.exp(logs)
+    dlogdet = (_pixels(x) * logs.sum()).expand(x.shape[0])
+    return y, dlogdet
+
+
+def actnorm_inv(y: Tensor, logs: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse ActNorm ``x = y * exp(-logs) - bias``. Returns (x, dlogdet = -H*W*sum(logs))."""
+    x = y * torch.exp(-logs) - bias
+    dlogdet = (-_pixels(y) * logs.sum()).expand(y.shape[0])
+    return x, dlogdet
+
+
+def _logabsdet(weight: Tensor) -> Tensor:
+    # float64: log|det W| of a 96x96 or 192x192 matrix loses digits in float32.
+    return torch.linalg.slogdet(weight.double())[1].to(torch.float32)
+
+
+def invconv_fwd(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Invertible 1x1 convolution ``y[:, :, p] = weight @ x[:, :, p]``; weight (C, C)."""
+    y = torch.einsum("ij,bjhw->bihw", weight, x)
+    dlogdet = (_pixels(x) * _logabsdet(weight)).expand(x.shape[0])
+    return y, dlogdet
+
+
+def invconv_inv(y: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse 1x1 convolution with ``inverse(weight)`` computed in float64."""
+    weight_inv = torch.linalg.inv(weight.double()).to(y.dtype)
+    x = torch.einsum("ij,bjhw->bihw", weight_inv, y)
+    dlogdet = (-_pixels(y) * _logabsdet(weight)).expand(y.shape[0])
+    return x, dlogdet
+
+
+def lu_weight(perm: Tensor, lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor) -> Tensor:
+    """Glow's LU-parametrised 1x1 weight ``W = P L (U + diag(sign_s * exp(log_s)))``.
+
+    lower/upper: (C, C), only their strictly lower/upper triangles are used; log_s, sign_s: (C,);
+    perm: (C, C) permutation matrix. ``log|det W| = sum(log_s)``.
+    """
+    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    l_mat = torch.tril(lower, -1) + eye
+    u_mat = torch.triu(upper, 1) + torch.diag(sign_s * torch.exp(log_s))
+    return perm @ l_mat @ u_mat
+
+
+def channel_affine(x: Tensor, matrix: Tensor, offset: Tensor) -> Tensor:
+    """The per-pixel affine channel map ``y[b, :, p] = matrix @ x[b, :, p] + offset``."""
+    return torch.einsum("ij,bjhw->bihw", matrix, x) + offset[None, :, None, None]
+
+
+def channel_affine_bwd(
+    out: Tensor, grad_out: Tensor, matrix: Tensor, matrix_inv: Tensor, inv_offset: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward-with-recompute of ``out = matrix @ inp + offset`` from its output.
+
+    Rebuilds ``inp = matrix_inv @ out + inv_offset`` and returns
+    ``(inp, grad_inp = matrix^T grad_out, grad_matrix = sum_{b,p} grad_out inp^T,
+    grad_offset = sum_{b,p} grad_out)``; grad_matrix (C, C) and grad_offset (C,) are float32.
+    """
+    inp = channel_affine(out, matrix_inv, inv_offset)
+    grad_inp = torch.einsum("ji,bjhw->bihw", matrix, grad_out)
+    grad_matrix = torch.einsum("bihw,bjhw->ij", grad_out, inp)
+    grad_offset = grad_out.sum(dim=(0, 2, 3))
+    return inp, grad_inp, grad_matrix, grad_offset
+
+
+def actnorm_conv_fwd(x: Tensor, weight: Tensor, logs: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """ActNorm then 1x1 conv, the first half of a flow step. logs, bias: (1, C, 1, 1) or (C,)."""
+    y, ld_act = actnorm_fwd(x, logs.reshape(1, -1, 1, 1), bias.reshape(1, -1, 1, 1))
+    y, ld_conv = invconv_fwd(y, weight)
+    return y, ld_act + ld_conv
+
+
+def actnorm_conv_inv(y: Tensor, weight: Tensor, logs: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`actnorm_conv_fwd`: inverse 1x1 conv, then inverse ActNorm."""
+    x, ld_conv = invconv_inv(y, weight)
+    x, ld_act = actnorm_inv(x, logs.reshape(1, -1, 1, 1), bias.reshape(1, -1, 1, 1))
+    return x, ld_act + ld_conv
+
+
+def _shift_and_scale(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """shift, s = sigmoid(raw + 2) + eps and sigmoid itself, all float32."""
+    h = h.float()
+    shift, raw = h[:, 0::2], h[:, 1::2]
+    sig = torch.sigmoid(raw + 2.0)
+    return shift, sig + eps, sig
+
+
+def _check_passive(x: Tensor, h: Tensor, passive: int) -> None:
+    active = x.shape[1] - passive
+    if h.shape[1] != 2 * active:
+        raise ValueError(
+            f"h: expected {2 * active} channels (shift and scale for the {active} active channels of x), "
+            f"got {h.shape[1]}"
+        )
+
+
+def affine_coupling_fwd(
+    x: Tensor, h: Tensor, passive: int, shift_first: bool = True, eps: float = 1e-4
+) -> tuple[Tensor, Tensor]:
+    """Affine coupling (or injector, ``passive=0``) on channels ``[passive:]``.
+
+    x: (B, C, H, W); h: (B, 2*(C - passive), H, W), any float dtype (computed in float32).
+    Returns (y, dlogdet = sum log s). ``y[:, :passive] = x[:, :passive]``.
+    """
+    _check_passive(x, h, passive)
+    shift, s, _ = _shift_and_scale(h, eps)
+    x1, x2 = x[:, :passive], x[:, passive:]
+    y2 = (x2 + shift) * s if shift_first else x2 * s + shift
+    return torch.cat([x1, y2], dim=1), torch.log(s).sum(dim=(1, 2, 3))
+
+
+def affine_coupling_inv(
+    y: Tensor, h: Tensor, passive: int, shift_first: bool = True, eps: float = 1e-4
+) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`affine_coupling_fwd`. Returns (x, dlogdet = -sum log s).
+
+    Divides by s >= eps, so errors in y grow by up to 1/eps (1e4 for SRFlow).
+    """
+    _check_passive(y, h, passive)
+    shift, s, _ = _shift_and_scale(h, eps)
+    y1, y2 = y[:, :passive], y[:, passive:]
+    x2 = y2 / s - shift if shift_first else (y2 - shift) / s
+    return torch.cat([y1, x2], dim=1), -torch.log(s).sum(dim=(1, 2, 3))
+
+
+def affine_coupling_bwd(
+    out: Tensor,
+    h: Tensor,
+    grad_out: Tensor,
+    grad_logdet: Tensor,
+    passive: int,
+    shift_first: bool = True,
+    eps: float = 1e-4,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward-with-recompute of the affine coupling from its output (explicit formulas).
+
+    ``reverse=False``: ``out = affine_coupling_fwd(inp, h)``; ``reverse=True``: ``out`` came from
+    :func:`affine_coupling_inv`. ``grad_out`` is dL/dout and ``grad_logdet`` (B,) is dL/dlogdet
+    of the running log-determinant the op added to (forward) or subtracted from (inverse).
+    Returns ``(inp, grad_inp, grad_h)``; grad_h has h's dtype, the others are float32.
+
+    With ``sg = sigmoid(raw + 2)``, ``s = sg + eps`` and ``ds/draw = sg (1 - sg)``:
+
+    * forward, shift first: ``inp = out/s - t``, ``g_inp = g s``, ``g_t = g s``,
+      ``g_s = (g out + gl) / s``; scale first: ``inp = (out - t)/s``, ``g_inp = g s``,
+      ``g_t = g``, ``g_s = g inp + gl / s``.
+    * reverse, shift first: ``inp = (out + t) s``, ``g_inp = g / s``, ``g_t = -g``,
+      ``g_s = -(g (out + t) + gl) / s``; scale first: ``inp = out s + t``, ``g_inp = g / s``,
+      ``g_t = -g / s``, ``g_s = -(g out + gl) / s``.
+    """
+    _check_passive(out, h, passive)
+    shift, s, sig = _shift_and_scale(h, eps)
+    o1, o2 = out[:, :passive], out[:, passive:]
+    g1, g2 = grad_out[:, :passive], grad_out[:, passive:]
+    gl = grad_logdet.float().reshape(-1, 1, 1, 1)
+    if not reverse:
+        if shift_first:
+            i2 = o2 / s - shift
+            g_shift, g_s = g2 * s, (g2 * o2 + gl) / s
+        else:
+            i2 = (o2 - shift) / s
+            g_shift, g_s = g2, g2 * i2 + gl / s
+        g_i2 = g2 * s
+    else:
+        if shift_first:
+            i2 = (o2 + shift) * s
+            g_shift, g_s = -g2, -(g2 * (o2 + shift) + gl) / s
+        else:
+            i2 = o2 * s + shift
+            g_shift, g_s = -g2 / s, -(g2 * o2 + gl) / s
+        g_i2 = g2 / s
+    g_raw = g_s * sig * (1.0 - sig)
+    grad_h = torch.stack([g_shift, g_raw], dim=2).flatten(1, 2).to(h.dtype)
+    return torch.cat([o1, i2], dim=1), torch.cat([g1, g_i2], dim=1), grad_h
+
+
+def squeeze2d(x: Tensor, factor: int = 2) -> Tensor:
+    """Space-to-depth: (B, C, H, W) -> (B, C*f*f, H/f, W/f); channel ``c*f*f + i*f + j`` holds
+    pixel ``(f*h + i, f*w + j)`` of channel c (the official SRFlow/Glow order, = pixel_unshuffle)."""
+    return F.pixel_unshuffle(x, factor)
+
+
+def unsqueeze2d(x: Tensor, factor: int = 2) -> Tensor:
+    """Inverse of :func:`squeeze2d`."""
+    return F.pixel_shuffle(x, factor)
+
+
+def gaussian_log_prob(z: Tensor, mean: Tensor | None = None, logs: Tensor | None = None) -> Tensor:
+    """Per-sample log-density of a diagonal Gaussian N(mean, exp(logs)^2), summed over C, H, W.
+
+    mean/logs None means the standard normal. Returns (B,) in z's dtype.
+    """
+    if mean is None:
+        return -0.5 * (z.pow(2) + _LOG_2PI).sum(dim=(1, 2, 3))
+    return -0.5 * (2.0 * logs + (z - mean).pow(2) * torch.exp(-2.0 * logs) + _LOG_2PI).sum(dim=(1, 2, 3))
+
+
+def split2d_fwd(z: Tensor, h: Tensor, passive: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Factor out ``z[:, passive:]`` under the learned prior ``h = prior_net(z[:, :passive])``.
+
+    h: (B, 2*(C - passive), H, W) with mean = h[:, 0::2], logs = h[:, 1::2].
+    Returns (z1, eps = (z2 - mean) * exp(-logs), log N(z2; mean, exp(logs)^2) per sample).
+    """
+    z1, z2 = z[:, :passive], z[:, passive:]
+    mean, logs = h[:, 0::2], h[:, 1::2]
+    return z1, (z2 - mean) * torch.exp(-logs), gaussian_log_prob(z2, mean, logs)
+
+
+def split2d_inv(z1: Tensor, h: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`split2d_fwd`: ``z2 = mean + exp(logs) * eps``.
+
+    Returns (z = cat(z1, z2), log N(z2; mean, exp(logs)^2) per sample).
+    """
+    mean, logs = h[:, 0::2], h[:, 1::2]
+    z2 = mean + torch.exp(logs) * eps
+    return torch.cat([z1, z2], dim=1), gaussian_log_prob(z2, mean, logs)

@@ -1,0 +1,44 @@
+"""The only place test tolerances live (DESIGN.md section 7). Relative errors are
+max|actual - expected| / max|expected|."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+REL_TOL = {
+    "forward": 1e-5,  # fp32 kernels vs the reference
+    "inverse": 1e-5,
+    "grad": 1e-5,  # one op's gradients vs the reference
+    "grad_level": 1e-4,  # memory-saving vs stored-activation autograd through a full level
+    "logdet_jacobian": 1e-5,  # log-det vs brute-force float64 Jacobian
+}
+ROUND_TRIP_ABS = {
+    "module": 1e-5,  # x -> z -> x of one layer, unit-scale inputs
+    "sequence_54": 1e-3,  # 54 SRFlow-depth steps with trained-like weights (drift compounds)
+}
+BF16_ERROR_RATIO = 2.0  # a bf16 kernel may err at most 2x eager bf16, both measured against fp32
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """max|a - e| / max|e|, NaN-aware: any NaN in ``actual`` gives inf."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if not bool(torch.isfinite(actual).all()):
+        return float("inf")
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_rel_close(actual: Tensor, expected: Tensor, what: str, tol: float | None = None) -> None:
+    """Assert the relative error is within ``REL_TOL[what]`` and report where it is worst."""
+    tol = REL_TOL[what] if tol is None else tol
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_err(actual, expected)
+    if err <= tol:
+        return
+    diff = (actual.detach().double() - expected.detach().double()).abs()
+    n_nan = int(torch.isnan(actual).sum())
+    worst = tuple(int(i) for i in torch.unravel_index(torch.nan_to_num(diff, nan=float("inf")).argmax(), diff.shape))
+    raise AssertionError(
+        f"{what}: relative error {err:.3e} exceeds {tol:.0e}; {n_nan} NaN, worst at {worst}: "
+        f"actual {actual[worst].item():.6g} vs expected {expected[worst].item():.6g}"
+    )
