@@ -33,8 +33,9 @@ def _extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
     if not _build_cuda():
-        return CppExtension("flowkernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
-                            extra_link_args=["-fopenmp"])
+        return CppExtension(
+            "flowkernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+        )
     nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *_arch_flags()]
     return CUDAExtension(
         "flowkernels._C",

@@ -237,7 +237,9 @@ def check_cond(cond: Tensor | None, x: Tensor, channels: int | None) -> None:
     if not channels:
         return
     if cond is None:
-        raise ValueError(f"cond: this layer needs a ({x.shape[0]}, {channels}, {x.shape[2]}, {x.shape[3]}) tensor, got None")
+        raise ValueError(
+            f"cond: this layer needs a ({x.shape[0]}, {channels}, {x.shape[2]}, {x.shape[3]}) tensor, got None"
+        )
     expected = (x.shape[0], channels, x.shape[2], x.shape[3])
     if tuple(cond.shape) != expected:
         raise ValueError(f"cond: expected shape {expected}, got {tuple(cond.shape)}")

@@ -19,6 +19,7 @@ output is scaled by ``exp(3 * logs)``.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -87,6 +88,23 @@ def make_subnet(in_channels: int, out_channels: int, hidden: int = 64) -> nn.Seq
     )
 
 
+def floor_scale(h: Tensor, floor: float, eps: float) -> tuple[Tensor, Tensor]:
+    """Raise the raw scales of ``h`` so that ``s = sigmoid(raw + 2) + eps >= floor``.
+
+    The inverse divides by s; the official model blows up (NaN, black patches) where s nears
+    eps = 1e-4 on out-of-distribution latents. Returns (clamped h, mask of untouched raw entries).
+    """
+    if not eps < floor < 1.0 + eps:
+        raise ValueError(f"inverse_scale_floor: expected a value in ({eps}, {1.0 + eps}), got {floor}")
+    p = floor - eps
+    raw_min = math.log(p / (1.0 - p)) - 2.0 if p < 1.0 else math.inf
+    raw = h[:, 1::2]
+    keep = raw >= raw_min
+    clamped = h.clone()
+    clamped[:, 1::2] = raw.clamp(min=raw_min)
+    return clamped, keep
+
+
 class Stage(NamedTuple):
     """One subnet + affine application: ``passive`` untouched channels; ``reads_x`` says whether
     the subnet input includes ``x[:, :passive]`` (else it is the conditioning tensor alone)."""
@@ -107,6 +125,10 @@ class AffineCoupling(InvertibleModule):
         eps: scale floor, ``s = sigmoid(raw + 2) + eps``.
         backend: kernel backend of this layer (None: the global default).
     Parameters: ``net`` (the subnet; ``make_subnet`` layout).
+
+    Attribute ``inverse_scale_floor`` (None by default): if set, the inverse uses
+    ``max(s, floor)`` instead of s, trading exact invertibility for bounded amplification
+    (a sampling remedy; see :func:`floor_scale`). The forward is never affected.
     """
 
     def __init__(
@@ -126,10 +148,13 @@ class AffineCoupling(InvertibleModule):
         self.shift_first = shift_first
         self.eps = eps
         self.backend = backend
+        self.inverse_scale_floor: float | None = None
         self._build_subnets(hidden)
 
     def _build_subnets(self, hidden: int) -> None:
-        self.net = make_subnet(self.channels // 2 + self.cond_channels, 2 * (self.channels - self.channels // 2), hidden)
+        self.net = make_subnet(
+            self.channels // 2 + self.cond_channels, 2 * (self.channels - self.channels // 2), hidden
+        )
 
     def extra_repr(self) -> str:
         return f"{self.channels}, cond_channels={self.cond_channels}, shift_first={self.shift_first}, eps={self.eps}"
@@ -168,8 +193,12 @@ class AffineCoupling(InvertibleModule):
         op = affine_coupling_inv if reverse else affine_coupling_fwd
         for stage in reversed(stages) if reverse else stages:
             h = stage.subnet(self._stage_input(stage, x, cond))
+            if reverse and self.inverse_scale_floor is not None:
+                h, _ = floor_scale(h, self.inverse_scale_floor, self.eps)
             with flow_precision(x):
-                x, _ = op(x, h, logdet, passive=stage.passive, shift_first=self.shift_first, eps=self.eps, backend=backend)
+                x, _ = op(
+                    x, h, logdet, passive=stage.passive, shift_first=self.shift_first, eps=self.eps, backend=backend
+                )
         return x
 
     def backward_from_output(
@@ -191,11 +220,23 @@ class AffineCoupling(InvertibleModule):
         grad_cond = torch.zeros_like(cond) if cond is not None else None
         for stage in stages if reverse else reversed(stages):
             h, pull = module_pullback(stage.subnet, self._stage_input(stage, out, cond))
+            keep = None
+            if reverse and self.inverse_scale_floor is not None:
+                h, keep = floor_scale(h, self.inverse_scale_floor, self.eps)
             with flow_precision(out):
                 out, grad_out, grad_h = affine_coupling_bwd(
-                    out, h, grad_out, grad_logdet, passive=stage.passive, shift_first=self.shift_first,
-                    eps=self.eps, reverse=reverse, backend=backend,
+                    out,
+                    h,
+                    grad_out,
+                    grad_logdet,
+                    passive=stage.passive,
+                    shift_first=self.shift_first,
+                    eps=self.eps,
+                    reverse=reverse,
+                    backend=backend,
                 )
+            if keep is not None:
+                grad_h[:, 1::2] *= keep
             (g_in,), g_params = pull(grad_h)
             if stage.reads_x:
                 grad_out[:, : stage.passive] += g_in[:, : stage.passive]
@@ -227,7 +268,9 @@ class CondAffineCoupling(AffineCoupling):
         backend: str | None = None,
     ) -> None:
         if cond_channels < 1:
-            raise ValueError(f"cond_channels: the conditional coupling needs a conditioning tensor, got {cond_channels}")
+            raise ValueError(
+                f"cond_channels: the conditional coupling needs a conditioning tensor, got {cond_channels}"
+            )
         super().__init__(channels, cond_channels, hidden, shift_first=True, eps=eps, backend=backend)
 
     def _build_subnets(self, hidden: int) -> None:

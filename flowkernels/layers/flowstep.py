@@ -130,8 +130,15 @@ class FlowStep(InvertibleModule):
         weight_inv, _ = self.invconv.inverse_stats()
         with flow_precision(out):
             inp, grad_inp, g_w, g_logs, g_bias = actnorm_conv_bwd(
-                out, grad_out, grad_logdet, self.invconv.matrix().detach(), self.actnorm.logs, self.actnorm.bias,
-                reverse=reverse, weight_inv=weight_inv, backend=backend,
+                out,
+                grad_out,
+                grad_logdet,
+                self.invconv.matrix().detach(),
+                self.actnorm.logs,
+                self.actnorm.bias,
+                reverse=reverse,
+                weight_inv=weight_inv,
+                backend=backend,
             )
         named[id(self.actnorm.bias)] = g_bias
         named[id(self.actnorm.logs)] = g_logs

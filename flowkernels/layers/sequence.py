@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import InvertibleModule, StepGrads, logdet_buffer, flat_grads, inside_unit
+from .base import InvertibleModule, StepGrads, flat_grads, inside_unit, logdet_buffer
 
 __all__ = ["FlowSequence", "invertible_backprop"]
 
@@ -147,8 +147,10 @@ class FlowSequence(InvertibleModule):
         return x, logdet
 
     def _any_requires_grad(self, x: Tensor, cond: Tensor | None) -> bool:
-        return x.requires_grad or (cond is not None and cond.requires_grad) or any(
-            p.requires_grad for p in self.parameters()
+        return (
+            x.requires_grad
+            or (cond is not None and cond.requires_grad)
+            or any(p.requires_grad for p in self.parameters())
         )
 
     def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool) -> Tensor:

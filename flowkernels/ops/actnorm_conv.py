@@ -219,7 +219,9 @@ def actnorm_conv_bwd(
     cmap = fold(weight, logs, bias, pixels, reverse=reverse, weight_inv=weight_inv)
     with torch.no_grad():
         inp, grad_inp, g_map, g_off = _bwd_kernel(name, out, grad_out, cmap)
-        grads = _chain_rule(g_map.double(), g_off.double(), grad_logdet, weight, logs, bias, weight_inv, pixels, reverse)
+        grads = _chain_rule(
+            g_map.double(), g_off.double(), grad_logdet, weight, logs, bias, weight_inv, pixels, reverse
+        )
     g_w, g_logs, g_b = grads
     return (
         inp,
@@ -275,7 +277,9 @@ def _actnorm_conv_bwd_fake(
     out: Tensor, grad_out: Tensor, matrix: Tensor, matrix_inv: Tensor, inv_offset: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     c = out.shape[1]
-    torch._check(grad_out.shape == out.shape, lambda: f"grad_out: expected {tuple(out.shape)}, got {tuple(grad_out.shape)}")
+    torch._check(
+        grad_out.shape == out.shape, lambda: f"grad_out: expected {tuple(out.shape)}, got {tuple(grad_out.shape)}"
+    )
     return (
         torch.empty_like(out),
         torch.empty_like(out),

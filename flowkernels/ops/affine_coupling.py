@@ -175,7 +175,9 @@ def _affine_coupling_bwd_fake(
     eps: float,
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    torch._check(grad_out.shape == out.shape, lambda: f"grad_out: expected {tuple(out.shape)}, got {tuple(grad_out.shape)}")
+    torch._check(
+        grad_out.shape == out.shape, lambda: f"grad_out: expected {tuple(out.shape)}, got {tuple(grad_out.shape)}"
+    )
     return torch.empty_like(out), torch.empty_like(out), torch.empty_like(h)
 
 
