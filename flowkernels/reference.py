@@ -69,9 +69,14 @@ def actnorm_inv(y: Tensor, logs: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     return x, dlogdet
 
 
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """float32 for half/bf16/float32 inputs (subnet outputs may be bf16), float64 stays float64."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _logabsdet(weight: Tensor) -> Tensor:
     # float64: log|det W| of a 96x96 or 192x192 matrix loses digits in float32.
-    return torch.linalg.slogdet(weight.double())[1].to(torch.float32)
+    return torch.linalg.slogdet(weight.double())[1].to(_compute_dtype(weight))
 
 
 def invconv_fwd(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -137,8 +142,8 @@ def actnorm_conv_inv(y: Tensor, weight: Tensor, logs: Tensor, bias: Tensor) -> t
 
 
 def _shift_and_scale(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """shift, s = sigmoid(raw + 2) + eps and sigmoid itself, all float32."""
-    h = h.float()
+    """shift, s = sigmoid(raw + 2) + eps and sigmoid itself, in float32 (float64 for float64 h)."""
+    h = h.to(_compute_dtype(h))
     shift, raw = h[:, 0::2], h[:, 1::2]
     sig = torch.sigmoid(raw + 2.0)
     return shift, sig + eps, sig
@@ -212,7 +217,7 @@ def affine_coupling_bwd(
     shift, s, sig = _shift_and_scale(h, eps)
     o1, o2 = out[:, :passive], out[:, passive:]
     g1, g2 = grad_out[:, :passive], grad_out[:, passive:]
-    gl = grad_logdet.float().reshape(-1, 1, 1, 1)
+    gl = grad_logdet.to(s.dtype).reshape(-1, 1, 1, 1)
     if not reverse:
         if shift_first:
             i2 = o2 / s - shift

@@ -37,3 +37,35 @@ def srflow_level(depth: int, channels: int, cond_channels: int, hidden: int = 16
     steps = [randomize_(fk.FlowStep(channels)) for _ in range(transitional)]
     steps += [cond_step(channels, cond_channels, hidden) for _ in range(depth - transitional)]
     return steps
+
+
+@torch.no_grad()
+def trained_like_(module: nn.Module, *inputs: torch.Tensor, last_scale: float = 0.02, actnorm_scale: float = 0.05):
+    """Weights like those of a model some way into training, for deep (54-step) checks.
+
+    Official init, every ActNorm initialised from ``module(*inputs)`` (so activations stay
+    unit-scale through the depth, as in a trained model), then the zero-initialised last
+    layers set to N(0, last_scale^2) and every ActNorm perturbed by N(0, actnorm_scale^2).
+    Fully random ActNorms (:func:`randomize_`) make a 54-step flow so ill-conditioned that
+    float32 cannot invert it, which no trained model is.
+    """
+    for m in module.modules():
+        if isinstance(m, fk.Conv2dZeros):
+            m.weight.normal_(0.0, last_scale)
+            m.bias.normal_(0.0, last_scale)
+            m.logs.normal_(0.0, last_scale)
+    was_training = module.training
+    fk.initialize_actnorms(module, lambda: module(*inputs))
+    for m in module.modules():
+        if isinstance(m, fk.ActNorm):
+            m.bias.add_(torch.randn_like(m.bias) * actnorm_scale)
+            m.logs.add_(torch.randn_like(m.logs) * actnorm_scale)
+    module.train(was_training)
+    return module
+
+
+def trained_level(depth: int, channels: int, cond_channels: int, x: torch.Tensor, cond: torch.Tensor, **kw):
+    """A FlowSequence of one SRFlow level (2 transitional + couplings), trained-like on (x, cond)."""
+    steps = [fk.FlowStep(channels) for _ in range(2)]
+    steps += [fk.FlowStep(channels, fk.CondAffineCoupling(channels, cond_channels, 16)) for _ in range(depth - 2)]
+    return trained_like_(fk.FlowSequence(steps, **kw), x, cond)

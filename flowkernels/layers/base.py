@@ -1,13 +1,14 @@
 """The contract every invertible layer follows, and the pieces the memory-saving backward uses.
 
 Every :class:`InvertibleModule` maps (B, C, H, W) float32 tensors with an optional conditioning
-tensor ``cond``:
+tensor ``cond`` (float64 is accepted too, for oracles and gradcheck on the reference backend;
+the kernel backends refuse it):
 
 * ``forward(x, cond=None, logdet=None) -> (y, logdet + log|det dy/dx|)``
 * ``inverse(y, cond=None, logdet=None) -> (x, logdet - log|det dy/dx|)``
 
-``logdet`` is a float32 (B,) tensor (None means zeros); it is not modified, the returned one
-is new. Forward adds the log-determinant, inverse subtracts it, and ``inverse(forward(x))``
+``logdet`` is a (B,) tensor of the flow's dtype (None means zeros); it is not modified, the
+returned one is new. Forward adds the log-determinant, inverse subtracts it, and ``inverse(forward(x))``
 gives back x up to rounding.
 
 For memory-saving backprop (:class:`~flowkernels.FlowSequence`) a layer also provides
@@ -200,32 +201,33 @@ class InvertibleModule(nn.Module):
 
 
 def logdet_buffer(x: Tensor, logdet: Tensor | None) -> Tensor:
-    """A fresh (B,) float32 buffer holding ``logdet`` (the caller's tensor is never mutated)."""
+    """A fresh (B,) buffer of x's dtype holding ``logdet`` (the caller's tensor is never mutated)."""
     if logdet is None:
-        return torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
+        return torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
     if logdet.shape != (x.shape[0],):
         raise ValueError(f"logdet: expected shape ({x.shape[0]},) to match x's batch, got {tuple(logdet.shape)}")
-    if logdet.dtype != torch.float32:
-        raise TypeError(f"logdet: expected torch.float32, got {logdet.dtype}")
+    if logdet.dtype != x.dtype:
+        raise TypeError(f"logdet: expected {x.dtype} like x, got {logdet.dtype}")
     if logdet.device != x.device:
         raise ValueError(f"logdet is on {logdet.device} but x is on {x.device}")
     return logdet.clone()
 
 
 def check_flow_input(x: Tensor, channels: int | None = None) -> None:
-    """Flow state must be a finite (B, C, H, W) float32 tensor with the expected channel count."""
+    """Flow state must be a (B, C, H, W) float32 (or float64) tensor with the expected channels."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"x: expected a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"x: expected torch.float32 (the flow state is float32), got {x.dtype}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x: expected torch.float32 (the flow state is float32; float64 for checks), got {x.dtype}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"x: expected {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
 
 
 def check_finite(name: str, t: Tensor) -> None:
     """Raise on NaN/Inf in a user-supplied tensor (one reduction and one host sync per call)."""
+    t = t.detach()
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name}: contains {bad} non-finite values (NaN or Inf)")

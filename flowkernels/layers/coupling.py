@@ -171,7 +171,7 @@ class AffineCoupling(InvertibleModule):
         if not stage.reads_x:
             return cond
         x1 = x[:, : stage.passive]
-        return x1 if cond is None else torch.cat([x1, cond], dim=1)
+        return x1 if not self.cond_channels else torch.cat([x1, cond], dim=1)
 
     def kernel_backend(self, x: Tensor) -> str:
         """The concrete backend for flow state ``x`` (the reference while initialising)."""
@@ -217,7 +217,7 @@ class AffineCoupling(InvertibleModule):
         parameter gradients keyed by ``id(param)``)."""
         stages = self.stages()
         named: dict[int, Tensor | None] = {}
-        grad_cond = torch.zeros_like(cond) if cond is not None else None
+        grad_cond = torch.zeros_like(cond) if cond is not None and self.cond_channels else None
         for stage in stages if reverse else reversed(stages):
             h, pull = module_pullback(stage.subnet, self._stage_input(stage, out, cond))
             keep = None

@@ -70,8 +70,9 @@ class _InvertibleBackprop(torch.autograd.Function):
             )
         plan.used = True
         y, cond = ctx.saved_tensors
-        grad_y = torch.zeros_like(y) if grad_y is None else grad_y.float()
-        grad_logdet = torch.zeros(y.shape[0], device=y.device) if grad_logdet is None else grad_logdet.float()
+        grad_y = torch.zeros_like(y) if grad_y is None else grad_y
+        if grad_logdet is None:
+            grad_logdet = torch.zeros(y.shape[0], device=y.device, dtype=y.dtype)
         grad_cond = torch.zeros_like(cond) if cond is not None and ctx.needs_input_grad[4] else None
         grads: list[list[Tensor | None]] = [[] for _ in plan.steps]
         enabled, dtype = ctx.autocast

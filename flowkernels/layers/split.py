@@ -39,7 +39,7 @@ class Split2d(InvertibleModule):
 
     def prior(self, z1: Tensor) -> Tensor:
         """h = conv(z1): (B, 2*(C - kept), H, W), mean = h[:, 0::2], logs = h[:, 1::2]."""
-        return self.conv(z1).float()
+        return self.conv(z1).to(z1.dtype)
 
     def encode(self, z: Tensor, logdet: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """z (B, C, H, W) -> (z1 (B, kept, H, W), eps (B, C - kept, H, W), logdet + log p(z2|z1))."""

@@ -7,12 +7,13 @@ from torch import Tensor
 
 
 def new_logdet(x: Tensor, logdet: Tensor | None) -> Tensor:
-    """``logdet`` validated as a (B,) float32 buffer on x's device, or a new zero buffer."""
+    """``logdet`` validated as a (B,) buffer of x's dtype (float32 for the kernels) on x's device,
+    or a new zero buffer."""
     if logdet is None:
-        return torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
-    if logdet.shape != (x.shape[0],) or logdet.dtype != torch.float32 or logdet.device != x.device:
+        return torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+    if logdet.shape != (x.shape[0],) or logdet.dtype != x.dtype or logdet.device != x.device:
         raise ValueError(
-            f"logdet: expected a float32 tensor of shape ({x.shape[0]},) on {x.device}, "
+            f"logdet: expected a {x.dtype} tensor of shape ({x.shape[0]},) on {x.device}, "
             f"got {logdet.dtype} {tuple(logdet.shape)} on {logdet.device}"
         )
     return logdet

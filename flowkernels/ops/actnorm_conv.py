@@ -78,14 +78,15 @@ def fold(
     reverse: bool = False,
     weight_inv: Tensor | None = None,
     logabsdet: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> ChannelMap:
     """Fold ActNorm (logs, bias: C elements) and the 1x1 weight (C, C) into one channel map.
 
     Forward: ``matrix = W diag(e^logs)``, ``offset = matrix @ bias``, inverse ``diag(e^-logs) W^-1``
     and ``-bias``; ``logdet_term = pixels * (sum(logs) + log|det W|)``. ``reverse=True`` swaps the
     two maps and negates the term. ``weight_inv`` / ``logabsdet`` may be passed precomputed (float64
-    preferred); otherwise they are computed here in float64. Not differentiable: the memory-saving
-    backward applies the chain rule itself (:func:`actnorm_conv_bwd`).
+    preferred); otherwise they are computed here in float64; the result is cast to ``dtype``. Not
+    differentiable: the memory-saving backward applies the chain rule itself (:func:`actnorm_conv_bwd`).
     """
     with torch.no_grad():
         w = weight.double()
@@ -97,10 +98,10 @@ def fold(
         offset = matrix @ b
         matrix_inv = w_inv / scale[:, None]
         term = pixels * (ls.sum() + lad)
-        f32 = torch.float32
+        maps = (matrix, offset, matrix_inv, -b, term)
         if reverse:
-            return ChannelMap(matrix_inv.to(f32), (-b).to(f32), matrix.to(f32), offset.to(f32), (-term).to(f32))
-        return ChannelMap(matrix.to(f32), offset.to(f32), matrix_inv.to(f32), (-b).to(f32), term.to(f32))
+            maps = (matrix_inv, -b, matrix, offset, -term)
+        return ChannelMap(*(t.to(dtype) for t in maps))
 
 
 def _apply(backend: str, x: Tensor, cmap: ChannelMap, logdet: Tensor) -> Tensor:
@@ -216,7 +217,7 @@ def actnorm_conv_bwd(
     pixels = out.shape[2] * out.shape[3]
     if weight_inv is None:
         weight_inv = torch.linalg.inv(weight.detach().double())
-    cmap = fold(weight, logs, bias, pixels, reverse=reverse, weight_inv=weight_inv)
+    cmap = fold(weight, logs, bias, pixels, reverse=reverse, weight_inv=weight_inv, dtype=out.dtype)
     with torch.no_grad():
         inp, grad_inp, g_map, g_off = _bwd_kernel(name, out, grad_out, cmap)
         grads = _chain_rule(

@@ -148,11 +148,10 @@ def affine_coupling_bwd(
     if grad_logdet.shape != (out.shape[0],):
         raise ValueError(f"grad_logdet: expected shape ({out.shape[0]},), got {tuple(grad_logdet.shape)}")
     name = select_backend(backend, out, h)
-    grad_logdet = grad_logdet.float()
     with torch.no_grad():
         if name == "reference":
             return reference.affine_coupling_bwd(out, h, grad_out, grad_logdet, passive, shift_first, eps, reverse)
-        return _run("bwd", name, out, h, grad_out, grad_logdet, passive, shift_first, eps, reverse)
+        return _run("bwd", name, out, h, grad_out, grad_logdet.float(), passive, shift_first, eps, reverse)
 
 
 def _affine_coupling_fwd_fake(

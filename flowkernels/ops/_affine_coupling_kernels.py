@@ -1,0 +1,482 @@
+"""Triton kernels of the fused affine coupling / SRFlow affine injector (:mod:`.affine_coupling`).
+
+Per element of the active channels ``c >= passive`` with ``a = c - passive``,
+``shift = h[:, 2a]``, ``raw = h[:, 2a + 1]`` and ``s = sigmoid(raw + 2) + eps`` (oracles
+``reference.affine_coupling_fwd`` / ``_inv`` / ``_bwd``); passive channels are copied:
+
+* ``flowkernels::affine_coupling_fwd_triton(x, h, logdet, passive, shift_first, eps) -> y``:
+  ``y = (x + shift) * s`` or ``x * s + shift``; ``logdet[b] += sum log s`` in place.
+* ``flowkernels::affine_coupling_inv_triton(y, h, logdet, passive, shift_first, eps) -> x``:
+  ``x = y / s - shift`` or ``(y - shift) / s``; ``logdet[b] -= sum log s`` in place.
+* ``flowkernels::affine_coupling_bwd_triton(out, h, grad_out, grad_logdet, passive, shift_first,
+  eps, reverse) -> (inp, grad_inp, grad_h)``: backward with recompute from the output of the
+  forward (``reverse=False``) or of the inverse, one pass (formulas in ``reference.affine_coupling_bwd``).
+
+Log-det (DESIGN.md section 4): ``log s`` is never stored. Each program of the elementwise kernel
+writes the fp32 sum of ``log s`` over its tile to its own slot of a (B, n_programs_per_sample)
+partial buffer; a second tiny kernel sums each row in a fixed order and adds (subtracts) it into
+``logdet[b]``. Deterministic (no atomics), Liger-Kernel style two-stage reduction, at the cost of
+one extra launch of B programs.
+
+Layouts: every kernel takes the batch, channel and pixel strides of x/out, h, and of each output,
+so one kernel serves dense NCHW and dense channels_last, also when x and h differ. Inside a
+sample the pixel ``p = h * W + w`` is addressed as ``p * stride_w`` (exact when
+``stride_h == W * stride_w``, as in both dense layouts; :func:`_bcp_strides` checks it). Triton
+specialises integer arguments equal to 1, so the unit stride of each layout is a compile-time
+constant and the (channels x pixels) tiles are coalesced along it. In channels_last, shift and
+raw of one channel are neighbours, so the two strided loads of h share cache lines and h is read
+from DRAM once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from .affine_coupling import _affine_coupling_bwd_fake, _affine_coupling_fwd_fake
+
+# Tiles of channels x pixels, channel block a power of two in [2, 64] covering C when C <= 64,
+# so that in channels_last one tile row is a whole pixel's channels (contiguous). The tile is
+# 2048 elements: at SRFlow level 1 (B16, C12, 80x80) that is 16 x 128, 800 programs (six per SM
+# on 132 SMs), each thread holding 16 fp32 values per tensor (x, shift, raw) at 4 warps:
+# enough independent loads in flight to saturate HBM without register spills.
+_MAX_BLOCK_C = 64
+_TILE = 2048
+_NUM_WARPS = 4
+# Pixel chunk of the log-det row reduction (one program per sample).
+_REDUCE_BLOCK = 1024
+
+
+@triton.jit
+def _shift_and_scale(h_ptr, b64, a, p, mask, stride_hb, stride_hc, stride_hw, eps):
+    """Load ``shift = h[b, 2a, p]``, ``raw = h[b, 2a + 1, p]`` (fp32 or bf16, computed in fp32).
+
+    Returns ``(shift, s, sig)`` with ``sig = sigmoid(raw + 2)`` and ``s = sig + eps``."""
+    base = h_ptr + b64 * stride_hb + p[None, :] * stride_hw
+    shift = tl.load(base + (2 * a)[:, None] * stride_hc, mask=mask, other=0.0).to(tl.float32)
+    raw = tl.load(base + (2 * a + 1)[:, None] * stride_hc, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(raw + 2.0)
+    return shift, sig + eps, sig
+
+
+@triton.jit
+def _affine_coupling_fwd_kernel(
+    x_ptr,
+    h_ptr,
+    y_ptr,
+    logs_part_ptr,
+    C,
+    HW,
+    passive,
+    eps,
+    stride_xb,
+    stride_xc,
+    stride_xw,
+    stride_hb,
+    stride_hc,
+    stride_hw,
+    stride_yb,
+    stride_yc,
+    stride_yw,
+    SHIFT_FIRST: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Forward on one (BLOCK_C channels x BLOCK_P pixels) tile of sample b.
+
+    Grid ``(cdiv(HW, BLOCK_P), B, cdiv(C, BLOCK_C))``. Reads the x tile and, for active channels
+    only, the matching shift/raw rows of h; writes the y tile (passive channels copied) and the
+    tile's fp32 ``sum log s`` to ``logs_part[b, pid_p * n_cblocks + pid_c]``.
+    """
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    n_cblocks = tl.num_programs(2)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    b64 = b.to(tl.int64)
+    p_ok = (p < HW)[None, :]
+    tile_ok = (c < C)[:, None] & p_ok
+    active = (c >= passive) & (c < C)
+    act_ok = active[:, None] & p_ok
+    a = tl.where(active, c - passive, 0)
+    x = tl.load(x_ptr + b64 * stride_xb + c[:, None] * stride_xc + p[None, :] * stride_xw, mask=tile_ok, other=0.0)
+    shift, s, _ = _shift_and_scale(h_ptr, b64, a, p, act_ok, stride_hb, stride_hc, stride_hw, eps)
+    y = (x + shift) * s if SHIFT_FIRST else x * s + shift
+    y = tl.where(active[:, None], y, x)
+    tl.store(y_ptr + b64 * stride_yb + c[:, None] * stride_yc + p[None, :] * stride_yw, y, mask=tile_ok)
+    logs = tl.where(act_ok, tl.log(s), 0.0)
+    slot = b64 * tl.num_programs(0) * n_cblocks + pid_p * n_cblocks + pid_c
+    tl.store(logs_part_ptr + slot, tl.sum(tl.sum(logs, axis=1), axis=0))
+
+
+@triton.jit
+def _affine_coupling_inv_kernel(
+    y_ptr,
+    h_ptr,
+    x_ptr,
+    logs_part_ptr,
+    C,
+    HW,
+    passive,
+    eps,
+    stride_yb,
+    stride_yc,
+    stride_yw,
+    stride_hb,
+    stride_hc,
+    stride_hw,
+    stride_xb,
+    stride_xc,
+    stride_xw,
+    SHIFT_FIRST: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Inverse on one (BLOCK_C x BLOCK_P) tile of sample b; grid, reads and partials as in
+    :func:`_affine_coupling_fwd_kernel` (the partial is ``+sum log s``, the reduction negates)."""
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    n_cblocks = tl.num_programs(2)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    b64 = b.to(tl.int64)
+    p_ok = (p < HW)[None, :]
+    tile_ok = (c < C)[:, None] & p_ok
+    active = (c >= passive) & (c < C)
+    act_ok = active[:, None] & p_ok
+    a = tl.where(active, c - passive, 0)
+    y = tl.load(y_ptr + b64 * stride_yb + c[:, None] * stride_yc + p[None, :] * stride_yw, mask=tile_ok, other=0.0)
+    shift, s, _ = _shift_and_scale(h_ptr, b64, a, p, act_ok, stride_hb, stride_hc, stride_hw, eps)
+    # Divides by s >= eps (1e-4 in SRFlow): errors in y grow by up to 1/eps.
+    x = y / s - shift if SHIFT_FIRST else (y - shift) / s
+    x = tl.where(active[:, None], x, y)
+    tl.store(x_ptr + b64 * stride_xb + c[:, None] * stride_xc + p[None, :] * stride_xw, x, mask=tile_ok)
+    logs = tl.where(act_ok, tl.log(s), 0.0)
+    slot = b64 * tl.num_programs(0) * n_cblocks + pid_p * n_cblocks + pid_c
+    tl.store(logs_part_ptr + slot, tl.sum(tl.sum(logs, axis=1), axis=0))
+
+
+@triton.jit
+def _logdet_reduce_kernel(
+    logs_part_ptr, logdet_ptr, n_part, stride_logdet, SUBTRACT: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Second stage of the log-det reduction: program b sums row b of the (B, n_part) fp32
+    partials in a fixed order (BLOCK-wide chunks, then a tree sum) and adds the total to
+    ``logdet[b]`` in place, or subtracts it when ``SUBTRACT``."""
+    b = tl.program_id(0)
+    row = logs_part_ptr + b.to(tl.int64) * n_part
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, n_part, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        acc += tl.load(row + k, mask=k < n_part, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if SUBTRACT:
+        total = -total
+    ld_ptr = logdet_ptr + b * stride_logdet
+    tl.store(ld_ptr, tl.load(ld_ptr) + total)
+
+
+@triton.jit
+def _affine_coupling_bwd_kernel(
+    out_ptr,
+    h_ptr,
+    grad_out_ptr,
+    grad_logdet_ptr,
+    inp_ptr,
+    grad_inp_ptr,
+    grad_h_ptr,
+    C,
+    HW,
+    passive,
+    eps,
+    stride_outb,
+    stride_outc,
+    stride_outw,
+    stride_hb,
+    stride_hc,
+    stride_hw,
+    stride_goutb,
+    stride_goutc,
+    stride_goutw,
+    stride_inpb,
+    stride_inpc,
+    stride_inpw,
+    stride_ginpb,
+    stride_ginpc,
+    stride_ginpw,
+    stride_ghb,
+    stride_ghc,
+    stride_ghw,
+    stride_grad_logdet,
+    SHIFT_FIRST: tl.constexpr,
+    REVERSE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Backward with recompute on one (BLOCK_C x BLOCK_P) tile of sample b, from the output.
+
+    Grid as the forward. Reads out, grad_out (all channels of the tile), shift/raw of the active
+    channels and ``grad_logdet[b]``; writes inp and grad_inp (passive channels: ``inp = out``,
+    ``grad_inp = grad_out``) and, for active channel a, ``grad_h[2a] = g_shift`` and
+    ``grad_h[2a + 1] = g_raw`` in h's dtype (fp32 maths, one rounding at the store). With
+    ``g = grad_out``, ``gl = grad_logdet[b]``, ``sig = sigmoid(raw + 2)``, ``s = sig + eps``:
+
+    * forward output (``REVERSE=False``), shift first: ``inp = out/s - t``, ``g_inp = g s``,
+      ``g_t = g s``, ``g_s = (g out + gl)/s``; scale first: ``inp = (out - t)/s``,
+      ``g_inp = g s``, ``g_t = g``, ``g_s = g inp + gl/s``.
+    * inverse output (``REVERSE=True``), shift first: ``inp = (out + t) s``, ``g_inp = g/s``,
+      ``g_t = -g``, ``g_s = -(g (out + t) + gl)/s``; scale first: ``inp = out s + t``,
+      ``g_inp = g/s``, ``g_t = -g/s``, ``g_s = -(g out + gl)/s``.
+    * ``g_raw = g_s sig (1 - sig)``.
+    """
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    b64 = b.to(tl.int64)
+    p_ok = (p < HW)[None, :]
+    tile_ok = (c < C)[:, None] & p_ok
+    active = (c >= passive) & (c < C)
+    act_ok = active[:, None] & p_ok
+    a = tl.where(active, c - passive, 0)
+    out = tl.load(
+        out_ptr + b64 * stride_outb + c[:, None] * stride_outc + p[None, :] * stride_outw, mask=tile_ok, other=0.0
+    )
+    g = tl.load(
+        grad_out_ptr + b64 * stride_goutb + c[:, None] * stride_goutc + p[None, :] * stride_goutw,
+        mask=tile_ok,
+        other=0.0,
+    )
+    gl = tl.load(grad_logdet_ptr + b * stride_grad_logdet)
+    shift, s, sig = _shift_and_scale(h_ptr, b64, a, p, act_ok, stride_hb, stride_hc, stride_hw, eps)
+    # Masked-off (passive, padded) lanes have s = sigmoid(2) + eps > 0: no division by zero.
+    # Divisions are by s >= eps (1e-4 in SRFlow): errors grow by up to 1/eps.
+    if not REVERSE:
+        if SHIFT_FIRST:
+            inp = out / s - shift
+            g_shift = g * s
+            g_s = (g * out + gl) / s
+        else:
+            inp = (out - shift) / s
+            g_shift = g
+            g_s = g * inp + gl / s
+        g_inp = g * s
+    else:
+        if SHIFT_FIRST:
+            inp = (out + shift) * s
+            g_shift = -g
+            g_s = -(g * (out + shift) + gl) / s
+        else:
+            inp = out * s + shift
+            g_shift = -g / s
+            g_s = -(g * out + gl) / s
+        g_inp = g / s
+    g_raw = g_s * sig * (1.0 - sig)
+    inp = tl.where(active[:, None], inp, out)
+    g_inp = tl.where(active[:, None], g_inp, g)
+    tl.store(inp_ptr + b64 * stride_inpb + c[:, None] * stride_inpc + p[None, :] * stride_inpw, inp, mask=tile_ok)
+    tl.store(
+        grad_inp_ptr + b64 * stride_ginpb + c[:, None] * stride_ginpc + p[None, :] * stride_ginpw, g_inp, mask=tile_ok
+    )
+    gh = grad_h_ptr + b64 * stride_ghb + p[None, :] * stride_ghw
+    gh_type = grad_h_ptr.dtype.element_ty
+    tl.store(gh + (2 * a)[:, None] * stride_ghc, g_shift.to(gh_type), mask=act_ok)
+    tl.store(gh + (2 * a + 1)[:, None] * stride_ghc, g_raw.to(gh_type), mask=act_ok)
+
+
+def _launcher(kernel: object) -> object:
+    """``wrap_triton(kernel)`` so that torch.compile sees the launch; under ``TRITON_INTERPRET=1``
+    ``triton.jit`` makes an InterpretedFunction, which has no JIT metadata for the traceable
+    wrapper and is launched directly (what torch >= 2.13's ``wrap_triton`` does itself)."""
+    return wrap_triton(kernel) if isinstance(kernel, triton.runtime.JITFunction) else kernel
+
+
+def _poison(*outputs: Tensor) -> None:
+    """Fill fresh output buffers with NaN (tests set FLOWKERNELS_POISON_OUTPUTS=1, read at
+    launch time), so elements a kernel forgets to write show up."""
+    if os.environ.get("FLOWKERNELS_POISON_OUTPUTS") == "1":
+        for t in outputs:
+            t.fill_(float("nan"))
+
+
+def _bcp_strides(name: str, t: Tensor) -> tuple[int, int, int]:
+    """``(stride_b, stride_c, stride_w)`` of a (B, C, H, W) tensor, ``stride_w`` being the stride
+    of the flattened pixel index ``p = h * W + w``: valid when ``stride_h == W * stride_w``
+    (dense NCHW and dense channels_last). With W == 1 the pixel stride is stride_h."""
+    _, _, height, width = t.shape
+    stride_b, stride_c, stride_h, stride_w = t.stride()
+    if width == 1:
+        return stride_b, stride_c, stride_h
+    if height > 1 and stride_h != width * stride_w:
+        raise ValueError(
+            f"{name}: strides {tuple(t.stride())} for shape {tuple(t.shape)} do not let the pixels be "
+            f"addressed as p * stride_w (need stride_h == W * stride_w: dense NCHW or channels_last)"
+        )
+    return stride_b, stride_c, stride_w
+
+
+def _blocks(c: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P): BLOCK_C the smallest power of two >= C up to _MAX_BLOCK_C."""
+    block_c = 2
+    while block_c < c and block_c < _MAX_BLOCK_C:
+        block_c *= 2
+    return block_c, _TILE // block_c
+
+
+def _check(x: Tensor, h: Tensor, passive: int) -> None:
+    if x.dim() != 4 or h.dim() != 4:
+        raise ValueError(f"expected 4-D (B, C, H, W) tensors, got shapes {tuple(x.shape)} and {tuple(h.shape)}")
+    b, c, height, width = x.shape
+    if not 0 <= passive < c:
+        raise ValueError(f"passive: expected 0 <= passive < {c} (the flow tensor's channels), got {passive}")
+    expected = (b, 2 * (c - passive), height, width)
+    if tuple(h.shape) != expected:
+        raise ValueError(f"h: expected shape {expected} (shift and raw interleaved), got {tuple(h.shape)}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"expected a torch.float32 flow tensor, got {x.dtype}")
+    if h.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"h: expected torch.float32 or torch.bfloat16, got {h.dtype}")
+
+
+def _apply(
+    inverse: bool, inp: Tensor, h: Tensor, logdet: Tensor, passive: int, shift_first: bool, eps: float
+) -> Tensor:
+    """Shared launcher of the forward (``inverse=False``) or inverse kernel and the log-det
+    reduction: two launches, the output allocated like ``inp``."""
+    _check(inp, h, passive)
+    batch, c, height, width = inp.shape
+    hw = height * width
+    block_c, block_p = _blocks(c)
+    grid = (triton.cdiv(hw, block_p), batch, triton.cdiv(c, block_c))
+    out = torch.empty_like(inp)
+    logs_part = inp.new_empty((batch, grid[0] * grid[2]), dtype=torch.float32)
+    _poison(out, logs_part)
+    kernel = _affine_coupling_inv_kernel if inverse else _affine_coupling_fwd_kernel
+    _launcher(kernel)[grid](
+        inp,
+        h,
+        out,
+        logs_part,
+        c,
+        hw,
+        passive,
+        eps,
+        *_bcp_strides("x", inp),
+        *_bcp_strides("h", h),
+        *_bcp_strides("out", out),
+        SHIFT_FIRST=shift_first,
+        BLOCK_C=block_c,
+        BLOCK_P=block_p,
+        num_warps=_NUM_WARPS,
+    )
+    _launcher(_logdet_reduce_kernel)[(batch,)](
+        logs_part,
+        logdet,
+        grid[0] * grid[2],
+        logdet.stride(0),
+        SUBTRACT=inverse,
+        BLOCK=_REDUCE_BLOCK,
+        num_warps=_NUM_WARPS,
+    )
+    return out
+
+
+@triton_op("flowkernels::affine_coupling_fwd_triton", mutates_args={"logdet"})
+def _affine_coupling_fwd_triton(
+    x: Tensor, h: Tensor, logdet: Tensor, passive: int, shift_first: bool, eps: float
+) -> Tensor:
+    """Coupling on channels ``[passive:]``: ``y = (x + shift) * s`` (or ``x * s + shift``).
+
+    x: (B, C, H, W) float32; h: (B, 2*(C - passive), H, W) float32 or bfloat16; each dense NCHW
+    or channels_last. logdet (B,) float32 gets ``+= sum log s`` in place. y keeps x's layout.
+    """
+    return _apply(False, x, h, logdet, passive, shift_first, eps)
+
+
+@triton_op("flowkernels::affine_coupling_inv_triton", mutates_args={"logdet"})
+def _affine_coupling_inv_triton(
+    y: Tensor, h: Tensor, logdet: Tensor, passive: int, shift_first: bool, eps: float
+) -> Tensor:
+    """Inverse coupling: ``x = y / s - shift`` (or ``(y - shift) / s``), ``logdet -= sum log s``.
+
+    Shapes and layouts as the forward; x keeps y's layout.
+    """
+    return _apply(True, y, h, logdet, passive, shift_first, eps)
+
+
+@triton_op("flowkernels::affine_coupling_bwd_triton", mutates_args={})
+def _affine_coupling_bwd_triton(
+    out: Tensor,
+    h: Tensor,
+    grad_out: Tensor,
+    grad_logdet: Tensor,
+    passive: int,
+    shift_first: bool,
+    eps: float,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward with recompute from the output: ``(inp, grad_inp, grad_h)``.
+
+    out, grad_out: (B, C, H, W) float32; h: the subnet output (float32 or bfloat16); grad_logdet:
+    (B,) float32. inp and grad_inp keep out's layout, grad_h has h's dtype and layout.
+    """
+    _check(out, h, passive)
+    if grad_out.shape != out.shape:
+        raise ValueError(f"grad_out: expected shape {tuple(out.shape)}, got {tuple(grad_out.shape)}")
+    if tuple(grad_logdet.shape) != (out.shape[0],) or grad_logdet.dtype != torch.float32:
+        raise ValueError(
+            f"grad_logdet: expected a float32 tensor of shape ({out.shape[0]},), "
+            f"got {grad_logdet.dtype} {tuple(grad_logdet.shape)}"
+        )
+    batch, c, height, width = out.shape
+    hw = height * width
+    block_c, block_p = _blocks(c)
+    inp = torch.empty_like(out)
+    grad_inp = torch.empty_like(out)
+    grad_h = torch.empty_like(h)
+    _poison(inp, grad_inp, grad_h)
+    grid = (triton.cdiv(hw, block_p), batch, triton.cdiv(c, block_c))
+    _launcher(_affine_coupling_bwd_kernel)[grid](
+        out,
+        h,
+        grad_out,
+        grad_logdet,
+        inp,
+        grad_inp,
+        grad_h,
+        c,
+        hw,
+        passive,
+        eps,
+        *_bcp_strides("out", out),
+        *_bcp_strides("h", h),
+        *_bcp_strides("grad_out", grad_out),
+        *_bcp_strides("inp", inp),
+        *_bcp_strides("grad_inp", grad_inp),
+        *_bcp_strides("grad_h", grad_h),
+        grad_logdet.stride(0),
+        SHIFT_FIRST=shift_first,
+        REVERSE=reverse,
+        BLOCK_C=block_c,
+        BLOCK_P=block_p,
+        num_warps=_NUM_WARPS,
+    )
+    return inp, grad_inp, grad_h
+
+
+if not isinstance(_affine_coupling_fwd_kernel, triton.runtime.JITFunction):
+    # Under TRITON_INTERPRET=1 the launcher bodies cannot run on FakeTensors (the interpreter
+    # copies tensor storage to the host), so the fake that triton_op derives from them is
+    # replaced by the C++ ops' fakes, which give the same output metadata. Compiled Triton
+    # keeps the derived fake (what torch.compile traces on GPU).
+    _affine_coupling_fwd_triton.register_fake(_affine_coupling_fwd_fake)
+    _affine_coupling_inv_triton.register_fake(_affine_coupling_fwd_fake)
+    _affine_coupling_bwd_triton.register_fake(_affine_coupling_bwd_fake)

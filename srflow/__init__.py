@@ -1,0 +1,31 @@
+"""SRFlow super-resolution (Lugmayr et al., ECCV 2020) on flowkernels, compatible with the official
+checkpoints.
+
+    model = srflow.SRFlow.from_preset("df2k-4x")                  # or SRFlow.from_official(path, "df2k-4x")
+    nll = model.nll(hr, lr)                                      # (B,) bits per HR pixel
+    zs = model.encode(hr, lr); sr = model.decode(lr, zs)         # exact round trip
+    sr = model.sample(lr, temperature=0.9, seed=0)
+
+See :mod:`srflow.model` for units, the paper-vs-code choices and the sampling remedy.
+Importing runs nothing.
+"""
+
+from .checkpoint import CheckpointError
+from .flow import FlowUpsamplerNet
+from .model import QUANT, Conditioning, NonFiniteSampleWarning, SRFlow, dequantize
+from .presets import PRESETS, SRFlowPreset, get_preset
+from .rrdb import RRDBNet
+
+__all__ = [
+    "PRESETS",
+    "QUANT",
+    "CheckpointError",
+    "Conditioning",
+    "FlowUpsamplerNet",
+    "NonFiniteSampleWarning",
+    "RRDBNet",
+    "SRFlow",
+    "SRFlowPreset",
+    "dequantize",
+    "get_preset",
+]

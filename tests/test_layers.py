@@ -1,0 +1,203 @@
+"""Every invertible layer on the reference backend: round trips, log-dets against brute-force
+Jacobians, float64 gradcheck, the module contract, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+from torch.autograd.functional import jacobian
+
+import flowkernels as fk
+from tests.helpers import randomize_, srflow_level
+from tests.tolerances import ROUND_TRIP_ABS, assert_rel_close
+
+f64 = torch.float64
+COND = 3  # conditioning channels used by the conditional layers below
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    """These are the reference layers' tests; the fused backends have their own test files."""
+    with fk.use_backend("reference"):
+        yield
+
+
+def _layers(channels: int) -> dict[str, fk.InvertibleModule]:
+    """One of each layer over ``channels`` channels (conditional ones read COND channels)."""
+    return {
+        "actnorm": fk.ActNorm2d(channels),
+        "invconv": fk.InvConv1x1(channels),
+        "invconv_lu": fk.InvConv1x1(channels, lu=True),
+        "coupling_glow": fk.AffineCoupling(channels, hidden=8, shift_first=False),
+        "coupling_srflow_cond": fk.AffineCoupling(channels, cond_channels=COND, hidden=8, shift_first=True),
+        "cond_affine": fk.CondAffineCoupling(channels, COND, hidden=8),
+        "flowstep_transitional": fk.FlowStep(channels),
+        "flowstep_cond": fk.FlowStep(channels, fk.CondAffineCoupling(channels, COND, hidden=8), lu=True),
+        "squeeze": fk.Squeeze(2),
+        "sequence": fk.FlowSequence(
+            [fk.FlowStep(channels), fk.FlowStep(channels, fk.CondAffineCoupling(channels, COND, hidden=8))]
+        ),
+        "sequence_plain": fk.FlowSequence([fk.FlowStep(channels)], memory_saving=False),
+    }
+
+
+LAYER_NAMES = list(_layers(4))
+
+
+def _make(name: str, channels: int = 4, dtype: torch.dtype = torch.float32) -> fk.InvertibleModule:
+    layer = randomize_(_layers(channels)[name]).to(dtype)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("name", LAYER_NAMES)
+def test_round_trip(name: str):
+    layer = _make(name)
+    x, cond = torch.randn(3, 4, 6, 10), torch.randn(3, COND, 6, 10)
+    with torch.no_grad():
+        z, ld = layer(x, cond)
+        x2, ld2 = layer.inverse(z, cond, ld)
+    err = (x2 - x).abs().max().item()
+    assert err <= ROUND_TRIP_ABS["module"], f"{name}: round trip error {err:.2e}"
+    assert ld2.abs().max().item() <= ROUND_TRIP_ABS["module"] * max(1.0, ld.abs().max().item())
+
+
+# The memory-saving "sequence" is excluded: a Jacobian needs many backward passes through one
+# graph, which the unit refuses by design (test_memory_saving checks it against plain autograd).
+@pytest.mark.parametrize("name", [n for n in LAYER_NAMES if n not in ("squeeze", "sequence")])
+def test_logdet_matches_brute_force_jacobian(name: str):
+    # float64 end to end; couplings' subnets read x1, so the Jacobian is triangular, not diagonal.
+    layer = _make(name, dtype=f64)
+    x, cond = torch.randn(2, 4, 2, 2, dtype=f64), torch.randn(2, COND, 2, 2, dtype=f64)
+    _, ld = layer(x, cond)
+    for b in range(2):
+        xb, cb = x[b : b + 1], cond[b : b + 1]
+        jac = jacobian(lambda v, xb=xb, cb=cb: layer(v.reshape(xb.shape), cb)[0].reshape(-1), xb.reshape(-1))
+        assert_rel_close(ld[b : b + 1], torch.linalg.slogdet(jac)[1].reshape(1), "logdet_jacobian")
+
+
+@pytest.mark.parametrize("name", ["flowstep_cond", "coupling_glow", "split"])
+def test_gradcheck_float64(name: str):
+    if name == "split":
+        layer = randomize_(fk.Split2d(4)).to(f64).eval()
+    else:
+        layer = _make(name, dtype=f64)
+    x = torch.randn(2, 4, 3, 2, dtype=f64, requires_grad=True)
+    cond = torch.randn(2, COND, 3, 2, dtype=f64, requires_grad=True)
+    if name == "split":
+        assert gradcheck(lambda v: layer(v), (x,))
+        return
+    assert gradcheck(lambda v, c: layer(v, c), (x, cond))
+    assert gradcheck(lambda v, c: layer.inverse(v, c), (x, cond))
+
+
+def test_split2d_round_trip_and_sampling():
+    split = randomize_(fk.Split2d(6)).eval()
+    z = torch.randn(2, 6, 4, 4)
+    z1, eps, logp = split.encode(z)
+    assert z1.shape == (2, 3, 4, 4) and eps.shape == (2, 3, 4, 4)
+    z_back, ld = split.inverse(z1, eps=eps)
+    assert (z_back - z).abs().max().item() <= ROUND_TRIP_ABS["module"]
+    assert_rel_close(-ld, logp, "inverse")
+    g = torch.Generator().manual_seed(3)
+    a, _ = split.inverse(z1, temperature=0.5, generator=g)
+    b, _ = split.inverse(z1, temperature=0.5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    zero, _ = split.inverse(z1, temperature=0.0)
+    mean = split.prior(z1)[:, 0::2]
+    assert torch.equal(zero[:, 3:], mean)
+
+
+def test_forward_returns_new_logdet_and_keeps_input():
+    layer = _make("flowstep_cond")
+    x, cond, ld_in = torch.randn(2, 4, 4, 4), torch.randn(2, COND, 4, 4), torch.randn(2)
+    before = ld_in.clone()
+    with torch.no_grad():
+        _, ld_out = layer(x, cond, ld_in)
+        _, ld_alone = layer(x, cond)
+    assert torch.equal(ld_in, before), "the caller's logdet must not be modified"
+    assert ld_out.dtype == torch.float32 and ld_out.shape == (2,)
+    assert_rel_close(ld_out, before + ld_alone, "forward")
+
+
+def test_inverse_scale_floor_bounds_amplification():
+    coupling = randomize_(fk.AffineCoupling(4, hidden=8, shift_first=True)).eval()
+    with torch.no_grad():
+        coupling.net[4].bias[1::2] = -30.0  # raw scale -30: s = sigmoid(-28) + 1e-4 ~ 1e-4
+    y = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        x_plain, _ = coupling.inverse(y)
+        coupling.inverse_scale_floor = 0.5
+        x_floored, _ = coupling.inverse(y)
+    assert x_plain[:, 2:].abs().max() > 1e3  # divided by ~1e-4
+    assert x_floored[:, 2:].abs().max() < 10.0 * y.abs().max() + 10.0
+    coupling.inverse_scale_floor = 2.0
+    with pytest.raises(ValueError, match="inverse_scale_floor"):
+        coupling.inverse(y)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: clear errors naming the problem
+# ---------------------------------------------------------------------------------------------
+
+
+def test_wrong_channel_count():
+    step = _make("flowstep_cond")
+    with pytest.raises(ValueError, match="expected 4 channels, got 5"):
+        step(torch.randn(1, 5, 4, 4), torch.randn(1, COND, 4, 4))
+
+
+def test_cond_of_wrong_size():
+    step = _make("flowstep_cond")
+    with pytest.raises(ValueError, match=r"cond: expected shape \(1, 3, 4, 4\), got \(1, 3, 2, 4\)"):
+        step(torch.randn(1, 4, 4, 4), torch.randn(1, COND, 2, 4))
+    with pytest.raises(ValueError, match="cond: this layer needs"):
+        step(torch.randn(1, 4, 4, 4))
+
+
+def test_odd_spatial_size_for_squeeze():
+    with pytest.raises(ValueError, match="H and W divisible by 2, got 5x4"):
+        fk.Squeeze(2)(torch.randn(1, 3, 5, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64])
+def test_wrong_dtype(dtype: torch.dtype):
+    with pytest.raises(TypeError, match="x: expected torch.float32"):
+        _make("actnorm")(torch.zeros(1, 4, 2, 2, dtype=dtype))
+
+
+def test_wrong_device():
+    step = _make("flowstep_cond")
+    with pytest.raises(ValueError, match="cond is on meta but x is on cpu"):
+        step(torch.randn(1, 4, 4, 4), torch.empty(1, COND, 4, 4, device="meta"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input(bad: float):
+    seq = fk.FlowSequence(srflow_level(3, 4, COND, hidden=8)).eval()
+    x = torch.randn(1, 4, 4, 4)
+    x[0, 1, 2, 3] = bad
+    with pytest.raises(ValueError, match="x: contains 1 non-finite values"):
+        seq(x, torch.randn(1, COND, 4, 4))
+    cond = torch.randn(1, COND, 4, 4)
+    cond[0, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match="cond: contains 1 non-finite values"):
+        seq(torch.randn(1, 4, 4, 4), cond)
+
+
+def test_wrong_logdet():
+    with pytest.raises(ValueError, match=r"logdet: expected shape \(2,\)"):
+        _make("actnorm")(torch.randn(2, 4, 2, 2), logdet=torch.zeros(3))
+    with pytest.raises(TypeError, match="logdet: expected torch.float32"):
+        _make("actnorm")(torch.randn(2, 4, 2, 2), logdet=torch.zeros(2, dtype=f64))
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="coupling over 4 channels, got 6"):
+        fk.FlowStep(4, fk.AffineCoupling(6))
+    with pytest.raises(ValueError, match="at least one layer"):
+        fk.FlowSequence([])
+    with pytest.raises(TypeError, match="steps\\[0\\]: expected an InvertibleModule"):
+        fk.FlowSequence([torch.nn.Conv2d(1, 1, 1)])
+    with pytest.raises(ValueError, match="keep_every"):
+        fk.FlowSequence([fk.FlowStep(4)], keep_every=0)

@@ -1,0 +1,168 @@
+"""Memory-saving invertible backprop (FlowSequence(memory_saving=True)) against stored-activation
+autograd, at SRFlow depth (54 steps), in both directions, plus its memory and its contract."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import flowkernels as fk
+from tests.helpers import randomize_, srflow_level, trained_level
+from tests.tolerances import BF16_ERROR_RATIO, REL_TOL, ROUND_TRIP_ABS, rel_err
+
+C, COND, HW = 12, 6, 6  # level-1 SRFlow channels, a small conditioning tensor, tiny images
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    with fk.use_backend("reference"):
+        yield
+
+
+def _pair(depth: int, x: torch.Tensor, cond: torch.Tensor, **kwargs) -> tuple[fk.FlowSequence, fk.FlowSequence]:
+    """The same trained-like sequence twice: memory saving on, and plain autograd."""
+    saving = trained_level(depth, C, COND, x, cond, memory_saving=True, **kwargs)
+    plain = copy.deepcopy(saving)
+    plain.memory_saving = False
+    return saving, plain
+
+
+def _grads(seq: fk.FlowSequence, x, cond, cot, cot_ld, reverse: bool = False) -> list[torch.Tensor]:
+    """Gradients of <z, cot> + <logdet, cot_ld> w.r.t. x, cond and every parameter."""
+    x, cond = x.clone().requires_grad_(True), cond.clone().requires_grad_(True)
+    params = list(seq.parameters())
+    z, ld = seq.inverse(x, cond) if reverse else seq(x, cond)
+    loss = (z * cot).sum() + (ld * cot_ld).sum()
+    return list(torch.autograd.grad(loss, [x, cond, *params]))
+
+
+def _inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
+    return (
+        torch.randn(batch, C, HW, HW),
+        torch.randn(batch, COND, HW, HW),
+        torch.randn(batch, C, HW, HW),
+        torch.randn(batch),
+    )
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "inverse"])
+def test_54_step_gradients_match_plain_autograd(reverse: bool):
+    x, cond, cot, cot_ld = _inputs()
+    saving, plain = _pair(54, x, cond)
+    if reverse:
+        x = x * 0.5  # a latent-like input for the sampling direction
+    got = _grads(saving, x, cond, cot, cot_ld, reverse)
+    want = _grads(plain, x, cond, cot, cot_ld, reverse)
+    names = ["x", "cond", *(n for n, _ in saving.named_parameters())]
+    assert len(got) == len(want) == len(names)
+    worst = max(rel_err(g, w) for g, w in zip(got, want))
+    for name, g, w in zip(names, got, want):
+        assert rel_err(g, w) <= REL_TOL["grad_level"], f"{name}: {rel_err(g, w):.2e} (worst overall {worst:.2e})"
+
+
+def test_54_step_round_trip():
+    x, cond, _, _ = _inputs()
+    seq = trained_level(54, C, COND, x, cond).eval()
+    with torch.no_grad():
+        z, ld = seq(x, cond)
+        x2, ld2 = seq.inverse(z, cond, ld)
+    err = (x2 - x).abs().max().item()
+    assert err <= ROUND_TRIP_ABS["sequence_54"], f"54-step round trip error {err:.2e}"
+    assert ld2.abs().max().item() <= 1e-3 * ld.abs().max().item()
+
+
+def test_keep_every_restarts_reconstruction():
+    x, cond, cot, cot_ld = _inputs()
+    saving, plain = _pair(24, x, cond, keep_every=4)
+    got = _grads(saving, x, cond, cot, cot_ld)
+    want = _grads(plain, x, cond, cot, cot_ld)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= REL_TOL["grad_level"]
+
+
+def test_unconditional_sequence_and_frozen_parameters():
+    steps = [randomize_(fk.FlowStep(4, fk.AffineCoupling(4, hidden=8))) for _ in range(5)]
+    saving = fk.FlowSequence(steps)
+    for p in steps[2].parameters():
+        p.requires_grad_(False)
+    plain = copy.deepcopy(saving)
+    plain.memory_saving = False
+    x = torch.randn(2, 4, 5, 7)
+    grads = []
+    for seq in (saving, plain):
+        xr = x.clone().requires_grad_(True)
+        z, ld = seq(xr)
+        ((z**2).sum() - ld.sum()).backward()
+        grads.append([xr.grad] + [p.grad for p in seq.parameters() if p.requires_grad])
+    for g, w in zip(*grads):
+        assert rel_err(g, w) <= REL_TOL["grad_level"]
+    assert all(p.grad is None for p in saving.steps[2].parameters())
+
+
+def test_second_backward_raises_clear_error():
+    seq = fk.FlowSequence(srflow_level(4, C, COND))
+    x, cond, _, _ = _inputs()
+    z, ld = seq(x.requires_grad_(True), cond)
+    loss = z.sum() + ld.sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already backpropagated"):
+        loss.backward()
+
+
+def _saved_bytes(seq: fk.FlowSequence, x: torch.Tensor, cond: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for backward during one forward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in seq.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        seq(x.clone().requires_grad_(True), cond.clone().requires_grad_(True))
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+def test_saved_memory_is_flat_in_depth():
+    """Measured as bytes of tensors saved for backward (parameters excluded), 8 vs 64 steps."""
+    x, cond, _, _ = _inputs()
+    shallow_saving, shallow_plain = _pair(8, x, cond)
+    deep_saving, deep_plain = _pair(64, x, cond)
+    saving = (_saved_bytes(shallow_saving, x, cond), _saved_bytes(deep_saving, x, cond))
+    plain = (_saved_bytes(shallow_plain, x, cond), _saved_bytes(deep_plain, x, cond))
+    assert saving[0] == saving[1], f"memory saving grows with depth: {saving}"
+    assert saving[1] <= (x.numel() + cond.numel()) * 4 + 1024  # output + conditioning only
+    assert plain[1] > 6 * plain[0], f"plain autograd should grow ~linearly with depth: {plain}"
+
+
+def _grads_autocast_forward(seq, x, cond, cot, cot_ld, reverse: bool) -> list[torch.Tensor]:
+    """Like _grads, but only the forward runs under bf16 autocast; backward runs outside it, as
+    in a usual training loop."""
+    x, cond = x.clone().requires_grad_(True), cond.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, ld = seq.inverse(x, cond) if reverse else seq(x, cond)
+    assert z.dtype == torch.float32 and ld.dtype == torch.float32
+    loss = (z * cot).sum() + (ld * cot_ld).sum()
+    return list(torch.autograd.grad(loss, [x, cond, *seq.parameters()]))
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "inverse"])
+def test_bf16_subnets_recompute_under_the_same_autocast(reverse: bool):
+    """The backward (outside autocast) must re-enter the forward's autocast state, or the
+    recomputed subnet outputs would be fp32 while the forward's were bf16. The flow state
+    stays float32, and the gradients are as good as plain bf16 autograd."""
+    x, cond, cot, cot_ld = _inputs()
+    saving, plain = _pair(8, x, cond)
+    autocast_on: list[bool] = []
+    subnet = saving.steps[-1].affine.fAffine
+    handle = subnet.register_forward_hook(lambda m, args, out: autocast_on.append(torch.is_autocast_enabled("cpu")))
+    got = _grads_autocast_forward(saving, x, cond, cot, cot_ld, reverse)
+    handle.remove()
+    assert autocast_on == [True, True], f"autocast at the forward and at the recompute: {autocast_on}"
+    want = _grads_autocast_forward(plain, x, cond, cot, cot_ld, reverse)
+    fp32 = _grads(plain, x, cond, cot, cot_ld, reverse)
+    for g, w, f in zip(got, want, fp32):
+        assert rel_err(g, f) <= BF16_ERROR_RATIO * max(rel_err(w, f), REL_TOL["grad_level"])
