@@ -18,7 +18,6 @@ reason; nothing falls back silently.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import os
 from collections.abc import Iterator
@@ -90,47 +89,71 @@ class _Unavailable(ImportError):
     pass
 
 
-@functools.cache
-def _import_extension() -> ModuleType | str:
-    try:
-        module = importlib.import_module("flowkernels._C")
-    except ImportError as exc:
-        return (
-            f"the compiled extension flowkernels._C is not built ({exc}); build it with "
-            "`pip install --no-build-isolation -e .` from the repository root"
-        )
-    # The C++ ops are declared by the extension; their fake (meta) implementations for
-    # torch.compile live in Python and can only be registered once the ops exist.
-    from .ops import actnorm_conv, affine_coupling
+# Import results, filled on first (eager) use. Under torch.compile nothing is imported (Dynamo
+# cannot trace importlib), so a backend must have been used or loaded once before compiling;
+# the ActNorm initialisation needs one eager training forward anyway.
+_loaded: dict[str, ModuleType | str] = {}
+_NOT_LOADED = (
+    "{what} was not loaded before torch.compile: run the model once eagerly (e.g. the first "
+    "training step, which also initialises the ActNorms) or call flowkernels.dispatch.{call}"
+)
 
-    actnorm_conv.register_extension_fakes()
-    affine_coupling.register_extension_fakes()
-    return module
+
+def _import_extension() -> ModuleType | str:
+    """``flowkernels._C`` (importing it once and registering its fakes) or why it is unusable."""
+    if "_C" not in _loaded:
+        if torch.compiler.is_compiling():
+            return _NOT_LOADED.format(what="flowkernels._C", call="load_extension()")
+        try:
+            module: ModuleType | str = importlib.import_module("flowkernels._C")
+        except ImportError as exc:
+            module = (
+                f"the compiled extension flowkernels._C is not built ({exc}); build it with "
+                "`pip install --no-build-isolation -e .` from the repository root"
+            )
+        else:
+            # The C++ ops are declared by the extension; their fake (meta) implementations for
+            # torch.compile live in Python and can only be registered once the ops exist.
+            from .ops import actnorm_conv, affine_coupling
+
+            actnorm_conv.register_extension_fakes()
+            affine_coupling.register_extension_fakes()
+        _loaded["_C"] = module
+    return _loaded["_C"]
 
 
 def load_extension() -> ModuleType:
-    """Import ``flowkernels._C`` (once) and register its fakes; raise ImportError if missing."""
+    """Import ``flowkernels._C`` (once) and register its fakes; raise ImportError if unusable."""
     module = _import_extension()
     if isinstance(module, str):
         raise _Unavailable(module)
     return module
 
 
-@functools.cache
 def _triton_reason() -> str | None:
-    try:
-        importlib.import_module("triton")
-    except ImportError as exc:
-        return f"triton is not installed ({exc}); `pip install triton`"
-    return None
+    if "triton" not in _loaded:
+        if torch.compiler.is_compiling():
+            return _NOT_LOADED.format(what="triton", call='load_triton("<op module>")')
+        try:
+            _loaded["triton"] = importlib.import_module("triton")
+        except ImportError as exc:
+            _loaded["triton"] = f"triton is not installed ({exc}); `pip install triton`"
+    found = _loaded["triton"]
+    return found if isinstance(found, str) else None
 
 
 def load_triton(op_module: str) -> ModuleType:
     """Import the Triton kernel module ``flowkernels.ops.<op_module>`` (registers its ops)."""
-    reason = _triton_reason()
-    if reason is not None:
-        raise _Unavailable(reason)
-    return importlib.import_module(f"flowkernels.ops.{op_module}")
+    if op_module not in _loaded:
+        reason = _triton_reason() or (
+            _NOT_LOADED.format(what=op_module, call=f"load_triton({op_module!r})")
+            if torch.compiler.is_compiling()
+            else None
+        )
+        if reason is not None:
+            raise _Unavailable(reason)
+        _loaded[op_module] = importlib.import_module(f"flowkernels.ops.{op_module}")
+    return _loaded[op_module]
 
 
 def _interpreting() -> bool:

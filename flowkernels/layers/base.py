@@ -21,7 +21,6 @@ with one subnet evaluation and the backward-with-recompute kernels.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -30,41 +29,49 @@ from torch import Tensor, nn
 
 __all__ = ["InvertibleModule", "StepGrads", "module_pullback", "flow_precision", "plain_forward"]
 
-# True while a plain forward runs for ActNorm data-dependent initialisation, or while the
-# memory-saving unit runs or recomputes: layers then neither start another initialisation nor
-# take a fused/recompute path (DESIGN.md section 3: init never happens inside a recompute).
-_PLAIN_MODE: contextvars.ContextVar[bool] = contextvars.ContextVar("flowkernels_plain_mode", default=False)
-_IN_UNIT: contextvars.ContextVar[bool] = contextvars.ContextVar("flowkernels_in_unit", default=False)
-# True inside a layer call: nested layers skip the NaN/Inf scan of their input, so a model pays
-# for one scan (one host sync) per top-level call rather than one per layer.
-_NESTED: contextvars.ContextVar[bool] = contextvars.ContextVar("flowkernels_nested", default=False)
+class _Mode:
+    """Process-wide layer modes, set by context managers (module-level state rather than
+    ContextVars so that torch.compile can trace the checks; layers are not used from several
+    threads at once).
+
+    plain: a plain forward runs for ActNorm data-dependent initialisation: layers run unfused,
+        submodule by submodule, and start no other initialisation.
+    unit: the memory-saving unit runs or recomputes: no initialisation inside it (DESIGN.md
+        section 3: init never happens inside a recompute).
+    nested: inside a layer call: nested layers skip the NaN/Inf scan of their input, so a
+        model pays one scan (one host sync) per top-level call, not one per layer.
+    """
+
+    plain = False
+    unit = False
+    nested = False
 
 
 @contextlib.contextmanager
-def plain_forward() -> Iterator[None]:
+def _set_mode(name: str) -> Iterator[None]:
+    previous = getattr(_Mode, name)
+    setattr(_Mode, name, True)
+    try:
+        yield
+    finally:
+        setattr(_Mode, name, previous)
+
+
+def plain_forward() -> contextlib.AbstractContextManager:
     """Run layers unfused, submodule by submodule (used by the ActNorm initialisation pass)."""
-    token = _PLAIN_MODE.set(True)
-    try:
-        yield
-    finally:
-        _PLAIN_MODE.reset(token)
+    return _set_mode("plain")
 
 
-@contextlib.contextmanager
-def inside_unit() -> Iterator[None]:
-    token = _IN_UNIT.set(True)
-    try:
-        yield
-    finally:
-        _IN_UNIT.reset(token)
+def inside_unit() -> contextlib.AbstractContextManager:
+    return _set_mode("unit")
 
 
 def in_plain_mode() -> bool:
-    return _PLAIN_MODE.get()
+    return _Mode.plain
 
 
 def in_unit() -> bool:
-    return _IN_UNIT.get()
+    return _Mode.unit
 
 
 def flow_precision(x: Tensor) -> contextlib.AbstractContextManager:
@@ -139,17 +146,15 @@ class InvertibleModule(nn.Module):
         from .actnorm import maybe_initialize
 
         self._check_input(x, cond)
-        if not _NESTED.get():
+        # The scan is a data-dependent branch, which torch.compile cannot trace: skipped there.
+        if not _Mode.nested and not torch.compiler.is_compiling():
             check_finite("x", x)
             if cond is not None:
                 check_finite("cond", cond)
-        token = _NESTED.set(True)
-        try:
+        with _set_mode("nested"):
             if not reverse:
                 maybe_initialize(self, x, cond)
             return self._dispatch(x, cond, logdet, reverse)
-        finally:
-            _NESTED.reset(token)
 
     def _dispatch(self, x: Tensor, cond: Tensor | None, logdet: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
         """Run one call: through the recompute unit when :meth:`_needs_unit`, else :meth:`_run`."""

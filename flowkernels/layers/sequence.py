@@ -16,7 +16,7 @@ also stores the input of every N-th step and restarts the reconstruction there.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -26,16 +26,13 @@ from .base import InvertibleModule, StepGrads, flat_grads, inside_unit, logdet_b
 __all__ = ["FlowSequence", "invertible_backprop"]
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class _Plan:
-    """What the unit needs besides tensors: the steps in application order and bookkeeping."""
+    """What the unit needs besides tensors: the steps in application order and its options."""
 
-    steps: list[InvertibleModule]
+    steps: tuple[InvertibleModule, ...]
     reverse: bool
     keep_every: int | None
-    param_counts: list[int]
-    kept: dict[int, Tensor] = field(default_factory=dict)
-    used: bool = False
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
@@ -49,27 +46,35 @@ class _InvertibleBackprop(torch.autograd.Function):
     def forward(ctx, plan: _Plan, autocast: tuple, x: Tensor, logdet: Tensor, cond: Tensor | None, *params: Tensor):  # noqa: ANN001, ANN205
         buf = logdet.detach().clone()
         y = x.detach()
+        kept, kept_at = [], []
         with torch.no_grad(), inside_unit():
             for i, step in enumerate(plan.steps):
                 if plan.keep_every and i and i % plan.keep_every == 0:
-                    plan.kept[i] = y
+                    kept.append(y)
+                    kept_at.append(i)
                 y = step._run(y, cond, buf, plan.reverse)
         ctx.plan = plan
         ctx.autocast = autocast
-        ctx.save_for_backward(y, cond)
+        ctx.kept_at = tuple(kept_at)
+        ctx.used = False
+        ctx.save_for_backward(y, cond, *kept)
         return y, buf
 
     @staticmethod
     def backward(ctx, grad_y: Tensor | None, grad_logdet: Tensor | None):  # noqa: ANN001, ANN205
         plan: _Plan = ctx.plan
-        if plan.used:
-            raise RuntimeError(
-                "FlowSequence (memory_saving=True) was already backpropagated: its backward rebuilds "
-                "activations from the output once and cannot run twice (retain_graph is not supported); "
-                "run the forward again"
-            )
-        plan.used = True
-        y, cond = ctx.saved_tensors
+        # Eagerly the unit refuses a second backward (its recompute consumed nothing, but running it
+        # twice is never what the caller wants); torch.compile traces this once, so it skips the flag.
+        if not torch.compiler.is_compiling():
+            if ctx.used:
+                raise RuntimeError(
+                    "FlowSequence (memory_saving=True) was already backpropagated: its backward rebuilds "
+                    "activations from the output once and cannot run twice (retain_graph is not supported); "
+                    "run the forward again"
+                )
+            ctx.used = True
+        y, cond, *kept = ctx.saved_tensors
+        kept_inputs = dict(zip(ctx.kept_at, kept))
         grad_y = torch.zeros_like(y) if grad_y is None else grad_y
         if grad_logdet is None:
             grad_logdet = torch.zeros(y.shape[0], device=y.device, dtype=y.dtype)
@@ -79,7 +84,7 @@ class _InvertibleBackprop(torch.autograd.Function):
         with torch.autocast(y.device.type, dtype=dtype, enabled=enabled), inside_unit():
             for i in range(len(plan.steps) - 1, -1, -1):
                 res = plan.steps[i].backward_from_output(y, grad_y, grad_logdet, cond, plan.reverse)
-                y, grad_y = plan.kept.pop(i, res.inp), res.grad_inp
+                y, grad_y = kept_inputs.get(i, res.inp), res.grad_inp
                 if grad_cond is not None and res.grad_cond is not None:
                     grad_cond += res.grad_cond
                 grads[i] = res.grad_params
@@ -98,9 +103,9 @@ def invertible_backprop(
 ) -> tuple[Tensor, Tensor]:
     """Apply ``steps`` (their inverses in reverse order when ``reverse``) as one memory-saving
     autograd unit. x: (B, C, H, W) float32; logdet: (B,) float32. Returns (y, logdet)."""
-    order = list(reversed(steps)) if reverse else list(steps)
+    order = tuple(reversed(steps)) if reverse else tuple(steps)
     params = [step.trainable_parameters() for step in order]
-    plan = _Plan(order, reverse, keep_every, [len(p) for p in params])
+    plan = _Plan(order, reverse, keep_every)
     flat = [p for step_params in params for p in step_params]
     autocast = _autocast_state(x.device.type)
     return _InvertibleBackprop.apply(plan, autocast, x, logdet, cond, *flat)

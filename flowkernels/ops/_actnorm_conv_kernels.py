@@ -19,22 +19,27 @@ specialises integer arguments equal to 1, so the unit stride (pixels in NCHW, ch
 channels_last) is a compile-time constant and the compiler makes that tile axis the fastest one:
 loads and stores are coalesced along the memory order of each layout.
 
-The C x C product goes through ``tl.dot(..., input_precision="ieee")`` (exact fp32 FMA, no TF32)
+The C x C products go through ``tl.dot(..., input_precision="ieee")`` (exact fp32 FMA, no TF32)
 over channel blocks of 16 to 64 (``tl.dot`` needs every block dim >= 16; padded channels are
-masked to zero), with a K loop over input-channel blocks, so any C works (tested 3 to 192).
+masked to zero), with a K loop over input-channel blocks, so any C works (tested 3 to 192). The
+backward's pixel reduction ``grad_out inp^T`` uses "tf32x3" instead (see _GRAD_MATRIX_PRECISION).
+
+Measured on an H200 (torch 2.11, triton 3.6), B16 C12 80x80, CUDA-graph replay: forward 6.3 us
+NCHW / 12.6 us channels_last (a same-size copy: 4.4 us); backward 36 us NCHW / 52 us
+channels_last with L2 warm (61 / 88 us with IEEE for grad_matrix). The backward is not yet at
+the bandwidth target: its grad_matrix dot and the layout conversions around it dominate.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from .actnorm_conv import _actnorm_conv_bwd_fake, _actnorm_conv_fwd_fake
+from ._triton_utils import bcp_strides, launcher, poison
+from .actnorm_conv import actnorm_conv_bwd_fake, actnorm_conv_fwd_fake
 
 # Channel blocks: powers of two in [16, 64]. 16 is tl.dot's minimum; 64 caps the fp32 tiles
 # (a 64 x 64 partial grad_matrix plus two 64 x BLOCK_P operands) at what 8 warps hold in
@@ -46,6 +51,8 @@ _MAX_BLOCK_C = 64
 # Elements per fp32 tile of the forward (channels x pixels): 4096 -> BLOCK_P = 256 pixels at
 # C <= 16 (SRFlow level 1, C = 12): 16 KiB read and 12 KiB written per program, 32 fp32 values
 # of x per thread at 4 warps, and 400 programs at B16 C12 80x80 (3 per SM on 132 SMs, one wave).
+# H200 at that shape (NCHW / channels_last): 4096: 6.3 / 12.6 us, 2048: 5.7 / 15.7 us,
+# 8192: 6.2 / 12.8 us; 4096 is the best compromise over both layouts.
 _FWD_TILE = 4096
 # The backward holds four such tiles (out, grad_out, inp, grad_inp) plus the partial
 # grad_matrix, so it uses half the pixels per tile.
@@ -58,6 +65,12 @@ _BWD_TILE = 2048
 # result do not depend on the GPU.
 _BWD_MAX_PROGRAMS = 1024
 _BWD_PARTIAL_BUDGET = 1 << 20
+# grad_matrix = sum_p grad_out inp^T is a dot whose K dimension is the BLOCK_P pixels of a tile.
+# IEEE fp32 dots run on FMA units with each thread holding K-long operand slices, which spills
+# at K = 128 (H200, level-1 backward at B16: 61 us, 10x the forward). "tf32x3" (three TF32
+# tensor-core products of the split operands) keeps ~fp32 accuracy: per-product error ~2^-21,
+# the 1e-5 tests pass on the H200 (C = 3 to 192); 36 us. The interpreter computes it in fp32.
+_GRAD_MATRIX_PRECISION = "tf32x3"
 
 
 @triton.jit
@@ -161,6 +174,7 @@ def _actnorm_conv_bwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    GM_PRECISION: tl.constexpr,
 ):
     """Backward with recompute of ``out = matrix @ inp + offset`` from its output, one pass.
 
@@ -224,7 +238,7 @@ def _actnorm_conv_bwd_kernel(
                 tile_ok,
             )
             # Padded pixels hold inp = inv_offset but g = 0 there, so they add nothing.
-            grad_matrix = tl.dot(g, tl.trans(inp), grad_matrix, input_precision="ieee")
+            grad_matrix = tl.dot(g, tl.trans(inp), grad_matrix, input_precision=GM_PRECISION)
             grad_offset += tl.sum(g, axis=1)
     else:
         for t in range(q, n_tiles, n_prog):
@@ -253,7 +267,7 @@ def _actnorm_conv_bwd_kernel(
                 mask=ci_ok[:, None] & p_ok[None, :],
                 other=0.0,
             )
-            grad_matrix = tl.dot(g_i, tl.trans(inp), grad_matrix, input_precision="ieee")
+            grad_matrix = tl.dot(g_i, tl.trans(inp), grad_matrix, input_precision=GM_PRECISION)
             grad_offset += tl.sum(g_i, axis=1)
             if ib == 0:
                 j_ok = cj_ok[:, None] & p_ok[None, :]
@@ -284,37 +298,6 @@ def _actnorm_conv_bwd_kernel(
         tl.store(grad_offset_part_ptr + q.to(tl.int64) * C + ci, grad_offset, mask=ci_ok)
 
 
-def _launcher(kernel: object) -> object:
-    """``wrap_triton(kernel)`` so that torch.compile sees the launch; under ``TRITON_INTERPRET=1``
-    ``triton.jit`` makes an InterpretedFunction, which has no JIT metadata for the traceable
-    wrapper and is launched directly (what torch >= 2.13's ``wrap_triton`` does itself)."""
-    return wrap_triton(kernel) if isinstance(kernel, triton.runtime.JITFunction) else kernel
-
-
-def _poison(*outputs: Tensor) -> None:
-    """Fill fresh output buffers with NaN (tests set FLOWKERNELS_POISON_OUTPUTS=1, read at
-    launch time), so elements a kernel forgets to write show up."""
-    if os.environ.get("FLOWKERNELS_POISON_OUTPUTS") == "1":
-        for t in outputs:
-            t.fill_(float("nan"))
-
-
-def _bcp_strides(name: str, t: Tensor) -> tuple[int, int, int]:
-    """``(stride_b, stride_c, stride_w)`` of a (B, C, H, W) tensor, ``stride_w`` being the stride
-    of the flattened pixel index ``p = h * W + w``: valid when ``stride_h == W * stride_w``
-    (dense NCHW and dense channels_last). With W == 1 the pixel stride is stride_h."""
-    _, _, height, width = t.shape
-    stride_b, stride_c, stride_h, stride_w = t.stride()
-    if width == 1:
-        return stride_b, stride_c, stride_h
-    if height > 1 and stride_h != width * stride_w:
-        raise ValueError(
-            f"{name}: strides {tuple(t.stride())} for shape {tuple(t.shape)} do not let the pixels be "
-            f"addressed as p * stride_w (need stride_h == W * stride_w: dense NCHW or channels_last)"
-        )
-    return stride_b, stride_c, stride_w
-
-
 def _pow2_block(c: int) -> int:
     """Smallest power of two >= c within [_MIN_BLOCK_C, _MAX_BLOCK_C]."""
     block = _MIN_BLOCK_C
@@ -324,9 +307,9 @@ def _pow2_block(c: int) -> int:
 
 
 def _check_channel_map(x: Tensor, matrix: Tensor, vector: Tensor, names: tuple[str, str]) -> None:
-    c = x.shape[1]
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D (B, C, H, W) flow tensor, got shape {tuple(x.shape)}")
+    c = x.shape[1]
     if tuple(matrix.shape) != (c, c):
         raise ValueError(f"{names[0]}: expected shape ({c}, {c}) to match {c} channels, got {tuple(matrix.shape)}")
     if tuple(vector.shape) != (c,):
@@ -347,11 +330,11 @@ def _actnorm_conv_fwd_triton(x: Tensor, matrix: Tensor, offset: Tensor, logdet_t
     batch, c, height, width = x.shape
     hw = height * width
     y = torch.empty_like(x)
-    _poison(y)
+    poison(y)
     block_c = _pow2_block(c)
     block_p = _FWD_TILE // block_c
     grid = (triton.cdiv(hw, block_p), batch, triton.cdiv(c, block_c))
-    _launcher(_actnorm_conv_fwd_kernel)[grid](
+    launcher(_actnorm_conv_fwd_kernel)[grid](
         x,
         matrix,
         offset,
@@ -360,8 +343,8 @@ def _actnorm_conv_fwd_triton(x: Tensor, matrix: Tensor, offset: Tensor, logdet_t
         y,
         c,
         hw,
-        *_bcp_strides("x", x),
-        *_bcp_strides("y", y),
+        *bcp_strides("x", x),
+        *bcp_strides("y", y),
         matrix.stride(0),
         matrix.stride(1),
         offset.stride(0),
@@ -400,8 +383,8 @@ def _actnorm_conv_bwd_triton(
     grad_inp = torch.empty_like(out)
     grad_matrix_part = out.new_empty((n_prog, c, c), dtype=torch.float32)
     grad_offset_part = out.new_empty((n_prog, c), dtype=torch.float32)
-    _poison(inp, grad_inp, grad_matrix_part, grad_offset_part)
-    _launcher(_actnorm_conv_bwd_kernel)[(n_prog, n_cblocks, n_cblocks)](
+    poison(inp, grad_inp, grad_matrix_part, grad_offset_part)
+    launcher(_actnorm_conv_bwd_kernel)[(n_prog, n_cblocks, n_cblocks)](
         out,
         grad_out,
         matrix,
@@ -415,10 +398,10 @@ def _actnorm_conv_bwd_triton(
         hw,
         n_pblocks,
         n_tiles,
-        *_bcp_strides("out", out),
-        *_bcp_strides("grad_out", grad_out),
-        *_bcp_strides("inp", inp),
-        *_bcp_strides("grad_inp", grad_inp),
+        *bcp_strides("out", out),
+        *bcp_strides("grad_out", grad_out),
+        *bcp_strides("inp", inp),
+        *bcp_strides("grad_inp", grad_inp),
         matrix.stride(0),
         matrix.stride(1),
         matrix_inv.stride(0),
@@ -427,6 +410,7 @@ def _actnorm_conv_bwd_triton(
         BLOCK_C=block_c,
         BLOCK_P=block_p,
         ONE_BLOCK=bool(n_cblocks == 1),
+        GM_PRECISION=_GRAD_MATRIX_PRECISION,
         num_warps=4 if block_c <= 32 else 8,
     )
     # Second stage of the deterministic reduction: a fixed-order fp32 sum over the programs.
@@ -438,5 +422,5 @@ if not isinstance(_actnorm_conv_fwd_kernel, triton.runtime.JITFunction):
     # copies tensor storage to the host), so the fake that triton_op derives from them is
     # replaced by the C++ ops' fakes, which give the same output metadata. Compiled Triton
     # keeps the derived fake (what torch.compile traces on GPU).
-    _actnorm_conv_fwd_triton.register_fake(_actnorm_conv_fwd_fake)
-    _actnorm_conv_bwd_triton.register_fake(_actnorm_conv_bwd_fake)
+    _actnorm_conv_fwd_triton.register_fake(actnorm_conv_fwd_fake)
+    _actnorm_conv_bwd_triton.register_fake(actnorm_conv_bwd_fake)

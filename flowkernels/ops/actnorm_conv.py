@@ -267,14 +267,14 @@ def _chain_rule(
     return g_w, g_logs, g_b
 
 
-def _actnorm_conv_fwd_fake(x: Tensor, matrix: Tensor, offset: Tensor, logdet_term: Tensor, logdet: Tensor) -> Tensor:
+def actnorm_conv_fwd_fake(x: Tensor, matrix: Tensor, offset: Tensor, logdet_term: Tensor, logdet: Tensor) -> Tensor:
     c = x.shape[1]
     torch._check(matrix.shape == (c, c), lambda: f"matrix: expected ({c}, {c}), got {tuple(matrix.shape)}")
     torch._check(offset.shape == (c,), lambda: f"offset: expected ({c},), got {tuple(offset.shape)}")
     return torch.empty_like(x)
 
 
-def _actnorm_conv_bwd_fake(
+def actnorm_conv_bwd_fake(
     out: Tensor, grad_out: Tensor, matrix: Tensor, matrix_inv: Tensor, inv_offset: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     c = out.shape[1]
@@ -291,5 +291,5 @@ def _actnorm_conv_bwd_fake(
 
 def register_extension_fakes() -> None:
     """Register the fake (meta) kernels of the C++ ops; called once after ``flowkernels._C`` loads."""
-    torch.library.register_fake("flowkernels::actnorm_conv_fwd")(_actnorm_conv_fwd_fake)
-    torch.library.register_fake("flowkernels::actnorm_conv_bwd")(_actnorm_conv_bwd_fake)
+    torch.library.register_fake("flowkernels::actnorm_conv_fwd")(actnorm_conv_fwd_fake)
+    torch.library.register_fake("flowkernels::actnorm_conv_bwd")(actnorm_conv_bwd_fake)

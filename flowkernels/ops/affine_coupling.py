@@ -154,7 +154,7 @@ def affine_coupling_bwd(
         return _run("bwd", name, out, h, grad_out, grad_logdet.float(), passive, shift_first, eps, reverse)
 
 
-def _affine_coupling_fwd_fake(
+def affine_coupling_fwd_fake(
     x: Tensor, h: Tensor, logdet: Tensor, passive: int, shift_first: bool, eps: float
 ) -> Tensor:
     torch._check(
@@ -164,7 +164,7 @@ def _affine_coupling_fwd_fake(
     return torch.empty_like(x)
 
 
-def _affine_coupling_bwd_fake(
+def affine_coupling_bwd_fake(
     out: Tensor,
     h: Tensor,
     grad_out: Tensor,
@@ -182,6 +182,6 @@ def _affine_coupling_bwd_fake(
 
 def register_extension_fakes() -> None:
     """Register the fake (meta) kernels of the C++ ops; called once after ``flowkernels._C`` loads."""
-    torch.library.register_fake("flowkernels::affine_coupling_fwd")(_affine_coupling_fwd_fake)
-    torch.library.register_fake("flowkernels::affine_coupling_inv")(_affine_coupling_fwd_fake)
-    torch.library.register_fake("flowkernels::affine_coupling_bwd")(_affine_coupling_bwd_fake)
+    torch.library.register_fake("flowkernels::affine_coupling_fwd")(affine_coupling_fwd_fake)
+    torch.library.register_fake("flowkernels::affine_coupling_inv")(affine_coupling_fwd_fake)
+    torch.library.register_fake("flowkernels::affine_coupling_bwd")(affine_coupling_bwd_fake)

@@ -1,0 +1,38 @@
+# One virtual environment in .venv, set up once; `make demo` and `make test` both set up first.
+# TORCH selects the torch to install (this machine: the local CPU build). On a machine that
+# already has a suitable torch (e.g. the GPU image), use `pip install --no-build-isolation -e .`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+MAX_JOBS ?= 2
+
+.PHONY: setup demo test lint cuda-check bench-cpu clean
+
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
+	$(PY) -m pip install -q "$(TORCH)"
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation -e ".[test,triton]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m srflow demo
+
+lint: setup
+	$(VENV)/bin/ruff check flowkernels srflow tests benchmarks scripts setup.py
+	$(VENV)/bin/ruff format --check flowkernels srflow tests benchmarks scripts setup.py
+
+cuda-check:
+	bash scripts/check_cuda_compile.sh
+
+test: setup lint cuda-check
+	$(PY) -m pytest -q
+
+bench-cpu: setup
+	$(PY) -m pytest benchmarks/bench_cpu_kernels.py --benchmark-only -q
+
+clean:
+	rm -rf $(VENV) build flowkernels/_C*.so *.egg-info

@@ -1,0 +1,112 @@
+"""Benchmark the fused ActNorm + 1x1 conv op against eager and compiled PyTorch.
+
+Providers: ``eager`` (flowkernels.reference, autograd for the backward), ``compile``
+(torch.compile of the same), ``triton``, ``cuda`` (the compiled extension). Modes: ``fwd``,
+``inv``, ``bwd`` (backward with recompute from the output for the kernels; autograd backward of
+a stored graph for eager) and ``full`` (forward + backward). GB/s counts each tensor read or
+written once (x, y, and for bwd out, grad_out, inp, grad_inp).
+
+    python benchmarks/bench_actnorm_conv.py [--device cuda] [--smoke] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import Unsupported, add_common_args, copy_bandwidth, environment, sweep, write_json
+from flowkernels import dispatch, ops, reference
+
+SRFLOW_SHAPES = [(16, 12, 80, 80), (16, 24, 40, 40), (16, 96, 20, 20)]  # 4x levels 1-3 at 160x160 HR
+SMOKE_SHAPES = [(2, 12, 8, 8)]
+
+
+def _params(c: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    q, _ = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))
+    w = (q + 0.05 * torch.randn(c, c, dtype=torch.float64)).float().to(device)
+    return w, (0.2 * torch.randn(c)).to(device), (0.3 * torch.randn(c)).to(device)
+
+
+def factory(case: dict, provider: str, mode: str, device: torch.device):
+    b, c, h, w_ = case["batch"], case["channels"], case["height"], case["width"]
+    fmt = torch.channels_last if case["layout"] == "channels_last" else torch.contiguous_format
+    x = torch.randn(b, c, h, w_, device=device).contiguous(memory_format=fmt)
+    weight, logs, bias = _params(c, device)
+    g_out, g_ld = torch.randn_like(x), torch.randn(b, device=device)
+    tensor_bytes = x.numel() * 4
+    nbytes = {"fwd": 2, "inv": 2, "bwd": 4, "full": 6}[mode] * tensor_bytes
+    if provider in ("eager", "compile"):
+        fwd = reference.actnorm_conv_inv if mode == "inv" else reference.actnorm_conv_fwd
+        if provider == "compile":
+            fwd = torch.compile(fwd)
+        if mode in ("fwd", "inv"):
+            return (lambda: fwd(x, weight, logs, bias)), nbytes
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, logs, bias)]
+
+        def full() -> object:
+            y, ld = fwd(*leaves)
+            return torch.autograd.grad((y, ld), leaves, (g_out, g_ld))
+
+        if mode == "full":
+            return full, nbytes
+        y, ld = fwd(*leaves)
+        return (lambda: torch.autograd.grad((y, ld), leaves, (g_out, g_ld), retain_graph=True)), nbytes
+    why = dispatch.refusals(provider, x)
+    if why:
+        raise Unsupported("; ".join(why))
+    w64 = weight.double()
+    stats = {"weight_inv": torch.linalg.inv(w64), "logabsdet": torch.linalg.slogdet(w64)[1]}
+    logdet = torch.zeros(b, device=device)
+    op = ops.actnorm_conv_inv if mode == "inv" else ops.actnorm_conv_fwd
+    with torch.no_grad():
+        y, _ = ops.actnorm_conv_fwd(x, weight, logs, bias, logdet, backend=provider, **stats)
+
+    def bwd() -> object:
+        return ops.actnorm_conv_bwd(
+            y, g_out, g_ld, weight, logs, bias, weight_inv=stats["weight_inv"], backend=provider
+        )
+
+    def fwd_kernel() -> object:
+        return op(x, weight, logs, bias, logdet, backend=provider, **stats)
+
+    if mode in ("fwd", "inv"):
+        return fwd_kernel, nbytes
+    if mode == "bwd":
+        return bwd, nbytes
+    return (lambda: (fwd_kernel(), bwd())), nbytes
+
+
+def cases(smoke: bool) -> list[dict]:
+    shapes = SMOKE_SHAPES if smoke else SRFLOW_SHAPES
+    return [
+        {"batch": b, "channels": c, "height": h, "width": w, "layout": layout}
+        for b, c, h, w in shapes
+        for layout in ("nchw", "channels_last")
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--providers", default="eager,compile,triton,cuda")
+    parser.add_argument("--modes", default="fwd,inv,bwd,full")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    copy = copy_bandwidth(device, 2**24 if args.smoke else 2**30)
+    rows = sweep(
+        "actnorm_conv",
+        cases(args.smoke),
+        args.providers.split(","),
+        args.modes.split(","),
+        lambda case, p, m: factory(case, p, m, device),
+        device,
+        copy,
+    )
+    path = write_json("bench_actnorm_conv", {"env": environment(device), "copy_gbps": copy, "rows": rows}, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

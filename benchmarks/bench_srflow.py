@@ -1,0 +1,216 @@
+"""SRFlow training and sampling benchmark: the official maths against memory-saving backends.
+
+One training step = RRDB conditioning + flow NLL forward + backward + Adam step, on random
+160x160 HR crops with their 40x40 (4x) LR, ActNorms initialised first. Variants:
+
+* ``official``: stored-activation autograd over the reference ops (the official model's maths);
+* ``checkpoint``: the same with torch.utils.checkpoint (non-reentrant) around every flow step,
+  what a user can do today;
+* ``ms-<backend>[-bf16][-cl]``: memory-saving flow levels with a flowkernels backend, optionally
+  bf16 autocast of the subnets and channels_last.
+
+For each variant and batch: median step time over timed steps, samples/s and peak memory
+(``max_memory_allocated``, model and optimizer state included). From two batch sizes a linear
+fit gives GiB per sample, the largest batch within 10/24/80 GiB, and the batch that fits in the
+memory ``official`` needs at batch 16, which is then measured. Sampling: ``sample`` of a batch
+of 40x40 LR at temperature 0.9.
+
+    python benchmarks/bench_srflow.py [--preset df2k-4x] [--variants ...] [--smoke] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import flowkernels as fk
+import srflow
+from benchmarks.common import add_common_args, environment, is_oom, write_json
+
+DEFAULT_VARIANTS = "official,checkpoint,ms-cuda,ms-triton,ms-cuda-cl,ms-cuda-bf16-cl,ms-triton-bf16-cl"
+BUDGETS_GIB = (10, 24, 80)
+
+
+def parse_variant(name: str) -> dict:
+    parts = name.split("-")
+    if parts[0] in ("official", "checkpoint"):
+        return {"memory_saving": False, "backend": "reference", "checkpoint": parts[0] == "checkpoint",
+                "bf16": "bf16" in parts, "channels_last": "cl" in parts}
+    if parts[0] != "ms" or len(parts) < 2:
+        raise ValueError(f"variant: expected official, checkpoint or ms-<backend>[-bf16][-cl], got {name!r}")
+    return {"memory_saving": True, "backend": parts[1], "checkpoint": False, "bf16": "bf16" in parts,
+            "channels_last": "cl" in parts}
+
+
+def _checkpoint_steps(model: srflow.SRFlow) -> None:
+    """Wrap every flow step's forward in torch.utils.checkpoint (the user's alternative)."""
+    for module in model.flowUpsamplerNet.modules():
+        if isinstance(module, fk.FlowStep):
+            plain = module.forward
+            module.forward = lambda x, cond=None, logdet=None, _f=plain: checkpoint(
+                _f, x, cond, logdet, use_reentrant=False
+            )
+
+
+def build(preset: str, variant: dict, device: torch.device, rrdb_trainable: bool) -> srflow.SRFlow:
+    model = srflow.SRFlow.from_preset(
+        preset, memory_saving=variant["memory_saving"], backend=variant["backend"], rrdb_trainable=rrdb_trainable,
+        seed=0,
+    ).to(device)
+    if variant["checkpoint"]:
+        _checkpoint_steps(model)
+    if variant["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    return model.train()
+
+
+def batch_of(model: srflow.SRFlow, batch: int, hr_size: int, device: torch.device, channels_last: bool):
+    gen = torch.Generator(device=device).manual_seed(batch)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    hr = torch.rand(batch, 3, hr_size, hr_size, device=device, generator=gen)
+    lr = torch.nn.functional.avg_pool2d(hr, model.scale)
+    return hr.contiguous(memory_format=fmt), lr.contiguous(memory_format=fmt)
+
+
+def measure_training(model, variant: dict, batch: int, hr_size: int, device, steps: int) -> dict:
+    """Median step time, samples/s and peak memory of ``steps`` timed steps after 2 warm-ups."""
+    hr, lr = batch_of(model, batch, hr_size, device, variant["channels_last"])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if variant["bf16"] else contextlib.nullcontext()
+    )
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model.nll(hr, lr).mean()
+        loss.backward()
+        opt.step()
+
+    step()
+    step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    ms = statistics.median(times)
+    out = {"batch": batch, "ms": ms, "ms_min": min(times), "ms_max": max(times), "samples_per_s": batch / ms * 1e3}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    del opt
+    return out
+
+
+def measure_sampling(model, batch: int, lr_size: int, device, reps: int) -> dict:
+    model.eval()
+    lr = torch.rand(batch, 3, lr_size, lr_size, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    with torch.no_grad():
+        model.sample(lr, temperature=0.9, seed=0)
+        sync(device)
+        times = []
+        for i in range(reps):
+            t0 = time.perf_counter()
+            model.sample(lr, temperature=0.9, seed=i)
+            sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+    model.train()
+    return {"batch": batch, "lr_size": lr_size, "ms": statistics.median(times), "ms_min": min(times)}
+
+
+def fit(points: list[dict]) -> dict | None:
+    """Linear fit peak = fixed + per_sample * batch over the measured batches."""
+    pts = [(p["batch"], p["peak_gib"]) for p in points if "peak_gib" in p]
+    if len(pts) < 2:
+        return None
+    (b0, m0), (b1, m1) = pts[0], pts[-1]
+    per_sample = (m1 - m0) / (b1 - b0)
+    fixed = m0 - per_sample * b0
+    largest = {f"{g}GiB": int((g - fixed) / per_sample) if per_sample > 0 else None for g in BUDGETS_GIB}
+    return {"gib_per_sample": per_sample, "fixed_gib": fixed, "largest_batch_predicted": largest}
+
+
+def run_variant(name: str, args, device, official_b16_peak: float | None, deadline: float) -> dict:
+    variant = parse_variant(name)
+    result: dict = {"variant": name, **variant, "rrdb_trainable": args.rrdb_trainable, "points": []}
+    try:
+        model = build(args.preset, variant, device, args.rrdb_trainable)
+        hr, lr = batch_of(model, 2, args.hr_size, device, variant["channels_last"])
+        model.initialize_actnorms(hr, lr)
+        for batch in args.batches:
+            if time.perf_counter() > deadline:
+                result["truncated"] = "time budget reached"
+                break
+            try:
+                point = measure_training(model, variant, batch, args.hr_size, device, args.steps)
+            except Exception as exc:  # noqa: BLE001
+                if not is_oom(exc):
+                    raise
+                result["points"].append({"batch": batch, "oom": True})
+                break
+            result["points"].append(point)
+            print(f"{name} batch {batch}: {point}", flush=True)
+        result["fit"] = fit([p for p in result["points"] if "ms" in p])
+        if official_b16_peak and result["fit"] and variant["memory_saving"] and time.perf_counter() < deadline:
+            per, fixed = result["fit"]["gib_per_sample"], result["fit"]["fixed_gib"]
+            target = min(int((official_b16_peak - fixed) / per), args.max_batch) if per > 0 else args.max_batch
+            target -= target % 8
+            if target > max(args.batches):
+                point = measure_training(model, variant, target, args.hr_size, device, max(2, args.steps // 2))
+                result["at_official_b16_memory"] = point
+                print(f"{name} at the official batch-16 memory ({official_b16_peak:.2f} GiB): {point}", flush=True)
+        if args.sample_batch and not variant["checkpoint"] and time.perf_counter() < deadline:
+            result["sampling"] = measure_sampling(model, args.sample_batch, args.hr_size // model.scale, device, 5)
+            print(f"{name} sampling: {result['sampling']}", flush=True)
+    except Exception as exc:  # noqa: BLE001 (record and go on with the next variant)
+        result["error"] = f"{type(exc).__name__}: {exc}"[:800]
+        print(f"{name}: {result['error']}", flush=True)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--preset", default="df2k-4x")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--batches", default="16,64", help="batch sizes for time and the memory fit")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per point")
+    parser.add_argument("--hr-size", type=int, default=160)
+    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--sample-batch", type=int, default=16)
+    parser.add_argument("--rrdb-trainable", action="store_true")
+    parser.add_argument("--max-seconds", type=float, default=420.0, help="stop starting new measurements after this")
+    args = parser.parse_args()
+    if args.smoke:
+        args.preset, args.hr_size, args.batches, args.steps, args.sample_batch = "tiny-4x", 32, "2,4", 2, 2
+    args.batches = [int(b) for b in str(args.batches).split(",")]
+    device = torch.device(args.device)
+    deadline = time.perf_counter() + args.max_seconds
+    results = []
+    official_b16 = None
+    for name in args.variants.split(","):
+        res = run_variant(name, args, device, official_b16, deadline)
+        if name == "official":
+            official_b16 = next((p.get("peak_gib") for p in res["points"] if p.get("batch") == 16), None)
+        results.append(res)
+    payload = {"env": environment(device), "preset": args.preset, "hr_size": args.hr_size, "results": results}
+    path = write_json(f"bench_srflow_{args.preset}", payload, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU check: build the CUDA extension, run the GPU tests, run the benchmarks, write JSON.
+#
+#   bash scripts/gpu_check.sh [build|test|ops|stack|srflow|all]...   (default: all)
+#
+# Logs and JSON accumulate in $WORK (default /tmp/gpu-run, so stages can run as separate calls
+# on one machine; the build stays in the tree); at the end each call copies the JSON files and
+# a tarball of everything to $OUT (the device tool brings back at most 8 files). Meant for one
+# H100/H200 with torch + CUDA installed (Python 3.12, torch 2.11+cu130, triton 3.6, nvcc 13.0).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WORK="${WORK:-/tmp/gpu-run}"
+OUT="${OUT:-benchmarks/results/gpu-run}"
+mkdir -p "$WORK" "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(all)
+status=0
+
+run() {  # run NAME CMD...: log to $OUT/NAME.log, keep going on failure, remember it
+    local name=$1; shift
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    "$@" 2>&1 | tee "$WORK/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+want() { [[ " ${stages[*]} " == *" $1 "* || " ${stages[*]} " == *" all "* ]]; }
+
+if want build; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$WORK/gpu.txt"
+    run build env MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install --no-deps --no-build-isolation -q -e .
+    run build-check "$PY" -c "import flowkernels, flowkernels.dispatch as d; m = d.load_extension(); print('with_cuda', m.with_cuda)"
+fi
+if want test; then
+    run test-gpu "$PY" -m pytest -q -x -m gpu tests -p no:cacheprovider --junitxml="$WORK/test-gpu.xml"
+fi
+if want ops; then
+    run bench-actnorm-conv "$PY" benchmarks/bench_actnorm_conv.py --out "$WORK"
+    run bench-affine-coupling "$PY" benchmarks/bench_affine_coupling.py --out "$WORK"
+fi
+if want stack; then
+    run bench-stack "$PY" benchmarks/bench_stack.py --out "$WORK"
+fi
+if want srflow; then
+    run bench-srflow "$PY" benchmarks/bench_srflow.py --out "$WORK" --max-seconds "${SRFLOW_SECONDS:-300}"
+fi
+cp "$WORK"/*.json "$OUT"/ 2>/dev/null
+tar czf "$OUT/gpu-run.tgz" -C "$WORK" .
+exit $status

@@ -1,0 +1,92 @@
+"""torch.compile(fullgraph=True) over the layers with the C++ and reference backends on the CPU:
+FlowStep and a memory-saving FlowSequence trace without graph breaks, forward, inverse and the
+recompute backward (through AOTAutograd), with our ops in the graph and eager results.
+
+The Triton backend's compile tests are in test_triton_compile.py (they need the interpreter
+set up before triton is imported).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import flowkernels as fk
+from flowkernels import dispatch
+from tests.helpers import trained_level
+from tests.tolerances import REL_TOL, assert_rel_close
+
+C, COND = 12, 5
+
+
+def _backends() -> list:
+    x = torch.zeros(1, C, 2, 2)
+    cuda_reasons = dispatch.refusals("cuda", x)
+    return [
+        "reference",
+        pytest.param("cuda", marks=pytest.mark.skipif(bool(cuda_reasons), reason="; ".join(cuda_reasons))),
+    ]
+
+
+def _capture(graphs: list, inner: str = "aot_eager"):
+    """A compile backend that records Dynamo's graph, then hands it to ``inner``."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return lookup_backend(inner)(gm, example_inputs)
+
+    return backend
+
+
+def _ops(graphs: list) -> set[str]:
+    """Our ops anywhere in the captured graphs, including an autograd.Function's fwd/bwd bodies."""
+    modules = [m for g in graphs for m in g.modules() if isinstance(m, torch.fx.GraphModule)]
+    return {str(n.target) for m in modules for n in m.graph.nodes if "flowkernels" in str(n.target)}
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_flow_step_inference_compiles_fullgraph(backend: str):
+    x, cond = torch.randn(2, C, 6, 6), torch.randn(2, COND, 6, 6)
+    seq = trained_level(3, C, COND, x, cond).eval()
+    step = seq.steps[-1]
+    step.backend = backend
+    graphs: list = []
+    compiled = torch.compile(step, fullgraph=True, backend=_capture(graphs))
+    compiled_inv = torch.compile(step.inverse, fullgraph=True, backend=_capture(graphs))
+    with torch.no_grad():
+        z, ld = compiled(x, cond)
+        x_back, ld_back = compiled_inv(z, cond, ld)
+        z_eager, ld_eager = step(x, cond)
+    assert_rel_close(z, z_eager, "forward")
+    assert_rel_close(ld, ld_eager, "forward")
+    assert_rel_close(x_back, x, "inverse")
+    if backend == "cuda":
+        assert {"flowkernels.actnorm_conv_fwd", "flowkernels.affine_coupling_inv"} <= _ops(graphs)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "inverse"])
+def test_memory_saving_training_compiles_fullgraph(backend: str, reverse: bool):
+    """The unit's backward (subnet recompute via torch.func.vjp, bwd kernels) traces under
+    AOTAutograd; gradients match eager memory saving."""
+    x, cond = torch.randn(2, C, 6, 6), torch.randn(2, COND, 6, 6)
+    seq = trained_level(5, C, COND, x, cond, keep_every=2).train()
+    for step in seq.steps:
+        step.backend = backend
+    eager = copy.deepcopy(seq)
+    graphs: list = []
+    fn = seq.inverse if reverse else seq
+    compiled = torch.compile(fn, fullgraph=True, backend=_capture(graphs))
+    grads = []
+    for run, module in ((compiled, seq), (eager.inverse if reverse else eager, eager)):
+        xr, cr = x.clone().requires_grad_(True), cond.clone().requires_grad_(True)
+        z, ld = run(xr * 0.5 if reverse else xr, cr)
+        (z.square().sum() + ld.sum()).backward()
+        grads.append([xr.grad, cr.grad, *(p.grad for p in module.parameters())])
+    for got, want in zip(*grads):
+        assert_rel_close(got, want, "grad", tol=REL_TOL["grad_level"])
+    if backend == "cuda":
+        assert "flowkernels.affine_coupling_bwd" in _ops(graphs)

@@ -1,0 +1,90 @@
+"""Backend selection: defaults, explicit refusals with reasons, lazy imports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flowkernels as fk
+from flowkernels import dispatch
+
+
+def test_default_and_context_manager():
+    start = fk.get_backend()
+    with fk.use_backend("reference"):
+        assert fk.get_backend() == "reference"
+        with fk.use_backend("triton"):
+            assert fk.get_backend() == "triton"
+        assert fk.get_backend() == "reference"
+    assert fk.get_backend() == start
+
+
+def test_invalid_backend_name():
+    with pytest.raises(ValueError, match=r"backend: expected one of .* got 'cudnn'"):
+        fk.set_backend("cudnn")
+    with pytest.raises(ValueError, match="got 'fast'"):
+        fk.select_backend("fast", torch.zeros(1, 2, 2, 2))
+
+
+def test_reference_never_refuses():
+    x = torch.zeros(1, 3, 2, 2, dtype=torch.float64)[:, :, ::2]
+    assert dispatch.refusals("reference", x) == []
+    assert fk.select_backend("reference", x) == "reference"
+
+
+def test_auto_on_cpu_is_extension_or_reference():
+    x = torch.zeros(2, 4, 3, 3)
+    expected = "cuda" if not dispatch.refusals("cuda", x) else "reference"
+    assert fk.select_backend("auto", x) == expected
+    # float64 is refused by every kernel backend, so auto falls to the reference
+    assert fk.select_backend("auto", x.double()) == "reference"
+
+
+def test_named_backend_lists_every_reason(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.zeros(2, 4, 6, 6, dtype=torch.float64)[:, :, ::2]
+    h = torch.zeros(2, 8, 3, 6, dtype=torch.float16)
+    with pytest.raises(fk.BackendUnavailableError) as info:
+        fk.select_backend("triton", x, h)
+    msg = str(info.value)
+    assert "backend 'triton' cannot take x: shape (2, 4, 3, 6), dtype torch.float64" in msg
+    assert "x is on cpu; the Triton kernels need CUDA or TRITON_INTERPRET=1" in msg
+    assert "the flow state must be torch.float32" in msg
+    assert "the kernels need dense NCHW or channels_last" in msg
+    assert "h has dtype torch.float16" in msg
+
+
+def test_channels_last_is_dense():
+    x = torch.zeros(2, 4, 3, 5).to(memory_format=torch.channels_last)
+    assert dispatch._layout_reason("x", x) is None
+
+
+def test_kernel_ops_refuse_to_be_differentiated():
+    x = torch.randn(1, 4, 2, 2, requires_grad=True)
+    h = torch.randn(1, 8, 2, 2)
+    if dispatch.refusals("cuda", x, h):
+        pytest.skip("the compiled extension is not built here")
+    with pytest.raises(RuntimeError, match="no autograd formula of their own"):
+        fk.ops.affine_coupling_fwd(x, h, backend="cuda")
+
+
+def _python(code: str, **env: str) -> str:
+    full_env = {**os.environ, **env, "PYTHONPATH": os.getcwd()}
+    return subprocess.run([sys.executable, "-c", code], env=full_env, check=True, capture_output=True, text=True).stdout
+
+
+def test_import_loads_neither_triton_nor_the_extension():
+    out = _python("import sys, flowkernels; print('triton' in sys.modules, 'flowkernels._C' in sys.modules)")
+    assert out.split() == ["False", "False"]
+
+
+def test_environment_variable_sets_the_initial_default():
+    assert _python("import flowkernels; print(flowkernels.get_backend())", FLOWKERNELS_BACKEND="reference").strip() == (
+        "reference"
+    )
+    with pytest.raises(subprocess.CalledProcessError):
+        _python("import flowkernels", FLOWKERNELS_BACKEND="nope")

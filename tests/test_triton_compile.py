@@ -1,0 +1,237 @@
+"""torch.compile(fullgraph=True) over the Triton ops: the ops must appear in the traced graph and
+give the eager results.
+
+Without CUDA the kernels run under Triton's interpreter and only Dynamo runs: the captured
+graph is executed as is (the ops call the interpreter). AOTAutograd and Inductor cannot run
+there: AOT decomposes a ``triton_op`` by tracing its launcher on fake tensors, and under
+``TRITON_INTERPRET=1`` ``wrap_triton`` hands back the interpreted kernel itself, which copies
+tensor storage to the host ("Attempted to access the data pointer on an invalid python
+storage"); Inductor has no CPU code generation for user Triton kernels either. The Inductor
+checks are therefore ``gpu`` tests.
+
+The op-level tests write a step with the registered ops directly, in the order FlowStep runs
+them; the module-level tests compile FlowStep and a memory-saving FlowSequence themselves
+(the backend must have been loaded eagerly before compiling, as load_triton does above).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first import of triton: triton.jit picks the interpreter at decoration.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+import flowkernels as fk  # noqa: E402
+from flowkernels.dispatch import load_triton  # noqa: E402
+from flowkernels.ops import fold  # noqa: E402
+from tests.helpers import cond_step  # noqa: E402
+from tests.tolerances import REL_TOL, ROUND_TRIP_ABS, assert_rel_close  # noqa: E402
+
+load_triton("_actnorm_conv_kernels")
+load_triton("_affine_coupling_kernels")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ops = torch.ops.flowkernels
+C, COND = 12, 5
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 tolerances need fp32 subnet convolutions: cuDNN's TF32 default (10-bit mantissa)
+    makes the recomputed subnet outputs of the memory-saving backward, and Inductor's convs,
+    differ by ~1e-3 from the stored ones. Restored after each test."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _dynamo_capture(graphs: list):
+    """A torch.compile backend that records Dynamo's FX graph and runs it unchanged."""
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
+def _inductor_capture(graphs: list):
+    """Records Dynamo's FX graph, then compiles it with Inductor."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    return backend
+
+
+def _ops_in(graphs: list) -> set[str]:
+    return {str(n.target) for g in graphs for n in g.graph.nodes if str(n.target).startswith("flowkernels.")}
+
+
+def _step_forward_inverse(step: fk.FlowStep, x: torch.Tensor, cond: torch.Tensor):
+    """FlowStep forward then inverse (no grad), with the registered Triton ops directly."""
+    b, c, height, width = x.shape
+    w_inv, logabsdet = step.invconv.inverse_stats()
+    params = (step.invconv.matrix(), step.actnorm.logs, step.actnorm.bias, height * width)
+    fwd = fold(*params, weight_inv=w_inv, logabsdet=logabsdet)
+    inv = fold(*params, reverse=True, weight_inv=w_inv, logabsdet=logabsdet)
+    cpl = step.affine
+    logdet = x.new_zeros(b)
+    y = ops.actnorm_conv_fwd_triton(x, fwd.matrix, fwd.offset, fwd.logdet_term, logdet)
+    y = ops.affine_coupling_fwd_triton(y, cpl.fFeatures(cond), logdet, 0, True, cpl.eps)
+    h = cpl.fAffine(torch.cat([y[:, : c // 2], cond], dim=1))
+    z = ops.affine_coupling_fwd_triton(y, h, logdet, c // 2, True, cpl.eps)
+    back = logdet.clone()
+    h = cpl.fAffine(torch.cat([z[:, : c // 2], cond], dim=1))
+    y = ops.affine_coupling_inv_triton(z, h, back, c // 2, True, cpl.eps)
+    y = ops.affine_coupling_inv_triton(y, cpl.fFeatures(cond), back, 0, True, cpl.eps)
+    x_back = ops.actnorm_conv_fwd_triton(y, inv.matrix, inv.offset, inv.logdet_term, back)
+    return z, logdet, x_back, back
+
+
+def _recompute_backward(out, grad_out, grad_logdet, h_affine, h_features, cmap):
+    """The kernel chain of one step's memory-saving backward (coupling, injector, actnorm+1x1)."""
+    c = out.shape[1]
+    inp, grad_inp, grad_h_affine = ops.affine_coupling_bwd_triton(
+        out, h_affine, grad_out, grad_logdet, c // 2, True, fk.ops.SRFLOW_EPS, False
+    )
+    inp, grad_inp, grad_h_features = ops.affine_coupling_bwd_triton(
+        inp, h_features, grad_inp, grad_logdet, 0, True, fk.ops.SRFLOW_EPS, False
+    )
+    inp, grad_inp, grad_matrix, grad_offset = ops.actnorm_conv_bwd_triton(
+        inp, grad_inp, cmap.matrix, cmap.matrix_inv, cmap.inv_offset
+    )
+    return inp, grad_inp, grad_h_affine, grad_h_features, grad_matrix, grad_offset
+
+
+def _step_and_inputs(layout: str = "contiguous"):
+    step = cond_step(C, COND, hidden=8).to(DEVICE).eval()
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, C, 5, 3, device=DEVICE).contiguous(memory_format=memory_format)
+    cond = torch.randn(2, COND, 5, 3, device=DEVICE).contiguous(memory_format=memory_format)
+    return step, x, cond
+
+
+def _check_forward_inverse(backend_factory) -> None:
+    step, x, cond = _step_and_inputs()
+    graphs: list = []
+    compiled = torch.compile(_step_forward_inverse, fullgraph=True, backend=backend_factory(graphs))
+    with torch.no_grad():
+        z, logdet, x_back, back = compiled(step, x, cond)
+        with fk.use_backend("triton"):
+            z_eager, logdet_eager = step(x, cond)
+    assert len(graphs) == 1
+    assert _ops_in(graphs) == {
+        "flowkernels.actnorm_conv_fwd_triton",
+        "flowkernels.affine_coupling_fwd_triton",
+        "flowkernels.affine_coupling_inv_triton",
+    }
+    assert_rel_close(z, z_eager, "forward")
+    assert_rel_close(logdet, logdet_eager, "forward")
+    assert (x_back - x).abs().max().item() <= ROUND_TRIP_ABS["module"]
+    assert back.abs().max().item() <= 1e-5 * logdet.abs().max().item()
+
+
+def _check_backward_chain(backend_factory) -> None:
+    step, out, cond = _step_and_inputs("channels_last")
+    with torch.no_grad():
+        h_affine = step.affine.fAffine(torch.cat([out[:, : C // 2], cond], dim=1))
+        h_features = step.affine.fFeatures(cond)
+        cmap = fold(step.invconv.matrix(), step.actnorm.logs, step.actnorm.bias, 15)
+        args = (out, torch.randn_like(out), torch.randn(2, device=DEVICE), h_affine, h_features, cmap)
+        graphs: list = []
+        compiled = torch.compile(_recompute_backward, fullgraph=True, backend=backend_factory(graphs))
+        got = compiled(*args)
+        want = _recompute_backward(*args)
+    assert len(graphs) == 1
+    assert _ops_in(graphs) == {
+        "flowkernels.affine_coupling_bwd_triton",
+        "flowkernels.actnorm_conv_bwd_triton",
+    }
+    for g, w in zip(got, want):
+        assert_rel_close(g, w, "grad")
+
+
+def test_dynamo_fullgraph_step_forward_inverse():
+    _check_forward_inverse(_dynamo_capture)
+
+
+def test_dynamo_fullgraph_recompute_backward():
+    _check_backward_chain(_dynamo_capture)
+
+
+@pytest.mark.gpu
+def test_inductor_fullgraph_step_forward_inverse():
+    _check_forward_inverse(_inductor_capture)
+
+
+@pytest.mark.gpu
+def test_inductor_fullgraph_recompute_backward():
+    _check_backward_chain(_inductor_capture)
+
+
+@pytest.mark.gpu
+def test_inductor_inlines_the_user_kernels():
+    """Inductor sees through triton_op: its generated code launches our kernels by name."""
+    from torch._inductor.utils import run_and_get_code
+
+    step, x, cond = _step_and_inputs()
+    compiled = torch.compile(_step_forward_inverse, fullgraph=True)
+    with torch.no_grad():
+        _, code = run_and_get_code(compiled, step, x, cond)
+    source = "\n".join(code)
+    for kernel in (
+        "_actnorm_conv_fwd_kernel",
+        "_affine_coupling_fwd_kernel",
+        "_affine_coupling_inv_kernel",
+        "_logdet_reduce_kernel",
+    ):
+        assert kernel in source, f"{kernel} not in Inductor's output code"
+
+
+def _module_ops(graphs: list) -> set[str]:
+    """Our ops anywhere in the captured graphs, including an autograd.Function's fwd/bwd bodies."""
+    modules = [m for g in graphs for m in g.modules() if isinstance(m, torch.fx.GraphModule)]
+    return {str(n.target) for m in modules for n in m.graph.nodes if str(n.target).startswith("flowkernels.")}
+
+
+def test_dynamo_fullgraph_flow_step_module():
+    step, x, cond = _step_and_inputs()
+    step.backend = "triton"
+    graphs: list = []
+    compiled = torch.compile(step, fullgraph=True, backend=_dynamo_capture(graphs))
+    with torch.no_grad():
+        z, logdet = compiled(x, cond)
+        z_eager, logdet_eager = step(x, cond)
+    assert {"flowkernels.actnorm_conv_fwd_triton", "flowkernels.affine_coupling_fwd_triton"} <= _module_ops(graphs)
+    assert_rel_close(z, z_eager, "forward")
+    assert_rel_close(logdet, logdet_eager, "forward")
+
+
+def test_dynamo_fullgraph_memory_saving_training():
+    """A memory-saving FlowSequence with the Triton backend: forward and the recompute
+    backward trace as one graph (Dynamo captures the unit with its backward body)."""
+    step, x, cond = _step_and_inputs()
+    seq = fk.FlowSequence([step, copy.deepcopy(step)]).train()
+    for s in seq.steps:
+        s.backend = "triton"
+    eager = copy.deepcopy(seq)
+    graphs: list = []
+    compiled = torch.compile(seq, fullgraph=True, backend=_dynamo_capture(graphs))
+    grads = []
+    for run, module in ((compiled, seq), (eager, eager)):
+        xr = x.clone().requires_grad_(True)
+        z, ld = run(xr, cond)
+        (z.square().sum() + ld.sum()).backward()
+        grads.append([xr.grad, *(p.grad for p in module.parameters())])
+    assert "flowkernels.affine_coupling_bwd_triton" in _module_ops(graphs)
+    for got, want in zip(*grads):
+        assert_rel_close(got, want, "grad", tol=REL_TOL["grad_level"])
