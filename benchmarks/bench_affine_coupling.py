@@ -74,8 +74,15 @@ def cases(smoke: bool) -> list[dict]:
             for stage in ("injector", "coupling"):
                 for h_dtype in ("float32", "bfloat16") if i == 0 else ("float32",):
                     out.append(
-                        {"batch": b, "channels": c, "height": h, "width": w, "layout": layout, "stage": stage,
-                         "h_dtype": h_dtype}
+                        {
+                            "batch": b,
+                            "channels": c,
+                            "height": h,
+                            "width": w,
+                            "layout": layout,
+                            "stage": stage,
+                            "h_dtype": h_dtype,
+                        }
                     )
     return out
 

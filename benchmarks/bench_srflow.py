@@ -39,12 +39,22 @@ BUDGETS_GIB = (10, 24, 80)
 def parse_variant(name: str) -> dict:
     parts = name.split("-")
     if parts[0] in ("official", "checkpoint"):
-        return {"memory_saving": False, "backend": "reference", "checkpoint": parts[0] == "checkpoint",
-                "bf16": "bf16" in parts, "channels_last": "cl" in parts}
+        return {
+            "memory_saving": False,
+            "backend": "reference",
+            "checkpoint": parts[0] == "checkpoint",
+            "bf16": "bf16" in parts,
+            "channels_last": "cl" in parts,
+        }
     if parts[0] != "ms" or len(parts) < 2:
         raise ValueError(f"variant: expected official, checkpoint or ms-<backend>[-bf16][-cl], got {name!r}")
-    return {"memory_saving": True, "backend": parts[1], "checkpoint": False, "bf16": "bf16" in parts,
-            "channels_last": "cl" in parts}
+    return {
+        "memory_saving": True,
+        "backend": parts[1],
+        "checkpoint": False,
+        "bf16": "bf16" in parts,
+        "channels_last": "cl" in parts,
+    }
 
 
 def _checkpoint_steps(model: srflow.SRFlow) -> None:
@@ -59,7 +69,10 @@ def _checkpoint_steps(model: srflow.SRFlow) -> None:
 
 def build(preset: str, variant: dict, device: torch.device, rrdb_trainable: bool) -> srflow.SRFlow:
     model = srflow.SRFlow.from_preset(
-        preset, memory_saving=variant["memory_saving"], backend=variant["backend"], rrdb_trainable=rrdb_trainable,
+        preset,
+        memory_saving=variant["memory_saving"],
+        backend=variant["backend"],
+        rrdb_trainable=rrdb_trainable,
         seed=0,
     ).to(device)
     if variant["checkpoint"]:
@@ -81,9 +94,7 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
     """Median step time, samples/s and peak memory of ``steps`` timed steps after 2 warm-ups."""
     hr, lr = batch_of(model, batch, hr_size, device, variant["channels_last"])
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if variant["bf16"] else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if variant["bf16"] else contextlib.nullcontext()
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -108,7 +119,6 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
     out = {"batch": batch, "ms": ms, "ms_min": min(times), "ms_max": max(times), "samples_per_s": batch / ms * 1e3}
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del opt
     return out
 
 

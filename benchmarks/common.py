@@ -146,7 +146,8 @@ def sweep(
 
 
 def _format_row(row: dict) -> str:
-    keys = [k for k in row if k not in {"ms", "ms_q20", "ms_q80", "gbps", "frac_copy_bw", "peak_gib", "error", "skipped"}]
+    measured = {"ms", "ms_q20", "ms_q80", "gbps", "frac_copy_bw", "peak_gib", "error", "skipped"}
+    keys = [k for k in row if k not in measured]
     head = " ".join(f"{k}={row[k]}" for k in keys)
     if "ms" in row:
         frac = f" ({100 * row['frac_copy_bw']:.0f}% of copy)" if "frac_copy_bw" in row else ""

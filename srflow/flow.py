@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 import flowkernels as fk
@@ -111,6 +112,10 @@ class FlowUpsamplerNet(nn.Module):
             if split is not None:
                 channels = split.kept
         self.top_channels = channels
+        # SRFlow validates its images once per call (and decode guards overflow itself), so the
+        # layers skip their own NaN/Inf scan: one host sync per level saved.
+        for module in [*self.layers, *(level.sequence for level in self._levels)]:
+            module.check_inputs = False
         self.f = nn.Sequential(nn.Conv2d(preset.cond_channels, UNUSED_F_CHANNELS, 3, padding=1))
         self.f.requires_grad_(False)
 
@@ -174,14 +179,37 @@ class FlowUpsamplerNet(nn.Module):
                 eps_list.append(eps)
         return eps_list + [x], logdet + reference.gaussian_log_prob(x)
 
-    def decode(self, zs: list[Tensor], conds: list[Tensor]) -> Tensor:
-        """Latents (as :meth:`encode` returns them) -> HR image (B, 3, H, W)."""
+    def decode(self, zs: list[Tensor], conds: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """Latents (as :meth:`encode` returns them) -> (HR image (B, 3, H, W), overflow).
+
+        The reverse pass divides by coupling scales down to 1e-4 and can overflow float32 on
+        latents the model finds unlikely. After each split and each level the state is checked
+        (one host sync each): positions holding NaN/Inf are zeroed so the pass can go on, and the
+        HR pixels they cover become NaN in the output. ``overflow`` is None when nothing
+        overflowed, else the (B, 1, H, W) bool mask of those pixels.
+        """
         z = zs[-1]
         eps_list = list(zs[:-1])
-        logdet = None
+        overflow: list[Tensor | None] = [None]
         for level, cond in zip(reversed(self._levels), reversed(conds)):
+            block = 2**level.index  # HR pixels per latent position (edge) at this level
             if level.split is not None:
-                z, logdet = level.split.inverse(z, None, logdet, eps=eps_list.pop())
-            z, logdet = level.sequence.inverse(z, cond, logdet)
-            z, logdet = level.squeeze.inverse(z, None, logdet)
+                z, _ = level.split.inverse(z, eps=eps_list.pop())
+                z = _guard(z, block, overflow)
+            z, _ = level.sequence.inverse(z, cond)
+            z = _guard(z, block, overflow)
+            z, _ = level.squeeze.inverse(z)
+        if overflow[0] is not None:
+            z = z.masked_fill(overflow[0], float("nan"))
+        return z, overflow[0]
+
+
+def _guard(z: Tensor, block: int, overflow: list[Tensor | None]) -> Tensor:
+    """Zero the positions of z (B, C, h, w) with a non-finite channel and record the HR pixels
+    they cover (``block`` x ``block`` each) in ``overflow[0]``."""
+    bad = ~torch.isfinite(z).all(dim=1, keepdim=True)
+    if not bool(bad.any()):
         return z
+    hr_bad = bad.repeat_interleave(block, dim=2).repeat_interleave(block, dim=3)
+    overflow[0] = hr_bad if overflow[0] is None else overflow[0] | hr_bad
+    return torch.where(bad, torch.zeros((), device=z.device, dtype=z.dtype), z)

@@ -28,11 +28,12 @@ never require grad (no unused parameters under DistributedDataParallel).
 
 Sampling robustness. The reverse pass divides by coupling scales ``s >= 1e-4``; on latents the
 model finds unlikely these compound into Inf/NaN (the "black patches" of the official model).
-:meth:`SRFlow.decode` and :meth:`SRFlow.sample` check the output and warn with
-:class:`NonFiniteSampleWarning` (or raise, ``nonfinite="raise"``) with the fraction of affected
-pixels; the remedies are ``min_scale=`` (floors every coupling scale in the inverse at that value
-for the call, bounding each step's amplification at 1/min_scale; the forward and the NLL are
-unaffected) and a lower temperature.
+:meth:`SRFlow.decode` and :meth:`SRFlow.sample` check the flow state after every level and warn
+with :class:`NonFiniteSampleWarning` (or raise, ``nonfinite="raise"``) naming the fraction of
+affected pixels; those pixels are NaN in the output. The remedies are ``min_scale=`` (floors
+every coupling scale in the inverse at that value for the call, bounding each stage's
+amplification at 1/min_scale; the forward and the NLL are unaffected, the inverse is then no
+longer exact where it bites) and a lower temperature.
 
 Odd LR sizes. The flow's top level works at LR/2, so the LR must have even height and width.
 :meth:`SRFlow.condition` (hence :meth:`sample`/:meth:`decode`) reflect-pads an odd LR on the
@@ -457,8 +458,12 @@ class SRFlow(nn.Module):
                 remedy for NaN/black patches; inexact inversion); None: exact inverse.
             with_grad: differentiate through the reverse flow (memory-saving per level), e.g. for
                 an L1 loss; otherwise runs under no_grad.
-            nonfinite: ``"warn"`` (:class:`NonFiniteSampleWarning`), ``"raise"`` (ValueError) or
-                ``"ignore"`` when the output has NaN/Inf pixels.
+            nonfinite: what to do when the reverse pass overflows float32 (NaN/Inf): ``"warn"``
+                (:class:`NonFiniteSampleWarning` naming the fraction of affected pixels and the
+                remedies), ``"raise"`` (ValueError with the same message) or ``"ignore"``. With
+                "warn"/"ignore" the HR pixels under overflowed latent positions are NaN in the
+                output and the rest is decoded with those positions zeroed (the damage stays
+                local instead of spreading through the subnets as in the official code).
         The output is not clamped to [0, 1].
         """
         if nonfinite not in _NONFINITE_MODES:
@@ -468,12 +473,13 @@ class SRFlow(nn.Module):
             cond = self._conditioning(lr, cond)
             zs = self._check_latents(zs, cond)
             with self._scale_floor(min_scale):
-                sr = self.flowUpsamplerNet.decode(zs, list(cond.features))
+                sr, overflow = self.flowUpsamplerNet.decode(zs, list(cond.features))
         h, w = cond.lr_size
         if cond.padded:
             sr = sr[:, :, : h * self.scale, : w * self.scale]
-        if nonfinite != "ignore":
-            self._report_nonfinite(sr, nonfinite, min_scale)
+            overflow = overflow[:, :, : h * self.scale, : w * self.scale] if overflow is not None else None
+        if overflow is not None and nonfinite != "ignore":
+            self._report_overflow(overflow, nonfinite, min_scale)
         return sr
 
     def _check_latents(self, zs: Sequence[Tensor], cond: Conditioning) -> list[Tensor]:
@@ -492,20 +498,24 @@ class SRFlow(nn.Module):
                 raise ValueError(f"zs[{i}]: expected shape {shape} for LR {h}x{w}, got {tuple(z.shape)}")
             if z.device != cond.device:
                 raise ValueError(f"zs[{i}] is on {z.device} but the conditioning is on {cond.device}")
+        finite = torch.stack([torch.isfinite(z).all() for z in zs]).tolist()
+        if not all(finite):
+            i = finite.index(False)
+            raise ValueError(f"zs[{i}]: contains {int((~torch.isfinite(zs[i])).sum())} non-finite values (NaN or Inf)")
         return list(zs)
 
     @staticmethod
-    def _report_nonfinite(sr: Tensor, mode: str, min_scale: float | None) -> None:
-        bad = ~torch.isfinite(sr.detach()).all(dim=1)
-        n_bad = int(bad.sum())
+    def _report_overflow(overflow: Tensor, mode: str, min_scale: float | None) -> None:
+        n_bad = int(overflow.sum())
         if not n_bad:
             return
-        fraction = n_bad / bad.numel()
-        floor = f"a larger min_scale than {min_scale}" if min_scale is not None else "min_scale=1e-2 (or larger)"
+        fraction = n_bad / overflow.numel()
+        floor = f"a larger min_scale than {min_scale}" if min_scale is not None else "min_scale= (e.g. 0.1)"
         message = (
-            f"SRFlow reverse pass: {fraction:.2%} of output pixels ({n_bad} of {bad.numel()}) are NaN/Inf: "
-            f"tiny coupling scales amplified the latents past float32 range. Remedies: pass {floor}, "
-            f"which floors the scale the inverse divides by, or lower the temperature."
+            f"SRFlow reverse pass overflowed: {fraction:.2%} of the output pixels ({n_bad} of "
+            f"{overflow.numel()}) are NaN (tiny coupling scales amplified the latents past the float32 "
+            f"range). Remedies: pass {floor}, which floors the scale the inverse divides by, or lower the "
+            f"temperature."
         )
         if mode == "raise":
             raise ValueError(message)

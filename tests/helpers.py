@@ -22,7 +22,8 @@ def randomize_(module: nn.Module, scale: float = 0.05) -> nn.Module:
             m.bias.normal_(0.0, scale)
             m.logs.normal_(0.0, scale)
         elif isinstance(m, fk.InvConv1x1) and not m.lu:
-            m.weight.add_(torch.randn_like(m.weight) * 0.1)
+            # spectral norm of the perturbation ~0.2 at any C, so W stays well conditioned
+            m.weight.add_(torch.randn_like(m.weight) * (0.1 / m.channels**0.5))
     return module
 
 

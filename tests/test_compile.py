@@ -13,7 +13,6 @@ import copy
 import pytest
 import torch
 
-import flowkernels as fk
 from flowkernels import dispatch
 from tests.helpers import trained_level
 from tests.tolerances import REL_TOL, assert_rel_close

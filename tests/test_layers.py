@@ -78,10 +78,7 @@ def test_logdet_matches_brute_force_jacobian(name: str):
 
 @pytest.mark.parametrize("name", ["flowstep_cond", "coupling_glow", "split"])
 def test_gradcheck_float64(name: str):
-    if name == "split":
-        layer = randomize_(fk.Split2d(4)).to(f64).eval()
-    else:
-        layer = _make(name, dtype=f64)
+    layer = randomize_(fk.Split2d(4)).to(f64).eval() if name == "split" else _make(name, dtype=f64)
     x = torch.randn(2, 4, 3, 2, dtype=f64, requires_grad=True)
     cond = torch.randn(2, COND, 3, 2, dtype=f64, requires_grad=True)
     if name == "split":

@@ -25,7 +25,7 @@ def _brute_logdet(fn, x: torch.Tensor) -> torch.Tensor:
     out = []
     for b in range(x.shape[0]):
         xb = x[b : b + 1]
-        jac = jacobian(lambda v, b=b: fn(v.reshape(xb.shape), b).reshape(-1), xb.reshape(-1))
+        jac = jacobian(lambda v, b=b, xb=xb: fn(v.reshape(xb.shape), b).reshape(-1), xb.reshape(-1))
         out.append(torch.linalg.slogdet(jac)[1])
     return torch.stack(out)
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 __all__ = ["InvertibleModule", "StepGrads", "module_pullback", "flow_precision", "plain_forward"]
 
+
 class _Mode:
     """Process-wide layer modes, set by context managers (module-level state rather than
     ContextVars so that torch.compile can trace the checks; layers are not used from several
@@ -132,7 +133,13 @@ class InvertibleModule(nn.Module):
 
     Subclasses implement :meth:`_run`, the in-place-logdet transform used by both directions,
     and may override :meth:`backward_from_output`.
+
+    ``check_inputs`` (True by default): a top-level call raises a ValueError on NaN/Inf in x or
+    cond, at the cost of one reduction and one host sync. Set it to False on a module whose
+    caller validates its own inputs (e.g. a model that checks its images once per batch).
     """
+
+    check_inputs = True
 
     def forward(self, x: Tensor, cond: Tensor | None = None, logdet: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) float32 -> (y, logdet + log|det J|); logdet (B,) float32 or None."""
@@ -147,7 +154,7 @@ class InvertibleModule(nn.Module):
 
         self._check_input(x, cond)
         # The scan is a data-dependent branch, which torch.compile cannot trace: skipped there.
-        if not _Mode.nested and not torch.compiler.is_compiling():
+        if self.check_inputs and not _Mode.nested and not torch.compiler.is_compiling():
             check_finite("x", x)
             if cond is not None:
                 check_finite("cond", cond)

@@ -24,7 +24,7 @@ __all__ = ["InvConv1x1"]
 
 def _random_orthogonal(channels: int, generator: torch.Generator | None) -> Tensor:
     q, _ = torch.linalg.qr(torch.randn(channels, channels, generator=generator, dtype=torch.float64))
-    return q.float()
+    return q.float().contiguous()  # QR returns a column-major Q
 
 
 class InvConv1x1(InvertibleModule):
