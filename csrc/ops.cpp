@@ -1,7 +1,8 @@
 // Schemas of the flowkernels ops, declared once. Each backend file registers its own
 // implementation with TORCH_LIBRARY_IMPL (actnorm_conv_cpu.cpp, affine_coupling_cpu.cpp,
-// *_cuda.cu); fake (meta) implementations are registered from Python
-// (flowkernels/ops/*.py, register_extension_fakes). Semantics: docs/ops.md.
+// actnorm_conv_cuda.cu, affine_coupling_cuda.cu); fake (meta) implementations are registered
+// from Python (flowkernels/ops/*.py, register_extension_fakes). Semantics: the module docstrings
+// of flowkernels/ops/actnorm_conv.py and affine_coupling.py.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -59,10 +60,18 @@ TORCH_LIBRARY(flowkernels, m) {
       ") -> (Tensor, Tensor, Tensor)");
 }
 
+// Importing the module runs the static registrations above; its attributes describe the build.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef FLOWKERNELS_WITH_CUDA
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;
+#endif
+  // at::parallel_for is an OpenMP region compiled into the caller: without -fopenmp the CPU
+  // kernels would silently run on one thread.
+#ifdef _OPENMP
+  m.attr("with_openmp") = true;
+#else
+  m.attr("with_openmp") = false;
 #endif
 }

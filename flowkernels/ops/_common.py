@@ -27,3 +27,15 @@ def check_not_differentiating(backend: str, *tensors: Tensor) -> None:
             "FlowStep / FlowSequence (invertible recompute), call under torch.no_grad(), or use "
             "backend='reference'"
         )
+
+
+def pixels_collapsible(grad: Tensor, like: Tensor) -> Tensor:
+    """``grad`` itself if its H and W collapse into one pixel axis (``stride_h == W * stride_w``:
+    dense NCHW or channels_last, channel slices, expanded gradients of a sum), else a dense copy
+    in ``like``'s memory format: upstream gradients can arrive in any layout, the kernels index
+    pixels as ``p * stride_w``."""
+    _, _, height, width = grad.shape
+    if height == 1 or width == 1 or grad.stride(2) == width * grad.stride(3):
+        return grad
+    channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+    return grad.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import reference
 from ..dispatch import load_extension, load_triton, select_backend
-from ._common import check_not_differentiating, new_logdet
+from ._common import check_not_differentiating, new_logdet, pixels_collapsible
 
 __all__ = [
     "ChannelMap",
@@ -218,6 +218,8 @@ def actnorm_conv_bwd(
     if weight_inv is None:
         weight_inv = torch.linalg.inv(weight.detach().double())
     cmap = fold(weight, logs, bias, pixels, reverse=reverse, weight_inv=weight_inv, dtype=out.dtype)
+    if name != "reference":
+        grad_out = pixels_collapsible(grad_out, out)
     with torch.no_grad():
         inp, grad_inp, g_map, g_off = _bwd_kernel(name, out, grad_out, cmap)
         grads = _chain_rule(

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import reference
 from ..dispatch import load_extension, load_triton, select_backend
-from ._common import check_not_differentiating, new_logdet
+from ._common import check_not_differentiating, new_logdet, pixels_collapsible
 
 __all__ = [
     "affine_coupling_fwd",
@@ -151,6 +151,7 @@ def affine_coupling_bwd(
     with torch.no_grad():
         if name == "reference":
             return reference.affine_coupling_bwd(out, h, grad_out, grad_logdet, passive, shift_first, eps, reverse)
+        grad_out = pixels_collapsible(grad_out, out)
         return _run("bwd", name, out, h, grad_out, grad_logdet.float(), passive, shift_first, eps, reverse)
 
 
