@@ -6,6 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 MAX_JOBS ?= 2
+CPU_RESULTS ?= benchmarks/results/cpu-$(shell date +%F)
 
 .PHONY: setup demo test lint cuda-check bench-cpu clean
 
@@ -30,9 +31,15 @@ cuda-check:
 
 test: setup lint cuda-check
 	$(PY) -m pytest -q
+	FLOWKERNELS_BENCH_ROUNDS=3 $(PY) -m pytest benchmarks/bench_cpu_kernels.py --benchmark-only -q
 
+# The CPU benchmarks of this machine: C++ kernels vs the reference, FlowSequence memory vs depth,
+# a Markdown report with plots, all under $(CPU_RESULTS). (GPU: scripts/gpu_check.sh.)
 bench-cpu: setup
-	$(PY) -m pytest benchmarks/bench_cpu_kernels.py --benchmark-only -q
+	mkdir -p $(CPU_RESULTS)
+	$(PY) -m pytest benchmarks/bench_cpu_kernels.py --benchmark-only -q --benchmark-json=$(CPU_RESULTS)/pytest_benchmark_cpu_kernels.json
+	$(PY) -m benchmarks.bench_memory --device cpu --cond 32 --hidden 32 --batch 4 --depths 4,8,16,32,54 --sizes 16,32 --out $(CPU_RESULTS)
+	$(PY) -m benchmarks.report $(CPU_RESULTS)
 
 clean:
 	rm -rf $(VENV) build flowkernels/_C*.so *.egg-info

@@ -6,7 +6,7 @@ Providers: ``eager`` (flowkernels.reference, autograd for the backward), ``compi
 a stored graph for eager) and ``full`` (forward + backward). GB/s counts each tensor read or
 written once (x, y, and for bwd out, grad_out, inp, grad_inp).
 
-    python benchmarks/bench_actnorm_conv.py [--device cuda] [--smoke] [--out DIR]
+    python -m benchmarks.bench_actnorm_conv [--device cuda] [--smoke] [--out DIR]
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def factory(case: dict, provider: str, mode: str, device: torch.device):
     return (lambda: (fwd_kernel(), bwd())), nbytes
 
 
-def cases(smoke: bool) -> list[dict]:
-    shapes = SMOKE_SHAPES if smoke else SRFLOW_SHAPES
+def cases(smoke: bool, levels: list[int]) -> list[dict]:
+    shapes = SMOKE_SHAPES if smoke else [SRFLOW_SHAPES[level - 1] for level in levels]
     return [
         {"batch": b, "channels": c, "height": h, "width": w, "layout": layout}
         for b, c, h, w in shapes
@@ -91,13 +91,14 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument("--providers", default="eager,compile,triton,cuda")
     parser.add_argument("--modes", default="fwd,inv,bwd,full")
+    parser.add_argument("--levels", default="1,2,3", help="SRFlow 4x levels (shapes) to run")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     copy = copy_bandwidth(device, 2**24 if args.smoke else 2**30)
     rows = sweep(
         "actnorm_conv",
-        cases(args.smoke),
+        cases(args.smoke, [int(v) for v in args.levels.split(",")]),
         args.providers.split(","),
         args.modes.split(","),
         lambda case, p, m: factory(case, p, m, device),

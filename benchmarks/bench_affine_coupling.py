@@ -5,7 +5,7 @@ formats, the injector (passive 0, h has 2C channels) and the coupling (passive C
 channels), and bf16 subnet outputs at level 1. GB/s counts each tensor read or written once:
 fwd/inv read x and h and write y; bwd reads out, h, grad_out and writes inp, grad_inp, grad_h.
 
-    python benchmarks/bench_affine_coupling.py [--device cuda] [--smoke] [--out DIR]
+    python -m benchmarks.bench_affine_coupling [--device cuda] [--smoke] [--out DIR]
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def factory(case: dict, provider: str, mode: str, device: torch.device):
     return (lambda: (fwd_kernel(), bwd())), nbytes
 
 
-def cases(smoke: bool) -> list[dict]:
-    shapes = SMOKE_SHAPES if smoke else SRFLOW_SHAPES
+def cases(smoke: bool, levels: list[int]) -> list[dict]:
+    shapes = SMOKE_SHAPES if smoke else [SRFLOW_SHAPES[level - 1] for level in levels]
     out = []
     for i, (b, c, h, w) in enumerate(shapes):
         for layout in ("nchw", "channels_last"):
@@ -92,13 +92,14 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument("--providers", default="eager,compile,triton,cuda")
     parser.add_argument("--modes", default="fwd,inv,bwd,full")
+    parser.add_argument("--levels", default="1,2,3", help="SRFlow 4x levels (shapes) to run")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     copy = copy_bandwidth(device, 2**24 if args.smoke else 2**30)
     rows = sweep(
         "affine_coupling",
-        cases(args.smoke),
+        cases(args.smoke, [int(v) for v in args.levels.split(",")]),
         args.providers.split(","),
         args.modes.split(","),
         lambda case, p, m: factory(case, p, m, device),

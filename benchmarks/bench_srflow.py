@@ -15,7 +15,7 @@ fit gives GiB per sample, the largest batch within 10/24/80 GiB, and the batch t
 memory ``official`` needs at batch 16, which is then measured. Sampling: ``sample`` of a batch
 of 40x40 LR at temperature 0.9.
 
-    python benchmarks/bench_srflow.py [--preset df2k-4x] [--variants ...] [--smoke] [--out DIR]
+    python -m benchmarks.bench_srflow [--preset df2k-4x] [--variants ...] [--smoke] [--out DIR]
 """
 
 from __future__ import annotations

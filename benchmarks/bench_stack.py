@@ -13,7 +13,7 @@ Modes: ``fwd`` and ``inv`` without grad, ``full`` = forward + backward of
 ``sum(z * g) + sum(logdet)`` w.r.t. all parameters (the conditioning frozen, as with a frozen
 RRDB). Reports time and peak memory above the inputs and parameters.
 
-    python benchmarks/bench_stack.py [--device cuda] [--smoke] [--channels-last] [--out DIR]
+    python -m benchmarks.bench_stack [--device cuda] [--smoke] [--layouts nchw,channels_last] [--out DIR]
 """
 
 from __future__ import annotations

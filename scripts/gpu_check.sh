@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: build the CUDA extension, run the GPU tests, run the benchmarks, write JSON.
 #
-#   bash scripts/gpu_check.sh [build|test|ops|stack|srflow|all]...   (default: all)
+#   bash scripts/gpu_check.sh [build|test|ops|stack|memory|srflow|report|all]...   (default: all)
 #
 # Logs and JSON accumulate in $WORK (default /tmp/gpu-run, so stages can run as separate calls
 # on one machine; the build stays in the tree); at the end each call copies the JSON files and
@@ -39,14 +39,24 @@ if want test; then
     run test-gpu "$PY" -m pytest -q -x -m gpu tests -p no:cacheprovider --junitxml="$WORK/test-gpu.xml"
 fi
 if want ops; then
-    run bench-actnorm-conv "$PY" benchmarks/bench_actnorm_conv.py --out "$WORK"
-    run bench-affine-coupling "$PY" benchmarks/bench_affine_coupling.py --out "$WORK"
+    # torch.compile of the reference only at level 1 (each shape costs a compilation)
+    run bench-actnorm-conv "$PY" -m benchmarks.bench_actnorm_conv --out "$WORK" --providers eager,triton,cuda
+    run bench-affine-coupling "$PY" -m benchmarks.bench_affine_coupling --out "$WORK" --providers eager,triton,cuda
+    mkdir -p "$WORK/compiled"
+    run bench-actnorm-conv-compile "$PY" -m benchmarks.bench_actnorm_conv --out "$WORK/compiled" --providers compile --levels 1
+    run bench-affine-coupling-compile "$PY" -m benchmarks.bench_affine_coupling --out "$WORK/compiled" --providers compile --levels 1
 fi
 if want stack; then
-    run bench-stack "$PY" benchmarks/bench_stack.py --out "$WORK"
+    run bench-stack "$PY" -m benchmarks.bench_stack --out "$WORK"
+fi
+if want memory; then
+    run bench-memory "$PY" -m benchmarks.bench_memory --out "$WORK"
 fi
 if want srflow; then
-    run bench-srflow "$PY" benchmarks/bench_srflow.py --out "$WORK" --max-seconds "${SRFLOW_SECONDS:-300}"
+    run bench-srflow "$PY" -m benchmarks.bench_srflow --out "$WORK" --max-seconds "${SRFLOW_SECONDS:-300}"
+fi
+if want report; then
+    run report "$PY" -m benchmarks.report "$WORK"
 fi
 cp "$WORK"/*.json "$OUT"/ 2>/dev/null
 tar czf "$OUT/gpu-run.tgz" -C "$WORK" .
