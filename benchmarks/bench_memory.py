@@ -53,19 +53,9 @@ def _step_memory(seq: fk.FlowSequence, variant: str, x: torch.Tensor, cond: torc
         forward().backward()
         torch.cuda.synchronize(x.device)
         return (torch.cuda.max_memory_allocated(x.device) - base) / 2**30
-    storages: dict[int, int] = {}
-    params = {p.untyped_storage().data_ptr() for p in seq.parameters()}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = forward()
+    loss, nbytes = fk.saved_tensor_bytes(forward, exclude=seq.parameters())
     loss.backward()
-    return sum(storages.values()) / 2**30
+    return nbytes / 2**30
 
 
 def sweep_memory(args, device: torch.device) -> list[dict]:

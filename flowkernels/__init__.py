@@ -24,6 +24,7 @@ from .layers import (
     initialize_actnorms,
     make_subnet,
 )
+from .memory import saved_tensor_bytes
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "make_subnet",
     "ops",
     "reference",
+    "saved_tensor_bytes",
     "select_backend",
     "set_backend",
     "use_backend",

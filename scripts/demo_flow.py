@@ -64,22 +64,6 @@ class TinySRFlow(nn.Module):
         return (-(log_p / dims) + math.log(256.0)).mean() / math.log(2.0)
 
 
-def saved_activation_bytes(model: TinySRFlow, hr: torch.Tensor) -> int:
-    """Bytes of distinct tensors autograd keeps for backward during one forward (no parameters)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.nll_bits_per_dim(hr)
-    return sum(storages.values())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -108,9 +92,9 @@ def main() -> None:
             print(f"step {step:4d}  bits/dim {running:6.3f}  ({time.perf_counter() - start:5.1f} s)")
 
     batch = data[: args.batch]
-    saving = saved_activation_bytes(model, batch)
+    saving = fk.saved_tensor_bytes(lambda: model.nll_bits_per_dim(batch), exclude=model.parameters())[1]
     model.flow.memory_saving = False
-    plain = saved_activation_bytes(model, batch)
+    plain = fk.saved_tensor_bytes(lambda: model.nll_bits_per_dim(batch), exclude=model.parameters())[1]
     print(
         f"activations kept for backward at batch {args.batch}: {saving / 2**20:.2f} MiB with memory saving "
         f"vs {plain / 2**20:.2f} MiB with plain autograd ({plain / max(saving, 1):.1f}x less)"

@@ -1,4 +1,4 @@
-"""Shared test setup: per-test seeds, poisoned kernel outputs, GPU skipping."""
+"""Shared test setup: per-test seeds, poisoned kernel outputs, no TF32, GPU skipping."""
 
 from __future__ import annotations
 
@@ -17,6 +17,17 @@ os.environ.setdefault("FLOWKERNELS_POISON_OUTPUTS", "1")
 def _seed(request: pytest.FixtureRequest) -> None:
     """Fresh inputs per test (the seed differs between tests) that a failure can reproduce."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 tolerances need fp32 convolutions and matmuls on GPUs: with cuDNN's TF32 default
+    (10-bit mantissa) the recomputed subnet outputs of the memory-saving backward, and
+    Inductor's convolutions, differ by ~1e-3 from the stored ones. Restored after each test."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

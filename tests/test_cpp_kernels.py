@@ -51,16 +51,6 @@ def _extension():
     return load_extension()
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """Full float32 on GPU: the reference's einsum and the subnets' convolutions must not round
-    to TF32 (cuDNN allows it by default), or the 1e-5 / 1e-4 comparisons measure TF32."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def _ops():
     return torch.ops.flowkernels
 

@@ -113,17 +113,8 @@ def test_second_backward_raises_clear_error():
 
 def _saved_bytes(seq: fk.FlowSequence, x: torch.Tensor, cond: torch.Tensor) -> int:
     """Bytes of the distinct storages autograd saves for backward during one forward."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    params = {p.untyped_storage().data_ptr() for p in seq.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        seq(x.clone().requires_grad_(True), cond.clone().requires_grad_(True))
-    return sum(n for ptr, n in storages.items() if ptr not in params)
+    run = lambda: seq(x.clone().requires_grad_(True), cond.clone().requires_grad_(True))  # noqa: E731
+    return fk.saved_tensor_bytes(run, exclude=seq.parameters())[1]
 
 
 def test_saved_memory_is_flat_in_depth():

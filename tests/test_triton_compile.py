@@ -40,17 +40,6 @@ ops = torch.ops.flowkernels
 C, COND = 12, 5
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 tolerances need fp32 subnet convolutions: cuDNN's TF32 default (10-bit mantissa)
-    makes the recomputed subnet outputs of the memory-saving backward, and Inductor's convs,
-    differ by ~1e-3 from the stored ones. Restored after each test."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _dynamo_capture(graphs: list):
     """A torch.compile backend that records Dynamo's FX graph and runs it unchanged."""
 

@@ -49,17 +49,6 @@ def _one_cpu_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 tolerances need fp32 subnet convolutions: cuDNN's TF32 default (10-bit mantissa)
-    makes the recomputed subnet outputs of the memory-saving backward, and Inductor's convs,
-    differ by ~1e-3 from the stored ones. Restored after each test."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _fmt(t: torch.Tensor, layout: str) -> torch.Tensor:
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     return t.to(DEVICE).contiguous(memory_format=memory_format)

@@ -27,7 +27,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["InvertibleModule", "StepGrads", "module_pullback", "flow_precision", "plain_forward"]
+from ..dispatch import select_backend
+
+__all__ = ["InvertibleModule", "FusedLayer", "StepGrads", "module_pullback", "flow_precision", "plain_forward"]
 
 
 class _Mode:
@@ -210,6 +212,25 @@ class InvertibleModule(nn.Module):
         if cond_leaf is not None:
             grad_cond = grads[1] if grads[1] is not None else torch.zeros_like(cond)
         return StepGrads(inp, grad_inp, grad_cond, list(grads[len(wrt) - len(params) :]))
+
+
+class FusedLayer(InvertibleModule):
+    """A layer with fused-kernel paths: it runs on ``self.backend`` (None: the global default),
+    and under autograd with a kernel backend it goes through the recompute unit (the kernel ops
+    mutate the log-det buffer, so they have no autograd formula of their own)."""
+
+    backend: str | None = None
+
+    def kernel_backend(self, x: Tensor) -> str:
+        """The concrete backend for flow state ``x`` (the reference while initialising)."""
+        return "reference" if in_plain_mode() else select_backend(self.backend, x)
+
+    def _needs_unit(self, x: Tensor, cond: Tensor | None, logdet: Tensor) -> bool:
+        return (
+            self.kernel_backend(x) != "reference"
+            and torch.is_grad_enabled()
+            and (x.requires_grad or (cond is not None and cond.requires_grad) or bool(self.trainable_parameters()))
+        )
 
 
 def logdet_buffer(x: Tensor, logdet: Tensor | None) -> Tensor:

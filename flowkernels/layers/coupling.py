@@ -30,13 +30,12 @@ from ..dispatch import select_backend
 from ..ops.affine_coupling import SRFLOW_EPS, affine_coupling_bwd, affine_coupling_fwd, affine_coupling_inv
 from .actnorm import ActNorm
 from .base import (
-    InvertibleModule,
+    FusedLayer,
     StepGrads,
     check_cond,
     check_flow_input,
     flat_grads,
     flow_precision,
-    in_plain_mode,
     module_pullback,
 )
 
@@ -114,7 +113,7 @@ class Stage(NamedTuple):
     reads_x: bool
 
 
-class AffineCoupling(InvertibleModule):
+class AffineCoupling(FusedLayer):
     """Affine coupling: ``y1 = x1``, ``y2 = affine(x2, subnet(cat(x1, cond)))``, x1 = x[:, :C//2].
 
     Args:
@@ -172,17 +171,6 @@ class AffineCoupling(InvertibleModule):
             return cond
         x1 = x[:, : stage.passive]
         return x1 if not self.cond_channels else torch.cat([x1, cond], dim=1)
-
-    def kernel_backend(self, x: Tensor) -> str:
-        """The concrete backend for flow state ``x`` (the reference while initialising)."""
-        return "reference" if in_plain_mode() else select_backend(self.backend, x)
-
-    def _needs_unit(self, x: Tensor, cond: Tensor | None, logdet: Tensor) -> bool:
-        return (
-            self.kernel_backend(x) != "reference"
-            and torch.is_grad_enabled()
-            and (x.requires_grad or (cond is not None and cond.requires_grad) or bool(self.trainable_parameters()))
-        )
 
     def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool) -> Tensor:
         return self.apply_stages(x, cond, logdet, reverse, self.kernel_backend(x))

@@ -18,14 +18,14 @@ from torch import Tensor
 from ..dispatch import select_backend
 from ..ops.actnorm_conv import actnorm_conv_bwd, actnorm_conv_fwd, actnorm_conv_inv
 from .actnorm import ActNorm2d
-from .base import InvertibleModule, StepGrads, check_cond, check_flow_input, flat_grads, flow_precision, in_plain_mode
+from .base import FusedLayer, StepGrads, check_cond, check_flow_input, flat_grads, flow_precision, in_plain_mode
 from .coupling import AffineCoupling
 from .invconv import InvConv1x1
 
 __all__ = ["FlowStep"]
 
 
-class FlowStep(InvertibleModule):
+class FlowStep(FusedLayer):
     """ActNorm2d -> InvConv1x1 -> coupling (optional), fused per backend.
 
     Args:
@@ -62,16 +62,6 @@ class FlowStep(InvertibleModule):
     def _check_input(self, x: Tensor, cond: Tensor | None) -> None:
         check_flow_input(x, self.channels)
         check_cond(cond, x, self.cond_channels)
-
-    def kernel_backend(self, x: Tensor) -> str:
-        return "reference" if in_plain_mode() else select_backend(self.backend, x)
-
-    def _needs_unit(self, x: Tensor, cond: Tensor | None, logdet: Tensor) -> bool:
-        return (
-            self.kernel_backend(x) != "reference"
-            and torch.is_grad_enabled()
-            and (x.requires_grad or (cond is not None and cond.requires_grad) or bool(self.trainable_parameters()))
-        )
 
     def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool) -> Tensor:
         if in_plain_mode():

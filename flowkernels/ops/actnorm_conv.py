@@ -117,6 +117,31 @@ def _apply(backend: str, x: Tensor, cmap: ChannelMap, logdet: Tensor) -> Tensor:
     return torch.ops.flowkernels.actnorm_conv_fwd(*args)
 
 
+def _map(
+    x: Tensor,
+    weight: Tensor,
+    logs: Tensor,
+    bias: Tensor,
+    logdet: Tensor | None,
+    weight_inv: Tensor | None,
+    logabsdet: Tensor | None,
+    backend: str | None,
+    reverse: bool,
+) -> tuple[Tensor, Tensor]:
+    """Both public directions: validate, pick the backend, apply the (folded) map."""
+    _check_params(x, weight, logs, bias)
+    logdet = new_logdet(x, logdet)
+    name = select_backend(backend, x)
+    check_not_differentiating(name, x, weight, logs, bias)
+    if name == "reference":
+        fn = reference.actnorm_conv_inv if reverse else reference.actnorm_conv_fwd
+        out, dlogdet = fn(x, weight, logs, bias)
+        return out, logdet.add_(dlogdet)
+    pixels = x.shape[2] * x.shape[3]
+    cmap = fold(weight, logs, bias, pixels, reverse=reverse, weight_inv=weight_inv, logabsdet=logabsdet)
+    return _apply(name, x, cmap, logdet), logdet
+
+
 def actnorm_conv_fwd(
     x: Tensor,
     weight: Tensor,
@@ -139,15 +164,7 @@ def actnorm_conv_fwd(
         backend: see :mod:`flowkernels.dispatch`; kernel backends are not differentiable here.
     Returns: (y, logdet); y has x's shape and memory format.
     """
-    _check_params(x, weight, logs, bias)
-    logdet = new_logdet(x, logdet)
-    name = select_backend(backend, x)
-    check_not_differentiating(name, x, weight, logs, bias)
-    if name == "reference":
-        y, dlogdet = reference.actnorm_conv_fwd(x, weight, logs, bias)
-        return y, logdet.add_(dlogdet)
-    cmap = fold(weight, logs, bias, x.shape[2] * x.shape[3], weight_inv=weight_inv, logabsdet=logabsdet)
-    return _apply(name, x, cmap, logdet), logdet
+    return _map(x, weight, logs, bias, logdet, weight_inv, logabsdet, backend, reverse=False)
 
 
 def actnorm_conv_inv(
@@ -166,15 +183,7 @@ def actnorm_conv_inv(
     ``W^-1`` is computed in float64 unless ``weight_inv`` is given; ``logdet`` (B,) float32 is
     decremented in place by ``H*W*(sum(logs) + log|det W|)``. Returns (x, logdet).
     """
-    _check_params(y, weight, logs, bias)
-    logdet = new_logdet(y, logdet)
-    name = select_backend(backend, y)
-    check_not_differentiating(name, y, weight, logs, bias)
-    if name == "reference":
-        x, dlogdet = reference.actnorm_conv_inv(y, weight, logs, bias)
-        return x, logdet.add_(dlogdet)
-    cmap = fold(weight, logs, bias, y.shape[2] * y.shape[3], reverse=True, weight_inv=weight_inv, logabsdet=logabsdet)
-    return _apply(name, y, cmap, logdet), logdet
+    return _map(y, weight, logs, bias, logdet, weight_inv, logabsdet, backend, reverse=True)
 
 
 def _bwd_kernel(backend: str, out: Tensor, grad_out: Tensor, cmap: ChannelMap) -> tuple[Tensor, ...]:

@@ -67,6 +67,28 @@ def _run(direction: str, backend: str, *args: object) -> object:
     return getattr(torch.ops.flowkernels, f"affine_coupling_{direction}")(*args)
 
 
+def _apply(
+    x: Tensor,
+    h: Tensor,
+    logdet: Tensor | None,
+    passive: int,
+    shift_first: bool,
+    eps: float,
+    backend: str | None,
+    direction: str,
+) -> tuple[Tensor, Tensor]:
+    """Both public directions: validate, pick the backend, run the op with logdet in place."""
+    _check(x, h, passive)
+    logdet = new_logdet(x, logdet)
+    name = select_backend(backend, x, h)
+    check_not_differentiating(name, x, h)
+    if name == "reference":
+        fn = reference.affine_coupling_inv if direction == "inv" else reference.affine_coupling_fwd
+        out, dlogdet = fn(x, h, passive, shift_first, eps)
+        return out, logdet.add_(dlogdet)
+    return _run(direction, name, x, h, logdet, passive, shift_first, eps), logdet
+
+
 def affine_coupling_fwd(
     x: Tensor,
     h: Tensor,
@@ -87,14 +109,7 @@ def affine_coupling_fwd(
         shift_first: SRFlow's ``(x + t) * s`` (True) or ``x * s + t`` (False).
     Returns: (y, logdet); y has x's shape and memory format.
     """
-    _check(x, h, passive)
-    logdet = new_logdet(x, logdet)
-    name = select_backend(backend, x, h)
-    check_not_differentiating(name, x, h)
-    if name == "reference":
-        y, dlogdet = reference.affine_coupling_fwd(x, h, passive, shift_first, eps)
-        return y, logdet.add_(dlogdet)
-    return _run("fwd", name, x, h, logdet, passive, shift_first, eps), logdet
+    return _apply(x, h, logdet, passive, shift_first, eps, backend, "fwd")
 
 
 def affine_coupling_inv(
@@ -111,14 +126,7 @@ def affine_coupling_inv(
 
     Shapes as in :func:`affine_coupling_fwd`; ``logdet`` is decremented in place. Returns (x, logdet).
     """
-    _check(y, h, passive)
-    logdet = new_logdet(y, logdet)
-    name = select_backend(backend, y, h)
-    check_not_differentiating(name, y, h)
-    if name == "reference":
-        x, dlogdet = reference.affine_coupling_inv(y, h, passive, shift_first, eps)
-        return x, logdet.add_(dlogdet)
-    return _run("inv", name, y, h, logdet, passive, shift_first, eps), logdet
+    return _apply(y, h, logdet, passive, shift_first, eps, backend, "inv")
 
 
 def affine_coupling_bwd(
