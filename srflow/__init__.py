@@ -6,8 +6,9 @@ checkpoints.
     zs = model.encode(hr, lr); sr = model.decode(lr, zs)         # exact round trip
     sr = model.sample(lr, temperature=0.9, seed=0)
 
-See :mod:`srflow.model` for units, the paper-vs-code choices and the sampling remedy.
-Importing runs nothing.
+See :mod:`srflow.model` for units, the paper-vs-code choices and the sampling remedy,
+:mod:`srflow.train` (``TrainConfig``, ``train``) for training and :mod:`srflow.cli` for the
+``srflow`` command line. Importing runs nothing.
 """
 
 from .checkpoint import CheckpointError
@@ -15,6 +16,7 @@ from .flow import FlowUpsamplerNet
 from .model import QUANT, Conditioning, NonFiniteSampleWarning, SRFlow, dequantize
 from .presets import PRESETS, SRFlowPreset, get_preset
 from .rrdb import RRDBNet
+from .train import TrainConfig, train
 
 __all__ = [
     "PRESETS",
@@ -26,6 +28,8 @@ __all__ = [
     "RRDBNet",
     "SRFlow",
     "SRFlowPreset",
+    "TrainConfig",
     "dequantize",
     "get_preset",
+    "train",
 ]

@@ -3,8 +3,12 @@ paired folder), random crops and flips that are a pure function of (seed, epoch,
 a resumed or distributed run sees exactly the batches it would have seen.
 
 Images are read with Pillow. Grayscale, palette and RGBA/LA images are converted to RGB (alpha
-dropped) with a warning; unreadable files and images smaller than the crop raise a ValueError
-naming the file, all problems at once, before training starts.
+dropped) with one warning listing them; unreadable or truncated files and images smaller than
+the crop raise a ValueError naming the files, all problems at once on one line, before training
+starts.
+
+Virtual epochs: a small folder is repeated (``repeat``) so that an epoch holds at least one
+global batch; item ``i`` reads file ``i % len(files)`` with its own crop, so repeats differ.
 """
 
 from __future__ import annotations
@@ -45,22 +49,30 @@ def list_images(root: str | Path) -> list[Path]:
     return files
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, warn: bool = True) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{path}: cannot read the image ({exc})") from exc
     if img.mode != "RGB":
-        warnings.warn(f"{path}: {img.mode} image converted to RGB", stacklevel=3)
+        if warn:
+            warnings.warn(f"{path}: {img.mode} image converted to RGB", stacklevel=3)
         img = img.convert("RGB")
     return img
 
 
-def load_rgb(path: str | Path) -> Tensor:
-    """(3, H, W) float32 in [0, 1] from an image file (converted to RGB if needed)."""
-    arr = np.asarray(_open(Path(path)), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+def _load_uint8(path: Path, warn: bool = True) -> Tensor:
+    return torch.from_numpy(np.array(_open(path, warn), dtype=np.uint8)).permute(2, 0, 1)
+
+
+def load_rgb(path: str | Path, warn: bool = True) -> Tensor:
+    """(3, H, W) float32 in [0, 1] from an image file (converted to RGB, with a warning unless
+    ``warn=False``, if it is grayscale, palette or has alpha). ValueError names unreadable files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {str(path)!r} does not exist")
+    return _load_uint8(path, warn).float() / 255.0
 
 
 def save_rgb(img: Tensor, path: str | Path) -> None:
@@ -79,12 +91,16 @@ def make_lr(hr: Tensor, scale: int) -> Tensor:
     return quantize(imresize(hr, 1.0 / scale))
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def _probe(path: Path) -> tuple[int, int, str]:
+    """(height, width, mode) from the header, after ``Image.verify`` (PNG: every chunk's CRC, so a
+    truncated or corrupted file is caught here without decoding the pixels)."""
     try:
         with Image.open(path) as img:
-            return img.size[1], img.size[0]
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            size, mode = img.size, img.mode
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{path}: cannot read the image ({exc})") from exc
+    return size[1], size[0], mode
 
 
 class HRImageDataset(torch.utils.data.Dataset):
@@ -94,13 +110,23 @@ class HRImageDataset(torch.utils.data.Dataset):
         root: folder of HR PNG/JPEG images.
         scale: SR factor; the crop must be divisible by it.
         crop: HR crop size (160 in the official configs); None takes whole images, cropped to a
-            multiple of ``multiple`` (for validation).
+            multiple of ``multiple`` (for validation and evaluation).
         lr_root: optional folder of LR images with the same file names (size HR / scale);
             otherwise LR = MATLAB bicubic of the HR crop, quantised to 8 bits.
         flips: random horizontal flips.
         seed: base seed; item i of epoch e uses its own generator seeded from (seed, e, i).
-        multiple: whole images (crop=None) are cropped to a multiple of this (e.g. scale * 2^L).
+        multiple: whole images (crop=None: the top-left part, MATLAB's modcrop) and centre crops
+            are cropped to a multiple of this (default: the scale; 2 * scale gives an LR with even
+            sides, as encoding needs).
+        center: deterministic centre crops of at most ``crop`` per side (for validation); images
+            smaller than ``crop`` are used whole (cropped to ``multiple``).
+        repeat: the epoch visits every file ``repeat`` times (each visit with its own crop).
+        cache: keep the decoded images in memory (in this process) after their first use.
+        max_images: use only the first ``max_images`` files (sorted by name).
     Items: (hr (3, crop, crop), lr (3, crop/scale, crop/scale)) float32 in [0, 1].
+    Raises FileNotFoundError for a missing folder, ValueError (one line naming every bad file)
+    for an empty folder, unreadable/truncated images, images smaller than the crop, or LR
+    images that are missing or not HR / scale.
     """
 
     def __init__(
@@ -111,25 +137,43 @@ class HRImageDataset(torch.utils.data.Dataset):
         lr_root: str | Path | None = None,
         flips: bool = True,
         seed: int = 0,
-        multiple: int = 1,
+        multiple: int | None = None,
+        *,
+        center: bool = False,
+        repeat: int = 1,
+        cache: bool = False,
+        max_images: int | None = None,
     ) -> None:
         if crop is not None and crop % scale:
             raise ValueError(f"crop: {crop} is not divisible by the scale {scale}")
+        multiple = scale if multiple is None else multiple
+        if multiple < 1 or multiple % scale:
+            raise ValueError(f"multiple: {multiple} is not divisible by the scale {scale}")
+        if repeat < 1:
+            raise ValueError(f"repeat: expected a positive integer, got {repeat}")
         self.files = list_images(root)
+        if max_images is not None:
+            self.files = self.files[:max_images]
         self.scale, self.crop, self.flips, self.seed, self.multiple = scale, crop, flips, seed, multiple
+        self.center, self.repeat, self.cache = center, repeat, cache
         self.lr_root = Path(lr_root) if lr_root is not None else None
+        if self.lr_root is not None and not self.lr_root.is_dir():
+            raise FileNotFoundError(f"LR folder {str(self.lr_root)!r} does not exist or is not a folder")
         self.epoch = 0
+        self._images: dict[int, tuple[Tensor, Tensor | None]] = {}
         self._check()
 
     def _check(self) -> None:
-        problems = []
+        problems, converted = [], []
         for path in self.files:
             try:
-                h, w = _image_size(path)
+                h, w, mode = _probe(path)
             except ValueError as exc:
                 problems.append(str(exc))
                 continue
-            need = self.crop if self.crop is not None else self.multiple
+            if mode != "RGB":
+                converted.append(f"{path.name} ({mode})")
+            need = self.multiple if self.crop is None or self.center else self.crop
             if h < need or w < need:
                 problems.append(f"{path}: {h}x{w} is smaller than the {need}x{need} crop")
             if self.lr_root is not None:
@@ -137,33 +181,65 @@ class HRImageDataset(torch.utils.data.Dataset):
                 if not lr_path.is_file():
                     problems.append(f"{path}: no LR image {lr_path}")
                     continue
-                lh, lw = _image_size(lr_path)
+                try:
+                    lh, lw, lr_mode = _probe(lr_path)
+                except ValueError as exc:
+                    problems.append(str(exc))
+                    continue
+                if lr_mode != "RGB":
+                    converted.append(f"{lr_path.name} ({lr_mode}, LR)")
                 if (lh * self.scale, lw * self.scale) != (h, w):
                     problems.append(f"{lr_path}: {lh}x{lw} is not {path.name}'s {h}x{w} divided by {self.scale}")
         if problems:
-            listing = "\n  ".join(problems)
-            raise ValueError(f"{len(problems)} problem(s) with the training images:\n  {listing}")
+            raise ValueError(
+                f"{len(problems)} problem(s) with the images in {str(self.files[0].parent)!r}: " + "; ".join(problems)
+            )
+        if converted:
+            warnings.warn(
+                f"{len(converted)} image(s) are not RGB and are converted to RGB (alpha dropped): "
+                + ", ".join(converted),
+                stacklevel=3,
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose crops and flips are drawn (call before each epoch)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.files) * self.repeat
 
     def _generator(self, index: int) -> torch.Generator:
         key = (self.seed * 1_000_003 + self.epoch) * 1_000_033 + index
         return torch.Generator().manual_seed(key % (2**63))
 
+    def _load(self, file_index: int) -> tuple[Tensor, Tensor | None]:
+        """(HR, LR or None) as float32 in [0, 1] (the non-RGB warning was given by the check)."""
+        if file_index in self._images:
+            hr8, lr8 = self._images[file_index]
+        else:
+            path = self.files[file_index]
+            hr8 = _load_uint8(path, warn=False)
+            lr8 = _load_uint8(self.lr_root / path.name, warn=False) if self.lr_root is not None else None
+            if self.cache:
+                self._images[file_index] = (hr8, lr8)
+        return hr8.float() / 255.0, (lr8.float() / 255.0 if lr8 is not None else None)
+
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        path = self.files[index]
-        hr = load_rgb(path)
-        lr_full = load_rgb(self.lr_root / path.name) if self.lr_root is not None else None
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        hr, lr_full = self._load(index % len(self.files))
         gen = self._generator(index)
         h, w = hr.shape[1:]
-        if self.crop is None:
-            ch, cw = h - h % self.multiple, w - w % self.multiple
-            top = left = 0
+        if self.crop is None or self.center:
+            m = self.multiple
+            ch, cw = h - h % m, w - w % m
+            if self.crop is not None:
+                ch, cw = min(ch, self.crop - self.crop % m), min(cw, self.crop - self.crop % m)
+            s = self.scale
+            if self.center:
+                top, left = ((h - ch) // 2) // s * s, ((w - cw) // 2) // s * s
+            else:  # MATLAB modcrop: keep the top-left part
+                top = left = 0
         else:
             ch = cw = self.crop
             s = self.scale
@@ -180,14 +256,18 @@ class HRImageDataset(torch.utils.data.Dataset):
         return hr.contiguous(), lr.contiguous()
 
 
-def write_bundled_photos(folder: str | Path) -> list[Path]:
-    """Write the photos that ship with scikit-image (no download) as PNGs into ``folder``."""
+def write_bundled_photos(folder: str | Path, names: tuple[str, ...] = BUNDLED_PHOTOS) -> list[Path]:
+    """Write photos that ship with scikit-image (no download) as PNGs into ``folder``; existing
+    files are kept. ``names``: functions of ``skimage.data`` returning RGB photos."""
     import skimage.data  # noqa: PLC0415 (only needed here)
 
+    unknown = [n for n in names if n not in BUNDLED_PHOTOS]
+    if unknown:
+        raise ValueError(f"names: {unknown} are not among the bundled photos {BUNDLED_PHOTOS}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name in BUNDLED_PHOTOS:
+    for name in names:
         path = folder / f"{name}.png"
         if not path.exists():
             Image.fromarray(np.ascontiguousarray(getattr(skimage.data, name)())).save(path)

@@ -18,7 +18,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from .imresize import imresize
 
-__all__ = ["to_uint8", "psnr", "ssim", "lr_psnr", "diversity", "lpips_model"]
+__all__ = ["to_uint8", "psnr", "ssim", "lr_psnr", "diversity", "lpips_model", "lpips_distance"]
 
 
 def to_uint8(img: torch.Tensor, rounding: bool = False) -> np.ndarray:
@@ -33,12 +33,21 @@ def to_uint8(img: torch.Tensor, rounding: bool = False) -> np.ndarray:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images of the same shape."""
+    """PSNR in dB of two uint8 images of the same shape; ``inf`` for identical images."""
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: the images differ in shape, {a.shape} vs {b.shape}")
+    if np.array_equal(a, b):
+        return float("inf")  # scikit-image would divide by zero (and warn) here
     return float(peak_signal_noise_ratio(a, b, data_range=255))
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """SSIM of two uint8 RGB images (scikit-image defaults: 7x7 window, per channel)."""
+    """SSIM of two uint8 RGB images (scikit-image defaults: 7x7 window, per channel). Both sides
+    must be at least 7 pixels."""
+    if a.shape != b.shape:
+        raise ValueError(f"ssim: the images differ in shape, {a.shape} vs {b.shape}")
+    if min(a.shape[:2]) < 7:
+        raise ValueError(f"ssim: images must be at least 7x7 (the SSIM window), got {a.shape[0]}x{a.shape[1]}")
     return float(structural_similarity(a, b, channel_axis=2, data_range=255))
 
 
@@ -79,3 +88,11 @@ def lpips_model() -> torch.nn.Module | None:
     if not os.path.isdir(checkpoints) or not any(f.startswith("alexnet") for f in os.listdir(checkpoints)):
         return None
     return lpips.LPIPS(net="alex", verbose=False)
+
+
+@torch.no_grad()
+def lpips_distance(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> float:
+    """LPIPS between two (3, H, W) images in [0, 1] (scaled to [-1, 1] as the metric expects)."""
+    device = next(model.parameters()).device
+    x, y = (t.detach().float().clamp(0, 1)[None].to(device) * 2 - 1 for t in (a, b))
+    return float(model(x, y).mean())

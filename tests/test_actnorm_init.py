@@ -136,3 +136,14 @@ def test_ddp_initialisation_is_all_reduced():
     for p0, p1, ps in zip(*ranks, single.parameters()):
         assert torch.equal(p0, p1), "ranks disagree after init"
         torch.testing.assert_close(p0, ps.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_first_training_batch_under_bf16_autocast():
+    """The initialisation pass runs the layers unfused; under bf16 autocast the flow state must
+    stay float32 there too (only the subnets run in bf16)."""
+    flow = _flow().train()
+    x, cond = torch.randn(4, C, 6, 6), torch.randn(4, COND, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, logdet = flow(x, cond)
+    assert z.dtype == torch.float32 and logdet.dtype == torch.float32
+    assert all(m.initialized for m in _actnorms(flow))

@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 
+import flowkernels as fk
 from flowkernels import dispatch
 from tests.helpers import trained_level
 from tests.tolerances import REL_TOL, assert_rel_close
@@ -89,3 +90,19 @@ def test_memory_saving_training_compiles_fullgraph(backend: str, reverse: bool):
         assert_rel_close(got, want, "grad", tol=REL_TOL["grad_level"])
     if backend == "cuda":
         assert "flowkernels.affine_coupling_bwd" in _ops(graphs)
+
+
+def test_compiling_leaves_eager_behaviour_unchanged():
+    """Tracing must not leave layer modes behind (Dynamo replays state changes made inside a
+    traced region): a fresh model still initialises its ActNorms, and still scans for NaN."""
+    x, cond = torch.randn(2, C, 6, 6), torch.randn(2, COND, 6, 6)
+    seq = trained_level(3, C, COND, x, cond).train()
+    z, ld = torch.compile(seq, fullgraph=True, backend="aot_eager")(x.clone().requires_grad_(True), cond)
+    (z.sum() + ld.sum()).backward()
+    fresh = fk.FlowSequence([fk.FlowStep(C, fk.CondAffineCoupling(C, COND, 8))]).train()
+    fresh(x, cond)
+    assert all(m.initialized for m in fresh.modules() if isinstance(m, fk.ActNorm))
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        fresh(bad, cond)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import reference
-from .base import InvertibleModule, check_flow_input, in_plain_mode, in_unit, plain_forward
+from .base import InvertibleModule, check_flow_input, flow_precision, in_plain_mode, plain_forward
 
 __all__ = ["ActNorm", "ActNorm2d", "initialize_actnorms", "maybe_initialize"]
 
@@ -95,7 +95,8 @@ class ActNorm2d(ActNorm, InvertibleModule):
 
     def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool) -> Tensor:
         fn = reference.actnorm_inv if reverse else reference.actnorm_fwd
-        y, dlogdet = fn(x, self.logs, self.bias)
+        with flow_precision(x):
+            y, dlogdet = fn(x, self.logs, self.bias)
         logdet.add_(dlogdet)
         return y
 
@@ -136,10 +137,10 @@ def initialize_actnorms(module: nn.Module, run: Callable[[], object]) -> int:
 def maybe_initialize(module: nn.Module, x: Tensor, cond: Tensor | None) -> None:
     """Initialise ``module``'s ActNorms from (x, cond) if it is training and any needs it.
 
-    Skipped in eval mode, inside an initialisation pass (the hooks do it there) and inside the
-    memory-saving unit (never during a recompute).
+    Skipped in eval mode and inside an initialisation pass (the hooks do it there). The
+    memory-saving unit never calls it: it runs layers' ``_run``, not their ``forward``.
     """
-    if not module.training or in_plain_mode() or in_unit():
+    if not module.training or in_plain_mode():
         return
     if _uninitialized(module):
         initialize_actnorms(module, lambda: module(x, cond))

@@ -33,20 +33,21 @@ __all__ = ["InvertibleModule", "FusedLayer", "StepGrads", "module_pullback", "fl
 
 
 class _Mode:
-    """Process-wide layer modes, set by context managers (module-level state rather than
-    ContextVars so that torch.compile can trace the checks; layers are not used from several
-    threads at once).
+    """Process-wide layer modes, set by context managers in eager code only (module-level state
+    rather than ContextVars, which torch.compile cannot read; never changed inside a traced
+    region, where Dynamo would replay the change; layers are not used from several threads).
 
     plain: a plain forward runs for ActNorm data-dependent initialisation: layers run unfused,
         submodule by submodule, and start no other initialisation.
-    unit: the memory-saving unit runs or recomputes: no initialisation inside it (DESIGN.md
-        section 3: init never happens inside a recompute).
     nested: inside a layer call: nested layers skip the NaN/Inf scan of their input, so a
         model pays one scan (one host sync) per top-level call, not one per layer.
+
+    Initialisation never happens inside the memory-saving unit (DESIGN.md section 3) by
+    construction: the unit and its recompute call layers' ``_run``/``backward_from_output``,
+    never ``forward``, the only place that initialises.
     """
 
     plain = False
-    unit = False
     nested = False
 
 
@@ -65,16 +66,8 @@ def plain_forward() -> contextlib.AbstractContextManager:
     return _set_mode("plain")
 
 
-def inside_unit() -> contextlib.AbstractContextManager:
-    return _set_mode("unit")
-
-
 def in_plain_mode() -> bool:
     return _Mode.plain
-
-
-def in_unit() -> bool:
-    return _Mode.unit
 
 
 def flow_precision(x: Tensor) -> contextlib.AbstractContextManager:
@@ -155,8 +148,12 @@ class InvertibleModule(nn.Module):
         from .actnorm import maybe_initialize
 
         self._check_input(x, cond)
-        # The scan is a data-dependent branch, which torch.compile cannot trace: skipped there.
-        if self.check_inputs and not _Mode.nested and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            # No NaN/Inf scan (a data-dependent branch) and no mode change in a traced region.
+            if not reverse:
+                maybe_initialize(self, x, cond)
+            return self._dispatch(x, cond, logdet, reverse)
+        if self.check_inputs and not _Mode.nested:
             check_finite("x", x)
             if cond is not None:
                 check_finite("cond", cond)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
-from .base import InvertibleModule, check_flow_input
+from .base import InvertibleModule, check_flow_input, flow_precision
 
 __all__ = ["InvConv1x1"]
 
@@ -68,16 +68,17 @@ class InvConv1x1(InvertibleModule):
 
     def inverse_stats(self) -> tuple[Tensor, Tensor]:
         """``(W^-1, log|det W|)`` in float64, not differentiable; cached while W is unchanged."""
-        tensors = self._tensors()
-        key = tuple((t._version, t.data_ptr(), t.device) for t in tensors)
-        if torch.compiler.is_compiling() or self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                w = self.matrix().double()
-                stats = (torch.linalg.inv(w), torch.linalg.slogdet(w)[1])
-            if torch.compiler.is_compiling():
-                return stats
-            self._cache = (key, *stats)
+        if torch.compiler.is_compiling():  # no cache inside a traced graph: recomputed per call
+            return self._compute_stats()
+        key = tuple((t._version, t.data_ptr(), t.device) for t in self._tensors())
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, *self._compute_stats())
         return self._cache[1], self._cache[2]
+
+    @torch.no_grad()
+    def _compute_stats(self) -> tuple[Tensor, Tensor]:
+        w = self.matrix().double()
+        return torch.linalg.inv(w), torch.linalg.slogdet(w)[1]
 
     def weight_grads(self, grad_weight: Tensor) -> list[Tensor | None]:
         """Map dL/dW to gradients of :meth:`trainable_parameters` (the LU factors when ``lu``)."""
@@ -99,6 +100,7 @@ class InvConv1x1(InvertibleModule):
 
     def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool) -> Tensor:
         w = self.matrix()
-        y, dlogdet = reference.invconv_inv(x, w) if reverse else reference.invconv_fwd(x, w)
+        with flow_precision(x):
+            y, dlogdet = reference.invconv_inv(x, w) if reverse else reference.invconv_fwd(x, w)
         logdet.add_(dlogdet)
         return y

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import InvertibleModule, StepGrads, flat_grads, inside_unit, logdet_buffer
+from .base import InvertibleModule, StepGrads, flat_grads, logdet_buffer
 
 __all__ = ["FlowSequence", "invertible_backprop"]
 
@@ -47,7 +47,7 @@ class _InvertibleBackprop(torch.autograd.Function):
         buf = logdet.detach().clone()
         y = x.detach()
         kept, kept_at = [], []
-        with torch.no_grad(), inside_unit():
+        with torch.no_grad():
             for i, step in enumerate(plan.steps):
                 if plan.keep_every and i and i % plan.keep_every == 0:
                     kept.append(y)
@@ -81,7 +81,7 @@ class _InvertibleBackprop(torch.autograd.Function):
         grad_cond = torch.zeros_like(cond) if cond is not None and ctx.needs_input_grad[4] else None
         grads: list[list[Tensor | None]] = [[] for _ in plan.steps]
         enabled, dtype = ctx.autocast
-        with torch.autocast(y.device.type, dtype=dtype, enabled=enabled), inside_unit():
+        with torch.autocast(y.device.type, dtype=dtype, enabled=enabled):
             for i in range(len(plan.steps) - 1, -1, -1):
                 res = plan.steps[i].backward_from_output(y, grad_y, grad_logdet, cond, plan.reverse)
                 y, grad_y = kept_inputs.get(i, res.inp), res.grad_inp

@@ -1,0 +1,8 @@
+"""``python -m srflow ...``: the ``srflow`` command line (see :mod:`srflow.cli`)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

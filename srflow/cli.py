@@ -1,0 +1,234 @@
+"""The ``srflow`` command line (also ``python -m srflow``): train, sample, transfer, eval, demo.
+
+It only parses arguments and calls :func:`srflow.train.train`, the functions of
+:mod:`srflow.infer` and :func:`srflow.demo.run_demo`. Errors in the inputs (configuration, data,
+checkpoints) end with exit code 2 and a one-line ``srflow: error: ...`` message; a training run
+stopped by non-finite losses ends with exit code 3; Ctrl-C with 130. ``--debug`` (or
+``SRFLOW_DEBUG=1``) shows the traceback instead.
+
+    srflow train --preset df2k-4x --data DIV2K_train_HR --out runs/df2k4x [--config my.yaml]
+    torchrun --nproc-per-node 4 -m srflow train --preset df2k-4x --data ... --batch 16
+    srflow sample --checkpoint runs/df2k4x --n 5 --temperature 0.9 --out sr/ lr1.png lr2.png
+    srflow transfer --checkpoint runs/df2k4x --hr reference.png --lr other_lr.png --out edits/
+    srflow eval --checkpoint runs/df2k4x --data DIV2K_valid_HR --n 5 --out eval/
+    srflow demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 130
+
+
+def _none_or(kind: type) -> typing.Callable[[str], object]:
+    def convert(text: str) -> object:
+        if text.lower() in ("none", "null"):
+            return None
+        return kind(text)
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def _metavar(name: str, kind: type) -> str:
+    if kind is str:
+        return "DIR" if name in ("data", "out", "lr_data", "val_data") else ("PATH" if name != "preset" else "NAME")
+    return kind.__name__.upper()
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (defaults suppressed: unset flags leave the YAML/defaults)."""
+    from .train import TrainConfig  # noqa: PLC0415
+
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("training options (override the config file; defaults in brackets)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+        base = next(a for a in args if a is not type(None)) if optional else hint
+        help_text = f"{f.metadata.get('help', '')} [{f.default!r}]".replace("%", "%%")
+        if base is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif typing.get_origin(base) is tuple:
+            item = typing.get_args(base)[0]
+            nargs = 2 if len(typing.get_args(base)) == 2 and typing.get_args(base)[1] is not Ellipsis else "+"
+            group.add_argument(flag, type=item, nargs=nargs, default=argparse.SUPPRESS, help=help_text, metavar="X")
+        else:
+            kind = _none_or(base) if optional else base
+            group.add_argument(
+                flag, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=base.__name__.upper()
+            )
+
+
+def _add_model_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", help="training checkpoint (.safetensors/.state.pt) or run folder (newest)")
+    parser.add_argument("--official", help="official SRFlow .pth (needs --preset)")
+    parser.add_argument("--preset", help="model preset (from the checkpoint's metadata if omitted)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--backend", default="auto", help="flowkernels backend (default: auto)")
+    parser.add_argument("--min-scale", type=float, default=None, help="floor coupling scales when decoding (NaN fix)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``srflow`` (subcommands train, sample, transfer, eval, demo)."""
+    parser = argparse.ArgumentParser(
+        prog="srflow", description="SRFlow super-resolution on flowkernels: train, sample, transfer, evaluate."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train on a folder of HR images (official recipe by default)")
+    p.add_argument("--config", help="YAML file of training options (keys as below, with _ or -)")
+    _add_config_flags(p)
+
+    p = sub.add_parser("sample", help="super-resolve LR images (any size) at a temperature")
+    _add_model_source(p)
+    p.add_argument("images", nargs="+", help="LR images or folders of them")
+    p.add_argument("--temperature", type=float, nargs="+", default=[0.9], help="temperature(s) [0.9]")
+    p.add_argument("--n", type=int, default=5, help="samples per image and temperature [5]")
+    p.add_argument("--seed", type=int, default=0, help="sample k uses seed + k [0]")
+    p.add_argument("--out", default="srflow-samples", help="output folder [srflow-samples]")
+
+    p = sub.add_parser("transfer", help="content transfer / LR-consistent editing: encode an HR, decode with an LR")
+    _add_model_source(p)
+    p.add_argument("--hr", required=True, help="HR image to encode (a reference, or an edited image)")
+    p.add_argument("--hr-lr", help="the HR's LR image (default: its bicubic downscale)")
+    p.add_argument("--lr", help="LR image to decode the latents with (default: the HR's LR)")
+    p.add_argument("--out", default="srflow-transfer", help="output folder [srflow-transfer]")
+
+    p = sub.add_parser("eval", help="PSNR, SSIM, LR-PSNR, diversity and NLL on a folder of HR images")
+    _add_model_source(p)
+    p.add_argument("--data", required=True, help="folder of HR images")
+    p.add_argument("--lr-data", help="folder of paired LR images (default: bicubic downscale)")
+    p.add_argument("--n", type=int, default=5, help="samples per image [5]")
+    p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature [0.9]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples and the NLL noise [0]")
+    p.add_argument("--max-images", type=int, help="only the first N images")
+    p.add_argument("--crop", type=int, help="centre crop of at most this size (default: whole images)")
+    p.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=True, help="NLL with noise [on]")
+    p.add_argument("--bicubic", action="store_true", help="add a bicubic-upscaling baseline row")
+    p.add_argument("--out", default="srflow-eval", help="output folder for metrics.csv [srflow-eval]")
+
+    p = sub.add_parser("demo", help="train a small model on bundled photos, then sample and evaluate")
+    p.add_argument("--out", default="srflow-demo", help="output folder [srflow-demo]")
+    p.add_argument("--minutes", type=float, help="training time budget (default: 2.5 on CPU, 5 on CUDA)")
+    p.add_argument("--steps", type=int, help="training steps (default: by device)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed [0]")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores but one)")
+    return parser
+
+
+def _train_config(args: argparse.Namespace):  # noqa: ANN202
+    from .train import TrainConfig, load_config  # noqa: PLC0415
+
+    config = load_config(args.config) if args.config else TrainConfig()
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    for key in ("lr_milestones", "val_temperatures", "betas"):
+        if key in overrides:
+            overrides[key] = tuple(overrides[key])
+    return dataclasses.replace(config, **overrides)
+
+
+def _model(args: argparse.Namespace):  # noqa: ANN202
+    from .infer import load_model  # noqa: PLC0415
+
+    return load_model(args.checkpoint, args.official, args.preset, args.device, args.backend)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from .train import train  # noqa: PLC0415
+
+        result = train(_train_config(args))
+        where = str(result.checkpoint.weights) if result.checkpoint else "none"
+        if os.environ.get("RANK", "0") == "0":
+            print(f"trained to step {result.step} ({result.stopped}); checkpoint: {where}")
+        return 0
+    if args.command == "sample":
+        from .infer import sample_images  # noqa: PLC0415
+
+        paths = sample_images(_model(args), args.images, args.out, args.temperature, args.n, args.seed, args.min_scale)
+        print(f"wrote {len(paths)} images to {args.out} (grids: *_grid.png)")
+        return 0
+    if args.command == "transfer":
+        from .infer import transfer  # noqa: PLC0415
+
+        paths = transfer(_model(args), args.hr, args.out, args.lr, args.hr_lr, args.min_scale)
+        print("wrote " + ", ".join(map(str, paths)))
+        return 0
+    if args.command == "eval":
+        from .infer import evaluate, format_table  # noqa: PLC0415
+
+        result = evaluate(
+            _model(args),
+            args.data,
+            args.lr_data,
+            args.out,
+            n=args.n,
+            temperature=args.temperature,
+            seed=args.seed,
+            dequantize=args.dequantize,
+            max_images=args.max_images,
+            min_scale=args.min_scale,
+            crop=args.crop,
+            bicubic_baseline=args.bicubic,
+        )
+        print(format_table(result.rows, result.columns))
+        print(f"wrote {result.csv_path}")
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo  # noqa: PLC0415
+
+        run_demo(
+            args.out, minutes=args.minutes, steps=args.steps, device=args.device, seed=args.seed, threads=args.threads
+        )
+        return 0
+    raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown commands
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("Caught ") and len(lines) > 1:  # re-raised from a DataLoader worker
+        return lines[-1]
+    return lines[0] + (" [...]" if len(lines) > 1 else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``srflow`` command line; returns the exit code (0 ok, 2 bad input, 3 diverged)."""
+    from .checkpoint import CheckpointError  # noqa: PLC0415
+    from .train import ConfigError, NonFiniteTrainingError  # noqa: PLC0415
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.debug or os.environ.get("SRFLOW_DEBUG") == "1":
+        return _run(args)
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    prefix = f"srflow (rank {rank})" if rank is not None else "srflow"
+    try:
+        return _run(args)
+    except NonFiniteTrainingError as exc:
+        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except (ConfigError, CheckpointError, ValueError, TypeError, OSError) as exc:
+        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

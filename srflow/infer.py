@@ -1,0 +1,375 @@
+"""Using a trained SRFlow: loading, sampling, content transfer and evaluation (behind ``srflow
+sample``, ``srflow transfer`` and ``srflow eval``).
+
+Images are files (PNG/JPEG, converted to RGB) or (3, H, W) float32 tensors in [0, 1]. Sampling
+works for any LR size: :meth:`SRFlow.condition` reflect-pads an odd LR side to even and the SR is
+cropped back to ``scale * (h, w)``. Encoding (transfer, NLL) needs an HR whose sides are
+multiples of ``2 * scale`` (an even LR); evaluation crops HR images to that multiple (top-left,
+MATLAB's modcrop) and says so.
+
+Randomness: sample ``k`` of an image (at every temperature) uses the seed ``seed + k``, so runs
+with the same seed reproduce on the same device, and the temperatures of one ``k`` share one
+direction in latent space.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import metrics
+from .checkpoint import CheckpointError, check_state_dict
+from .data import IMAGE_SUFFIXES, HRImageDataset, list_images, load_rgb, make_lr, save_rgb
+from .imresize import imresize
+from .model import NonFiniteSampleWarning, SRFlow
+from .presets import PRESETS, get_preset
+from .training_state import read_weights, resolve_checkpoint
+
+__all__ = [
+    "default_device",
+    "load_model",
+    "make_grid",
+    "nearest_upscale",
+    "sample_images",
+    "transfer",
+    "evaluate",
+    "EvalResult",
+    "format_table",
+]
+
+
+def default_device() -> torch.device:
+    """CUDA if available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(
+    checkpoint: str | os.PathLike | None = None,
+    official: str | os.PathLike | None = None,
+    preset: str | None = None,
+    device: str | torch.device | None = None,
+    backend: str | None = "auto",
+) -> SRFlow:
+    """An SRFlow in eval mode from a training checkpoint or an official ``.pth`` (exactly one).
+
+    ``checkpoint``: a training checkpoint's ``.safetensors`` or ``.state.pt`` file, or a run
+    folder (its newest checkpoint); its preset comes from the safetensors metadata, and
+    ``preset``, if given, must agree. ``official``: an official SRFlow state_dict (``.pth`` or
+    ``.safetensors``), loaded strictly into ``preset`` (required). Raises CheckpointError naming
+    the file on any mismatch.
+    """
+    if (checkpoint is None) == (official is None):
+        raise ValueError("pass exactly one of --checkpoint (a training checkpoint) and --official (an official .pth)")
+    if preset is not None:
+        get_preset(preset)
+    if official is not None:
+        if preset is None:
+            raise ValueError(f"--official needs --preset (one of {', '.join(PRESETS)})")
+        model = SRFlow.from_official(official, preset, backend=backend)
+    else:
+        files = resolve_checkpoint(checkpoint)
+        weights, metadata = read_weights(files.weights)
+        stored = metadata.get("preset")
+        if stored is None and preset is None:
+            raise CheckpointError(f"checkpoint {str(files.weights)!r} has no preset in its metadata; pass --preset")
+        if stored is not None and preset is not None and stored != preset:
+            raise CheckpointError(
+                f"checkpoint {str(files.weights)!r} was trained with preset {stored!r}, not {preset!r}"
+            )
+        name = stored or preset
+        if name not in PRESETS:
+            raise CheckpointError(f"checkpoint {str(files.weights)!r}: unknown preset {name!r} in its metadata")
+        model = SRFlow.from_preset(name, backend=backend, seed=0)
+        check_state_dict(model, weights, f"checkpoint {str(files.weights)!r}", name)
+        model.load_state_dict(weights, strict=True)
+    return model.to(torch.device(device) if device is not None else default_device()).eval()
+
+
+def nearest_upscale(lr: Tensor, scale: int) -> Tensor:
+    """(3, h, w) -> (3, scale*h, scale*w) by pixel repetition (for side-by-side grids)."""
+    return lr.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+
+
+def make_grid(rows: Sequence[Sequence[Tensor]], pad: int = 4, fill: float = 1.0) -> Tensor:
+    """Tile (3, H, W) images into one (3, H', W') image: one row per entry of ``rows``, left to
+    right, ``pad`` pixels of ``fill`` between and around them (images keep their own sizes)."""
+    if not rows or not all(rows):
+        raise ValueError("make_grid: expected at least one non-empty row")
+    heights = [max(img.shape[1] for img in row) for row in rows]
+    widths = [sum(img.shape[2] for img in row) + pad * (len(row) + 1) for row in rows]
+    grid = torch.full((3, sum(heights) + pad * (len(rows) + 1), max(widths)), fill)
+    y = pad
+    for row, h in zip(rows, heights):
+        x = pad
+        for img in row:
+            img = torch.nan_to_num(img.detach().float().cpu(), nan=0.0).clamp(0, 1)
+            grid[:, y : y + img.shape[1], x : x + img.shape[2]] = img
+            x += img.shape[2] + pad
+        y += h + pad
+    return grid
+
+
+def _expand_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(list_images(p))
+        elif p.is_file():
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                raise ValueError(f"{p}: not a {'/'.join(IMAGE_SUFFIXES)} image")
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"image {str(p)!r} does not exist")
+    if not files:
+        raise ValueError("no input images given")
+    return files
+
+
+def _clean(sr: Tensor) -> Tensor:
+    """NaN pixels (see NonFiniteSampleWarning) become black, values are clamped to [0, 1]."""
+    return torch.nan_to_num(sr, nan=0.0).clamp(0, 1)
+
+
+@torch.no_grad()
+def sample_images(
+    model: SRFlow,
+    lr_images: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    temperatures: Sequence[float] = (0.9,),
+    n: int = 5,
+    seed: int = 0,
+    min_scale: float | None = None,
+) -> list[Path]:
+    """Super-resolve LR images (files or folders of them), ``n`` samples per temperature.
+
+    Writes ``<stem>_t<T>_<k>.png`` for each sample and ``<stem>_grid.png`` (the LR upscaled by
+    pixel repetition, then the samples: temperatures in order, k = 0..n-1 within each). Returns
+    the paths written (grids last for each image).
+    """
+    if n < 1:
+        raise ValueError(f"n: expected a positive number of samples, got {n}")
+    files = _expand_images(lr_images)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    written: list[Path] = []
+    stems: dict[str, int] = {}
+    for path in files:
+        stem = path.stem
+        stems[stem] = stems.get(stem, 0) + 1
+        if stems[stem] > 1:
+            stem = f"{stem}-{stems[stem]}"
+        lr = load_rgb(path).to(device)
+        cond = model.condition(lr[None])
+        row = [nearest_upscale(lr, model.scale).cpu()]
+        for t in temperatures:
+            for k in range(n):
+                sr = _clean(model.sample(cond=cond, temperature=t, seed=seed + k, min_scale=min_scale))[0]
+                target = out / f"{stem}_t{float(t):.2f}_{k}.png"
+                save_rgb(sr, target)
+                written.append(target)
+                row.append(sr.cpu())
+        grid = out / f"{stem}_grid.png"
+        save_rgb(make_grid([row]), grid)
+        written.append(grid)
+    return written
+
+
+def _require_encodable(name: str, hr: Tensor, scale: int) -> None:
+    m = 2 * scale
+    h, w = hr.shape[-2:]
+    if h % m or w % m:
+        raise ValueError(
+            f"{name}: {h}x{w} cannot be encoded; HR sides must be multiples of {m} (2 x scale {scale}, "
+            f"so that the LR has even sides); crop it to {h - h % m}x{w - w % m}"
+        )
+
+
+@torch.no_grad()
+def transfer(
+    model: SRFlow,
+    hr_image: str | os.PathLike,
+    out: str | os.PathLike,
+    target_lr: str | os.PathLike | None = None,
+    hr_lr: str | os.PathLike | None = None,
+    min_scale: float | None = None,
+) -> list[Path]:
+    """Content transfer / LR-consistent editing (SRFlow paper, section on image manipulation).
+
+    Encodes ``hr_image`` (a reference, or an edited HR) with its LR (``hr_lr``, or its own MATLAB
+    bicubic downscale) into latents, then decodes those latents with ``target_lr`` (default: the
+    same LR, i.e. an LR-consistent version of an edited image). The target LR must have the
+    HR's size / scale, since the latents are spatial. Writes ``<hr>_to_<lr>.png`` and a grid
+    [HR | target LR upscaled | result]; prints nothing. Returns the written paths.
+    """
+    device = next(model.parameters()).device
+    s = model.scale
+    hr = load_rgb(hr_image)
+    _require_encodable(f"HR image {str(hr_image)!r}", hr, s)
+    expected = (hr.shape[1] // s, hr.shape[2] // s)
+    if hr_lr is not None:
+        source_lr = load_rgb(hr_lr)
+        if tuple(source_lr.shape[1:]) != expected:
+            raise ValueError(
+                f"LR of the HR image {str(hr_lr)!r}: {source_lr.shape[1]}x{source_lr.shape[2]}, expected "
+                f"{expected[0]}x{expected[1]} (HR {hr.shape[1]}x{hr.shape[2]} / scale {s})"
+            )
+    else:
+        source_lr = make_lr(hr[None], s)[0]
+    lr = load_rgb(target_lr) if target_lr is not None else source_lr
+    if tuple(lr.shape[1:]) != expected:
+        raise ValueError(
+            f"target LR {str(target_lr)!r} is {lr.shape[1]}x{lr.shape[2]}, but the latents of "
+            f"{str(hr_image)!r} (HR {hr.shape[1]}x{hr.shape[2]}) decode only with an LR of "
+            f"{expected[0]}x{expected[1]} (HR / scale {s}); resize or crop the images to match"
+        )
+    zs = model.encode(hr[None].to(device), source_lr[None].to(device))
+    result = _clean(model.decode(lr[None].to(device), zs, min_scale=min_scale))[0].cpu()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = Path(hr_image).stem + ("_to_" + Path(target_lr).stem if target_lr is not None else "_lr_consistent")
+    target = out / f"{name}.png"
+    save_rgb(result, target)
+    grid = out / f"{name}_grid.png"
+    save_rgb(make_grid([[hr, nearest_upscale(lr, s), result]]), grid)
+    return [target, grid]
+
+
+@dataclass
+class EvalResult:
+    """Per-image rows and their mean (column name -> value), and where the CSV went."""
+
+    rows: list[dict[str, object]]
+    mean: dict[str, float]
+    csv_path: Path | None
+    columns: list[str] = field(default_factory=list)
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+@torch.no_grad()
+def evaluate(
+    model: SRFlow,
+    data: str | os.PathLike,
+    lr_data: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    n: int = 5,
+    temperature: float = 0.9,
+    seed: int = 0,
+    dequantize: bool = True,
+    max_images: int | None = None,
+    min_scale: float | None = None,
+    crop: int | None = None,
+    bicubic_baseline: bool = False,
+) -> EvalResult:
+    """PSNR, SSIM, LR-PSNR (means over ``n`` samples at ``temperature``), PSNR at temperature 0,
+    diversity over the ``n`` samples, NLL (bits per HR pixel; with ``dequantize`` the +5 bits/px
+    of the noise are included, as in training) and LPIPS where its weights are on disk.
+
+    HR images are cropped to multiples of 2 * scale (top-left), or to a centre crop of at most
+    ``crop``; LR = ``lr_data``'s image of the same name, or the MATLAB-bicubic downscale.
+    Writes ``<out>/metrics.csv`` when ``out`` is given. ``bicubic_baseline`` adds a "bicubic" row
+    (bicubic upscaling of the LR) after the mean.
+    """
+    if n < 1:
+        raise ValueError(f"n: expected a positive number of samples, got {n}")
+    s = model.scale
+    dataset = HRImageDataset(
+        data, s, crop=crop, lr_root=lr_data, flips=False, multiple=2 * s, center=crop is not None, max_images=max_images
+    )
+    device = next(model.parameters()).device
+    lpips = metrics.lpips_model()
+    if lpips is not None:
+        lpips = lpips.to(device).eval()
+    rows: list[dict[str, object]] = []
+    bicubic: dict[str, list[float]] = {"psnr": [], "ssim": [], "lr_psnr": []}
+    nonfinite = 0
+    for i in range(len(dataset)):
+        hr, lr = dataset[i]
+        hr_d, lr_d = hr[None].to(device), lr[None].to(device)
+        cond = model.condition(lr_d)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        nll = float(model.nll(hr_d, cond=cond, add_noise=dequantize, generator=gen)[0])
+        hr8 = metrics.to_uint8(hr, rounding=True)
+        samples = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NonFiniteSampleWarning)
+            for k in range(n):
+                samples.append(
+                    _clean(model.sample(cond=cond, temperature=temperature, seed=seed + k, min_scale=min_scale))[
+                        0
+                    ].cpu()
+                )
+            sr0 = _clean(model.sample(cond=cond, temperature=0.0, min_scale=min_scale))[0].cpu()
+        nonfinite += sum(issubclass(w.category, NonFiniteSampleWarning) for w in caught)
+        sr8 = [metrics.to_uint8(sr) for sr in samples]
+        row: dict[str, object] = {
+            "image": dataset.files[i].name,
+            "size": f"{hr.shape[1]}x{hr.shape[2]}",
+            "nll_bits_px": nll,
+            "psnr": _mean([metrics.psnr(x, hr8) for x in sr8]),
+            "ssim": _mean([metrics.ssim(x, hr8) for x in sr8]),
+            "lr_psnr": _mean([metrics.lr_psnr(sr, lr, s) for sr in samples]),
+            "psnr_t0": metrics.psnr(metrics.to_uint8(sr0), hr8),
+            "diversity": metrics.diversity(samples) if n > 1 else float("nan"),
+        }
+        if lpips is not None:
+            row["lpips"] = _mean([metrics.lpips_distance(lpips, sr, hr) for sr in samples])
+        rows.append(row)
+        if bicubic_baseline:
+            up = imresize(lr[None], float(s))[0]
+            bicubic["psnr"].append(metrics.psnr(metrics.to_uint8(up), hr8))
+            bicubic["ssim"].append(metrics.ssim(metrics.to_uint8(up), hr8))
+            bicubic["lr_psnr"].append(metrics.lr_psnr(up, lr, s))
+    if nonfinite:
+        warnings.warn(
+            f"{nonfinite} sample(s) had NaN pixels (counted as black); pass min_scale (e.g. 0.1) or lower the "
+            "temperature",
+            NonFiniteSampleWarning,
+            stacklevel=2,
+        )
+    columns = list(rows[0].keys())
+    numeric = [c for c in columns if c not in ("image", "size")]
+    mean = {c: _mean([float(r[c]) for r in rows]) for c in numeric}
+    csv_path = None
+    all_rows = rows + [{"image": "mean", "size": "", **mean}]
+    if bicubic_baseline:
+        all_rows.append({"image": "bicubic", "size": "", **{c: _mean(v) for c, v in bicubic.items()}})
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        csv_path = out / "metrics.csv"
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer.writeheader()
+            for r in all_rows:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return EvalResult(all_rows, mean, csv_path, columns)
+
+
+def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:
+    """A fixed-width text table (floats with 4 significant digits; missing cells blank)."""
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return "inf" if math.isinf(v) else ("-" if math.isnan(v) else f"{v:.4g}")
+        return "" if v is None else str(v)
+
+    table = [list(columns)] + [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[j]) for row in table) for j in range(len(columns))]
+    lines = [
+        "  ".join(v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(row, widths))) for row in table
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,460 @@
+"""srflow training: configuration, exact resume, checkpoints, non-finite steps, DDP, convergence.
+
+Everything runs the ``tiny-4x`` preset on 32x32 crops of scikit-image's bundled photos, a few
+steps at a time, on the CPU. Tolerances used here:
+
+* resume: bitwise (N steps + resume + N steps == 2N steps, weights and Adam state);
+* DDP (2 gloo ranks x 2 samples vs 1 process x 4 samples, memory saving on, RRDB unfrozen half
+  way, 6 steps at the official lr 2.5e-4): the ranks sum their half batches before averaging,
+  so the gradients differ from one process's in float32 rounding. Adam with its default eps
+  1e-8 turns rounding into whole updates where the true gradient is ~0 (right after the
+  data-dependent ActNorm init, d loss / d ActNorm bias = 0 up to rounding, and Adam's first step
+  is g / |g|): measured 6e-4 max weight difference. With adam_eps 1e-3 the updates are smooth
+  functions of the gradients and the weights agree to max |diff| <= 1e-5 (measured 1.2e-6,
+  5e-5 of the total update);
+* convergence (memory saving + the C++ kernels vs plain autograd on the reference ops, 30
+  steps): the loss curves agree within 1e-2 bits/px per step (measured ~2e-4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import flowkernels as fk
+from srflow import SRFlow
+from srflow.checkpoint import CheckpointError
+from srflow.data import write_bundled_photos
+from srflow.train import (
+    ConfigError,
+    NonFiniteTrainingError,
+    TrainConfig,
+    TrainingObjective,
+    config_from_dict,
+    learning_rate_factor,
+    load_config,
+    resolve_config,
+    train,
+)
+from srflow.training_state import (
+    checkpoint_files,
+    list_checkpoints,
+    load_training_checkpoint,
+    read_weights,
+    save_training_checkpoint,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DDP_ATOL = 1e-5
+CONVERGENCE_ATOL_BITS = 1e-2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    """Tiny models gain little from threads, and on a small shared machine a competing process
+    stalls OpenMP's barrier waits (measured: 10-20x slower steps with 2 threads on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    write_bundled_photos(folder, ("astronaut", "chelsea", "coffee"))
+    return folder
+
+
+def tiny(photos: Path, out: Path, **changes: object) -> TrainConfig:
+    """A few-second run: tiny-4x, 6 steps of 4 x 32x32 crops, lr 1e-3, no validation."""
+    config = TrainConfig(
+        data=str(photos),
+        out=str(out),
+        preset="tiny-4x",
+        steps=6,
+        batch=4,
+        crop=32,
+        lr=1e-3,
+        val_every=0,
+        save_every=100,
+        log_every=100,
+        cache_images=True,
+        progress=False,
+        device="cpu",
+    )
+    return config.replace(**changes)
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (to prove nothing changed)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def weights_of(result) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    return read_weights(result.checkpoint.weights)[0]
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+def test_yaml_config_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: tiny-8x\nsteps: 50\nbetas: [0.8, 0.99]\ngrad-clip-norm: 100\nval_crop: null\nlr: 1\n")
+    config = load_config(path)
+    assert (config.preset, config.steps, config.betas, config.grad_clip_norm) == ("tiny-8x", 50, (0.8, 0.99), 100.0)
+    assert config.val_crop is None and config.lr == 1.0 and isinstance(config.lr, float)
+    assert config.crop == 160  # untouched defaults
+    path.write_text("preset: tiny-4x\nlearning_rate: 0.1\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown option 'learning_rate' \(did you mean 'lr_gamma'|unknown option 'learning_rate'"
+    ):
+        load_config(path)
+    with pytest.raises(ConfigError, match="steps: expected an integer, got '10'"):
+        config_from_dict({"steps": "10"})
+    with pytest.raises(ConfigError, match="dequantize: expected true or false"):
+        config_from_dict({"dequantize": 1})
+    with pytest.raises(ConfigError, match="betas: expected 2 values"):
+        config_from_dict({"betas": [0.9]})
+    path.write_text("preset: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "srflow" / "configs").glob("*.yaml")))
+def test_example_configs_load(name: str) -> None:
+    config = resolve_config(load_config(REPO / "srflow" / "configs" / name).replace(data="somewhere"))
+    assert config.preset in ("df2k-4x", "df2k-8x", "celeba-8x")
+
+
+def test_official_defaults_and_validation() -> None:
+    c4 = resolve_config(TrainConfig(data="x", preset="df2k-4x"))
+    c8 = resolve_config(TrainConfig(data="x", preset="celeba-8x"))
+    assert (c4.batch, c4.lr, c4.lr_rrdb, c4.betas, c4.crop) == (12, 2.5e-4, 2.5e-4, (0.9, 0.999), 160)
+    assert (c8.batch, c8.lr) == (16, 5e-4)
+    assert (c4.rrdb_freeze_fraction, c4.dequantize, c4.memory_saving) == (0.5, True, True)
+    with pytest.raises(ConfigError, match="data: a folder of HR training images is required"):
+        resolve_config(TrainConfig())
+    with pytest.raises(ConfigError, match=r"crop: 100 is not a multiple of 16 .*; rrdb_freeze_fraction"):
+        resolve_config(TrainConfig(data="x", preset="df2k-8x", crop=100, rrdb_freeze_fraction=2.0))
+    with pytest.raises(ConfigError, match="unknown name 'df2k-3x'"):
+        resolve_config(TrainConfig(data="x", preset="df2k-3x"))
+
+
+def test_tensorboard_without_the_package_is_a_clear_error() -> None:
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="needs the tensorboard package"):
+            resolve_config(TrainConfig(data="x", tensorboard=True))
+    else:
+        pytest.skip("tensorboard is installed")
+
+
+def test_learning_rate_schedule_is_the_official_multistep() -> None:
+    # 200k iterations: x0.5 at iterations 100k, 150k, 180k, 190k (1-based, stepped before the update)
+    factors = {
+        t: learning_rate_factor(t - 1, 200_000, (0.5, 0.75, 0.9, 0.95), 0.5)
+        for t in (1, 99_999, 100_000, 150_000, 189_999, 190_000, 200_000)
+    }
+    assert factors == {
+        1: 1.0,
+        99_999: 1.0,
+        100_000: 0.5,
+        150_000: 0.25,
+        189_999: 0.125,
+        190_000: 0.0625,
+        200_000: 0.0625,
+    }
+
+
+# ------------------------------------------------------------------------------------ resume
+
+
+def test_resume_continues_exactly(photos: Path, tmp_path: Path) -> None:
+    """2N steps == N steps + resume + N steps, bitwise: weights, Adam state, losses. The RRDB
+    unfreezes exactly at the resume point (freeze fraction 0.5 of 6 steps), noise is on."""
+    straight = train(tiny(photos, tmp_path / "a", rrdb_freeze_fraction=0.5), log=quiet)
+    first = train(tiny(photos, tmp_path / "b", rrdb_freeze_fraction=0.5, stop_after=3), log=quiet)
+    assert (first.step, first.stopped) == (3, "stop_after")
+    second = train(tiny(photos, tmp_path / "b", rrdb_freeze_fraction=0.5, resume="auto"), log=quiet)
+    assert (second.step, second.stopped) == (6, "finished")
+    assert straight.losses == first.losses + second.losses
+    wa, wb = weights_of(straight), weights_of(second)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    init = SRFlow.from_preset("tiny-4x", seed=10).state_dict()
+    assert any(not torch.equal(wa[k], init[k]) for k in wa if k.startswith("RRDB.RRDB_trunk"))  # RRDB trained
+    sa = load_training_checkpoint(straight.checkpoint).state["optimizer"]
+    sb = load_training_checkpoint(second.checkpoint).state["optimizer"]
+    for key, state in sa["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, sb["state"][key][name]), f"Adam {name} of parameter {key} differs"
+    rrdb_steps = {float(s["step"]) for k, s in sa["state"].items() if k >= len(sa["param_groups"][0]["params"])}
+    assert rrdb_steps == {3.0}  # the RRDB was stepped only after the unfreeze
+
+
+def test_resume_from_an_explicit_path_into_a_new_folder(photos: Path, tmp_path: Path) -> None:
+    first = train(tiny(photos, tmp_path / "a", stop_after=2, save_every=1), log=quiet)
+    older = checkpoint_files(tmp_path / "a" / "checkpoints", 1)
+    with pytest.raises(ConfigError, match="holds checkpoints newer than the one to resume"):
+        train(tiny(photos, tmp_path / "a", resume=str(older.state)), log=quiet)
+    result = train(tiny(photos, tmp_path / "b", resume=str(first.checkpoint.weights), steps=4), log=quiet)
+    assert result.step == 4 and result.losses[0][0] == 3
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(photos: Path, tmp_path: Path) -> None:
+    result = train(tiny(photos, tmp_path / "run", resume="auto", steps=2), log=quiet)
+    assert result.step == 2 and len(result.losses) == 2
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoints_are_pruned_and_never_overwritten(photos: Path, tmp_path: Path) -> None:
+    result = train(tiny(photos, tmp_path / "run", steps=4, save_every=1, keep_last=2), log=quiet)
+    folder = tmp_path / "run" / "checkpoints"
+    assert [c.step for c in list_checkpoints(folder)] == [3, 4]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "step-000000003.safetensors",
+        "step-000000003.state.pt",
+        "step-000000004.safetensors",
+        "step-000000004.state.pt",
+    ]
+    _, metadata = read_weights(result.checkpoint.weights)
+    assert metadata["preset"] == "tiny-4x" and metadata["step"] == "4"
+    weights = read_weights(result.checkpoint.weights)[0]
+    with pytest.raises(CheckpointError, match="already exists; checkpoints are never overwritten"):
+        save_training_checkpoint(folder, 4, "tiny-4x", weights, {"optimizer": {}})
+    weights["RRDB.conv_first.weight"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite weights"):
+        save_training_checkpoint(folder, 5, "tiny-4x", weights, {"optimizer": {}})
+    assert not any(p.name.startswith(".tmp") or "000005" in p.name for p in folder.iterdir())
+
+
+@pytest.fixture
+def run_with_checkpoint(photos: Path, tmp_path: Path) -> Path:
+    train(tiny(photos, tmp_path / "run", steps=2, save_every=2), log=quiet)
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        ("truncate_weights", "SHA-256 does not match"),
+        ("garbage_state", r"step-000000002.state.pt': could not be read .*truncated or corrupt"),
+        ("delete_weights", r"weights file .*step-000000002.safetensors.* is missing"),
+    ],
+)
+def test_corrupt_checkpoint_is_a_clear_error(run_with_checkpoint: Path, photos: Path, damage: str, match: str) -> None:
+    files = checkpoint_files(run_with_checkpoint / "checkpoints", 2)
+    if damage == "truncate_weights":
+        files.weights.write_bytes(files.weights.read_bytes()[:1000])
+    elif damage == "garbage_state":
+        files.state.write_bytes(b"definitely not a checkpoint")
+    else:
+        files.weights.unlink()
+        # an orphan state file is not a complete checkpoint: auto ignores it, a path names it
+        result = train(tiny(photos, run_with_checkpoint, resume="auto", steps=1), log=quiet)
+        assert result.step == 1
+        with pytest.raises(FileNotFoundError, match=match):
+            load_training_checkpoint(files)
+        return
+    before = digest(run_with_checkpoint)
+    with pytest.raises(CheckpointError, match=match):
+        train(tiny(photos, run_with_checkpoint, resume="auto"), log=quiet)
+    assert digest(run_with_checkpoint) == before
+
+
+def test_failed_resumes_leave_a_good_checkpoint_untouched(run_with_checkpoint: Path, photos: Path) -> None:
+    before = digest(run_with_checkpoint)
+    with pytest.raises(CheckpointError, match="was trained with preset 'tiny-4x', but this run uses 'tiny-8x'"):
+        train(tiny(photos, run_with_checkpoint, resume="auto", preset="tiny-8x", crop=32), log=quiet)
+    with pytest.raises(ConfigError, match="already holds checkpoints .* pass --resume auto"):
+        train(tiny(photos, run_with_checkpoint), log=quiet)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(tiny(photos, run_with_checkpoint, resume="auto", data=str(photos / "missing")), log=quiet)
+    assert digest(run_with_checkpoint) == before
+
+
+def test_rrdb_weights_and_init_official(photos: Path, tmp_path: Path) -> None:
+    donor = SRFlow.from_preset("tiny-4x", seed=123)
+    torch.save(donor.RRDB.state_dict(), tmp_path / "rrdb.pth")
+    result = train(
+        tiny(photos, tmp_path / "a", steps=2, rrdb_weights=str(tmp_path / "rrdb.pth"), rrdb_freeze_fraction=1.0),
+        log=quiet,
+    )
+    w = weights_of(result)
+    assert all(torch.equal(w["RRDB." + k], v) for k, v in donor.RRDB.state_dict().items())  # loaded, kept frozen
+    torch.save(SRFlow.from_preset("tiny-8x").RRDB.state_dict(), tmp_path / "rrdb8.pth")
+    with pytest.raises(
+        CheckpointError, match=r"RRDB weights .*rrdb8.pth.* 2 unexpected keys: upconv3.weight, upconv3.bias"
+    ):
+        train(tiny(photos, tmp_path / "b", rrdb_weights=str(tmp_path / "rrdb8.pth")), log=quiet)
+    # fine-tuning from a full state_dict: every ActNorm counts as initialised (no data init)
+    official = tmp_path / "official.pth"
+    torch.save(w, official)
+    tuned = train(tiny(photos, tmp_path / "c", steps=1, init_official=str(official), lr=1e-12), log=quiet)
+    wt = weights_of(tuned)
+    assert max((wt[k] - w[k]).abs().max().item() for k in w) < 1e-6
+
+
+# ------------------------------------------------------------------------------------ non-finite
+
+
+def _nan_at(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int] | None = None, from_call: int | None = None) -> None:
+    original = TrainingObjective.forward
+    calls = {"n": 0}
+
+    def forward(self, hr, lr, generator=None):  # noqa: ANN001, ANN202
+        loss, nll = original(self, hr, lr, generator)
+        calls["n"] += 1
+        if (bad_calls and calls["n"] in bad_calls) or (from_call is not None and calls["n"] >= from_call):
+            loss = loss * float("nan")
+        return loss, nll
+
+    monkeypatch.setattr(TrainingObjective, "forward", forward)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _nan_at(monkeypatch, bad_calls={2, 4})
+    messages: list[str] = []
+    result = train(tiny(photos, tmp_path / "run", max_nonfinite=2, rrdb_freeze_fraction=0.0), log=messages.append)
+    assert result.step == 6 and result.nonfinite_steps == 2
+    assert [s for s, _ in result.losses] == [1, 3, 5, 6]
+    assert any("step 2: non-finite loss or gradient, step skipped (1 in a row)" in m for m in messages)
+    state = load_training_checkpoint(result.checkpoint).state
+    assert state["nonfinite_total"] == 2
+    assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {4.0}  # Adam stepped 4 times
+
+
+def test_nonfinite_run_stops_and_keeps_checkpoints(
+    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _nan_at(monkeypatch, from_call=4)  # steps 4, 5, 6 diverge
+    run = tmp_path / "run"
+    config = tiny(photos, run, steps=20, save_every=2, max_nonfinite=3)
+    with pytest.raises(
+        NonFiniteTrainingError,
+        match=r"stopped at step 6: 3 consecutive steps .* last checkpoint: .*step-000000004.safetensors' \(step 4\)",
+    ):
+        train(config, log=quiet)
+    # step 4 was skipped, so its checkpoint holds step 3's (finite) weights and the streak count
+    assert [c.step for c in list_checkpoints(run / "checkpoints")] == [2, 4]
+    assert load_training_checkpoint(list_checkpoints(run / "checkpoints")[1]).state["nonfinite_in_row"] == 1
+    before = digest(run / "checkpoints")
+    _nan_at(monkeypatch, from_call=1)
+    with pytest.raises(NonFiniteTrainingError, match="stopped at step 6: 3 consecutive"):  # the streak goes on
+        train(config.replace(resume="auto"), log=quiet)
+    assert digest(run / "checkpoints") == before
+    for files in list_checkpoints(run / "checkpoints"):
+        assert all(torch.isfinite(v).all() for v in read_weights(files.weights)[0].values())
+
+
+# ------------------------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"bf16": True},
+        {"channels_last": True},
+        {"l1_weight": 0.1, "rrdb_freeze_fraction": 0.0},
+        {"grad_clip_norm": 0.5, "grad_clip_value": 0.01},
+        {"memory_saving": False, "backend": "reference", "dequantize": False},
+    ],
+    ids=["bf16", "channels_last", "l1", "clipping", "plain-reference"],
+)
+def test_training_options_run(photos: Path, tmp_path: Path, changes: dict) -> None:
+    result = train(tiny(photos, tmp_path / "run", steps=2, **changes), log=quiet)
+    assert result.step == 2 and len(result.losses) == 2
+    assert all(torch.isfinite(v).all() for v in weights_of(result).values())
+
+
+def test_validation_writes_a_sample_grid_and_log(photos: Path, tmp_path: Path) -> None:
+    result = train(
+        tiny(photos, tmp_path / "run", steps=2, val_every=2, val_images=2, val_crop=48, log_every=1), log=quiet
+    )
+    grid = tmp_path / "run" / "val" / "step-000000002.png"
+    assert grid.is_file()
+    assert set(result.validation) == {"val_nll_bits_px", "val_psnr_t0", "val_lr_psnr_t0"}
+    lines = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and '"loss_bits_px"' in lines[0] and '"val_psnr_t0"' in lines[2]
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+# ------------------------------------------------------------------------------------ DDP
+
+
+def test_ddp_two_gloo_ranks_match_one_process(photos: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node 2 -m srflow train`` (gloo on CPU, 2 samples per rank) gives the
+    weights of one process with the global batch of 4, through the RRDB unfreeze at step 3
+    (which rebuilds the DDP wrapper) with memory saving on. Noise off: each rank draws its own."""
+    # lr_rrdb 1e-2: the RRDB moves ~4e-3 in its 3 trainable steps, so a wrapper that did not
+    # all-reduce its gradients (not rebuilt at the unfreeze) would differ by ~7e-3 (measured).
+    common = tiny(
+        photos, tmp_path / "single", dequantize=False, rrdb_freeze_fraction=0.5, lr=2.5e-4, lr_rrdb=1e-2, adam_eps=1e-3
+    )
+    single = train(common, log=quiet)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "srflow"]
+    cmd += ["train", "--preset", "tiny-4x", "--data", str(photos), "--out", str(out), "--steps", "6", "--batch", "4"]
+    cmd += [
+        "--crop",
+        "32",
+        "--lr",
+        "2.5e-4",
+        "--lr-rrdb",
+        "1e-2",
+        "--adam-eps",
+        "1e-3",
+        "--no-dequantize",
+        "--rrdb-freeze-fraction",
+        "0.5",
+    ]
+    cmd += ["--val-every", "0", "--save-every", "100", "--log-every", "100", "--no-progress", "--cache-images"]
+    cmd += ["--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 rank(s) x 2" in proc.stderr and "step 3: RRDB unfrozen" in proc.stderr
+    ddp = read_weights(out / "checkpoints" / "step-000000006.safetensors")[0]
+    ref = weights_of(single)
+    worst = max((ddp[k] - ref[k]).abs().max().item() for k in ref)
+    assert worst <= DDP_ATOL, f"DDP weights differ from the single process by {worst:.2e}"
+    init = SRFlow.from_preset("tiny-4x", seed=10).state_dict()
+    moved = [k for k in ref if k.startswith("RRDB.RRDB_trunk") and (ref[k] - init[k]).abs().max() > 1e-3]
+    assert moved, "the RRDB should have trained after the unfreeze"
+
+
+# ------------------------------------------------------------------------------------ convergence
+
+
+def _cpp_kernels_built() -> bool:
+    x = torch.zeros(1, 4, 2, 2)
+    return fk.select_backend("auto", x) == "cuda"
+
+
+def test_memory_saving_with_cpp_kernels_converges_like_plain_reference(photos: Path, tmp_path: Path) -> None:
+    if not _cpp_kernels_built():
+        pytest.skip("flowkernels._C is not built (python setup.py build_ext --inplace)")
+    base = tiny(photos, tmp_path / "x", steps=30, rrdb_freeze_fraction=0.0)
+    fused = train(base.replace(out=str(tmp_path / "fused"), memory_saving=True, backend="cuda"), log=quiet)
+    plain = train(base.replace(out=str(tmp_path / "plain"), memory_saving=False, backend="reference"), log=quiet)
+    assert [s for s, _ in fused.losses] == [s for s, _ in plain.losses] == list(range(1, 31))
+    gaps = [abs(a - b) for (_, a), (_, b) in zip(fused.losses, plain.losses)]
+    assert max(gaps) <= CONVERGENCE_ATOL_BITS, f"loss curves differ by up to {max(gaps):.2e} bits/px"
+    assert sum(b for _, b in plain.losses[-5:]) < sum(b for _, b in plain.losses[:5]) - 5  # it does learn
