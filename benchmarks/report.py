@@ -1,8 +1,8 @@
 """Turn a folder of benchmark JSON files into a Markdown report and matplotlib plots.
 
 Reads whichever of bench_actnorm_conv.json, bench_affine_coupling.json (plus the torch.compile
-rows in compiled/ of the same names), bench_stack.json, bench_memory.json and
-bench_srflow_<preset>.json are present and writes report.md plus
+rows in compiled/ of the same names), bench_stack.json, bench_memory.json,
+bench_srflow_<preset>.json and pytest_benchmark_cpu_kernels.json are present and writes report.md plus
 memory_vs_batch.png, samples_vs_batch.png and memory_vs_depth.png next to them. Every table
 states the device, versions and date the JSON recorded.
 
@@ -98,6 +98,25 @@ def srflow_section(data: dict) -> str:
     return text
 
 
+def cpu_kernels_section(data: dict) -> str:
+    """pytest-benchmark JSON of bench_cpu_kernels.py: C++ vs reference median per group."""
+    groups: dict[str, dict[str, float]] = {}
+    for bench in data["benchmarks"]:
+        impl = bench["params"]["impl"]
+        groups.setdefault(bench["group"], {})[impl] = bench["stats"]["median"] * 1e6
+    rows = [
+        [g, t.get("cpp"), t.get("reference"), t["reference"] / t["cpp"] if len(t) == 2 else None]
+        for g, t in sorted(groups.items())
+    ]
+    info = data["machine_info"]
+    threads = data["benchmarks"][0]["extra_info"].get("threads")
+    head = (
+        f"### C++ CPU kernels vs the eager reference\n\n{info.get('cpu', {}).get('brand_raw', info.get('machine'))}, "
+        f"{threads} threads, {data['datetime']}, `pytest benchmarks/bench_cpu_kernels.py --benchmark-only`.\n\n"
+    )
+    return head + _table(["op direction shape", "C++ median us", "reference median us", "speed-up"], rows)
+
+
 def memory_section(data: dict) -> str:
     rows = [[r["axis"], r["depth"], r["size"], r["variant"], r.get("gib"), r.get("error")] for r in data["rows"]]
     head = f"### FlowSequence memory vs depth and size ({data['measure']})\n\n{_env_line(data['env'])}.\n\n"
@@ -166,6 +185,9 @@ def main() -> None:
     stack = load("bench_stack.json")
     if stack:
         sections.append(stack_section(stack))
+    cpu_kernels = load("pytest_benchmark_cpu_kernels.json")
+    if cpu_kernels:
+        sections.append(cpu_kernels_section(cpu_kernels))
     srflow = [json.loads(p.read_text()) for p in sorted(folder.glob("bench_srflow_*.json"))]
     sections += [srflow_section(d) for d in srflow]
     memory = load("bench_memory.json")
