@@ -11,11 +11,9 @@ written once (x, y, and for bwd out, grad_out, inp, grad_inp).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from benchmarks.common import Unsupported, add_common_args, copy_bandwidth, environment, sweep, write_json
+from benchmarks.common import Unsupported, op_main
 from flowkernels import dispatch, ops, reference
 
 SRFLOW_SHAPES = [(16, 12, 80, 80), (16, 24, 40, 40), (16, 96, 20, 20)]  # 4x levels 1-3 at 160x160 HR
@@ -87,26 +85,7 @@ def cases(smoke: bool, levels: list[int]) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
-    parser.add_argument("--providers", default="eager,compile,triton,cuda")
-    parser.add_argument("--modes", default="fwd,inv,bwd,full")
-    parser.add_argument("--levels", default="1,2,3", help="SRFlow 4x levels (shapes) to run")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    copy = copy_bandwidth(device, 2**24 if args.smoke else 2**30)
-    rows = sweep(
-        "actnorm_conv",
-        cases(args.smoke, [int(v) for v in args.levels.split(",")]),
-        args.providers.split(","),
-        args.modes.split(","),
-        lambda case, p, m: factory(case, p, m, device),
-        device,
-        copy,
-    )
-    path = write_json("bench_actnorm_conv", {"env": environment(device), "copy_gbps": copy, "rows": rows}, args.out)
-    print(f"wrote {path}")
+    op_main("actnorm_conv", __doc__, cases, factory)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,10 @@ fwd/inv read x and h and write y; bwd reads out, h, grad_out and writes inp, gra
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from benchmarks.bench_actnorm_conv import SMOKE_SHAPES, SRFLOW_SHAPES
-from benchmarks.common import Unsupported, add_common_args, copy_bandwidth, environment, sweep, write_json
+from benchmarks.common import Unsupported, op_main
 from flowkernels import dispatch, ops, reference
 
 
@@ -88,26 +86,7 @@ def cases(smoke: bool, levels: list[int]) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
-    parser.add_argument("--providers", default="eager,compile,triton,cuda")
-    parser.add_argument("--modes", default="fwd,inv,bwd,full")
-    parser.add_argument("--levels", default="1,2,3", help="SRFlow 4x levels (shapes) to run")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    copy = copy_bandwidth(device, 2**24 if args.smoke else 2**30)
-    rows = sweep(
-        "affine_coupling",
-        cases(args.smoke, [int(v) for v in args.levels.split(",")]),
-        args.providers.split(","),
-        args.modes.split(","),
-        lambda case, p, m: factory(case, p, m, device),
-        device,
-        copy,
-    )
-    path = write_json("bench_affine_coupling", {"env": environment(device), "copy_gbps": copy, "rows": rows}, args.out)
-    print(f"wrote {path}")
+    op_main("affine_coupling", __doc__, cases, factory)
 
 
 if __name__ == "__main__":

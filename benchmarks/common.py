@@ -6,6 +6,7 @@ quantiles); on the CPU a wall-clock loop with the same quantiles, for smoke runs
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import json
@@ -155,6 +156,34 @@ def _format_row(row: dict) -> str:
         mem = f" peak {row['peak_gib']:.3f} GiB" if row.get("peak_gib") is not None else ""
         return f"{head}: {row['ms']:.3f} ms [{row['ms_q20']:.3f}, {row['ms_q80']:.3f}]{bw}{mem}"
     return f"{head}: {row.get('error') or 'skipped: ' + row.get('skipped', '')}"
+
+
+def op_main(op: str, doc: str, cases: Callable[[bool, list[int]], list[dict]], factory: Callable) -> None:
+    """The command line of a per-op benchmark (bench_<op>.py): providers x modes x SRFlow levels.
+
+    ``cases(smoke, levels)`` lists the cases; ``factory(case, provider, mode, device)`` returns
+    (fn, bytes). Writes ``bench_<op>.json`` with the environment and the copy bandwidth.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--providers", default="eager,compile,triton,cuda")
+    parser.add_argument("--modes", default="fwd,inv,bwd,full")
+    parser.add_argument("--levels", default="1,2,3", help="SRFlow 4x levels (shapes) to run")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    copy = copy_bandwidth(device, 2**24 if args.smoke else 2**30)
+    rows = sweep(
+        op,
+        cases(args.smoke, [int(v) for v in args.levels.split(",")]),
+        args.providers.split(","),
+        args.modes.split(","),
+        lambda case, p, m: factory(case, p, m, device),
+        device,
+        copy,
+    )
+    path = write_json(f"bench_{op}", {"env": environment(device), "copy_gbps": copy, "rows": rows}, args.out)
+    print(f"wrote {path}")
 
 
 def add_common_args(parser) -> None:  # noqa: ANN001

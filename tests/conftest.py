@@ -30,6 +30,27 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from threads, and on a small shared machine
+    a competing process stalls OpenMP's barrier waits (measured 10-20x slower training steps with
+    2 threads on 2 busy cores). For the SRFlow training and CLI tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory):
+    """A folder with three of the photos that ship with scikit-image, as PNG files."""
+    from srflow.data import write_bundled_photos
+
+    folder = tmp_path_factory.mktemp("photos")
+    write_bundled_photos(folder, ("astronaut", "chelsea", "coffee"))
+    return folder
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -17,29 +17,15 @@ import yaml
 from PIL import Image
 
 from srflow import cli
-from srflow.data import load_rgb, make_lr, save_rgb, write_bundled_photos
+from srflow.data import load_rgb, make_lr, save_rgb
 from srflow.train import TrainingObjective
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--preset", "tiny-4x", "--steps", "4", "--batch", "4", "--crop", "32", "--lr", "1e-3", "--val-every", "0"]
 TRAIN += ["--no-progress", "--cache-images", "--device", "cpu", "--log-every", "100"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny models gain little from threads; on a small shared machine a competing process
-    stalls OpenMP's barrier waits (see test_srflow_train)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    write_bundled_photos(folder, ("astronaut", "chelsea", "coffee"))
-    return folder
+# tiny models on a small shared machine: see the one_thread fixture in conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

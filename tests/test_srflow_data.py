@@ -110,7 +110,7 @@ def load_rgb_astronaut(size: int) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def two_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_bundled_photos(tmp_path_factory.mktemp("photos"), ("astronaut", "coffee"))[0].parent
 
 
@@ -123,12 +123,12 @@ def test_bundled_photos_are_written_once(tmp_path: Path) -> None:
         write_bundled_photos(tmp_path, ("camera",))
 
 
-def test_crops_are_a_pure_function_of_seed_epoch_and_index(photos: Path) -> None:
-    ds = HRImageDataset(photos, 4, crop=32, seed=3, repeat=3)
+def test_crops_are_a_pure_function_of_seed_epoch_and_index(two_photos: Path) -> None:
+    ds = HRImageDataset(two_photos, 4, crop=32, seed=3, repeat=3)
     assert len(ds) == 6
     hr, lr = ds[1]
     assert hr.shape == (3, 32, 32) and lr.shape == (3, 8, 8)
-    again = HRImageDataset(photos, 4, crop=32, seed=3, repeat=3)
+    again = HRImageDataset(two_photos, 4, crop=32, seed=3, repeat=3)
     assert torch.equal(again[1][0], hr) and torch.equal(again[1][1], lr)
     assert not torch.equal(ds[3][0], hr)  # the same file (1 % 2 == 3 % 2) with another crop
     ds.set_epoch(1)
@@ -136,19 +136,19 @@ def test_crops_are_a_pure_function_of_seed_epoch_and_index(photos: Path) -> None
     assert torch.equal(lr, make_lr(hr[None], 4)[0]) or torch.equal(lr, make_lr(hr.flip(-1)[None], 4)[0].flip(-1))
 
 
-def test_cache_gives_the_same_items(photos: Path) -> None:
-    plain, cached = HRImageDataset(photos, 4, crop=32), HRImageDataset(photos, 4, crop=32, cache=True)
+def test_cache_gives_the_same_items(two_photos: Path) -> None:
+    plain, cached = HRImageDataset(two_photos, 4, crop=32), HRImageDataset(two_photos, 4, crop=32, cache=True)
     for i in range(2):
         assert torch.equal(plain[i][0], cached[i][0]) and torch.equal(cached[i][0], cached[i][0])
 
 
-def test_center_crops_and_modcrop(photos: Path) -> None:
-    ds = HRImageDataset(photos, 4, crop=64, flips=False, multiple=8, center=True)
+def test_center_crops_and_modcrop(two_photos: Path) -> None:
+    ds = HRImageDataset(two_photos, 4, crop=64, flips=False, multiple=8, center=True)
     hr, lr = ds[0]
     assert hr.shape == (3, 64, 64) and lr.shape == (3, 16, 16)
-    full = load_rgb(list_images(photos)[0])  # astronaut, 512x512
+    full = load_rgb(list_images(two_photos)[0])  # astronaut, 512x512
     assert torch.equal(hr, full[:, 224:288, 224:288])
-    whole = HRImageDataset(photos, 4, crop=None, flips=False, multiple=8)
+    whole = HRImageDataset(two_photos, 4, crop=None, flips=False, multiple=8)
     assert whole[1][0].shape[1] % 8 == 0 and whole[1][0].shape[2] % 8 == 0  # coffee 400x600
 
 
@@ -221,12 +221,12 @@ def test_grayscale_and_rgba_images_are_converted_with_a_warning(tmp_path: Path) 
     assert torch.allclose(color[1], torch.full_like(color[1], 200 / 255)) and color[0].abs().max() == 0
 
 
-def test_dataset_argument_checks(photos: Path) -> None:
+def test_dataset_argument_checks(two_photos: Path) -> None:
     with pytest.raises(ValueError, match="not divisible by the scale"):
-        HRImageDataset(photos, 4, crop=30)
+        HRImageDataset(two_photos, 4, crop=30)
     with pytest.raises(ValueError, match="repeat"):
-        HRImageDataset(photos, 4, crop=32, repeat=0)
+        HRImageDataset(two_photos, 4, crop=32, repeat=0)
     with pytest.raises(FileNotFoundError, match="LR folder"):
-        HRImageDataset(photos, 4, crop=32, lr_root=photos / "missing")
+        HRImageDataset(two_photos, 4, crop=32, lr_root=two_photos / "missing")
     with pytest.raises(IndexError):
-        HRImageDataset(photos, 4, crop=32)[2]
+        HRImageDataset(two_photos, 4, crop=32)[2]

@@ -30,7 +30,6 @@ import torch
 import flowkernels as fk
 from srflow import SRFlow
 from srflow.checkpoint import CheckpointError
-from srflow.data import write_bundled_photos
 from srflow.train import (
     ConfigError,
     NonFiniteTrainingError,
@@ -54,22 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 DDP_ATOL = 1e-5
 CONVERGENCE_ATOL_BITS = 1e-2
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny models gain little from threads, and on a small shared machine a competing process
-    stalls OpenMP's barrier waits (measured: 10-20x slower steps with 2 threads on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    write_bundled_photos(folder, ("astronaut", "chelsea", "coffee"))
-    return folder
+# tiny models on a small shared machine: see the one_thread fixture in conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(photos: Path, out: Path, **changes: object) -> TrainConfig:

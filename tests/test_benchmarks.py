@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end on tiny shapes (``--smoke``) on the CPU, and the report
+turns their JSON into Markdown: scripts/gpu_check.sh depends on them, and a GPU run is too
+scarce to find a broken script there. Nothing here looks at timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowkernels import dispatch
+
+ROOT = Path(__file__).resolve().parents[1]
+# the C++ kernels when the extension is built (it is in CI), else the eager reference alone
+KERNELS = "eager" if dispatch.refusals("cuda", torch.zeros(1, 2, 2, 2)) else "eager,cuda"
+
+
+def _run(module: str, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLOWKERNELS_POISON_OUTPUTS": "0"}
+    subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    common = ["--device", "cpu", "--smoke", "--out", str(out)]
+    _run("benchmarks.bench_actnorm_conv", *common, "--providers", KERNELS, "--modes", "fwd,bwd")
+    _run("benchmarks.bench_affine_coupling", *common, "--providers", KERNELS, "--modes", "inv,full")
+    _run("benchmarks.bench_stack", *common, "--providers", "eager,checkpoint,ms-reference", "--modes", "full")
+    _run("benchmarks.bench_memory", *common)
+    _run("benchmarks.bench_srflow", *common, "--variants", "official,ms-reference-cl", "--steps", "1")
+    _run("benchmarks.report", str(out))
+    return out
+
+
+def test_every_benchmark_writes_rows_without_errors(results: Path):
+    for name in ("bench_actnorm_conv", "bench_affine_coupling", "bench_stack", "bench_memory"):
+        rows = json.loads((results / f"{name}.json").read_text())["rows"]
+        assert rows, name
+        assert not [r for r in rows if "error" in r], f"{name}: {[r['error'] for r in rows if 'error' in r]}"
+    srflow = json.loads((results / "bench_srflow_tiny-4x.json").read_text())
+    assert [r["variant"] for r in srflow["results"]] == ["official", "ms-reference-cl"]
+    assert all("error" not in r and len(r["points"]) == 2 for r in srflow["results"])
+
+
+def test_report_has_every_section(results: Path):
+    report = (results / "report.md").read_text()
+    for title in ("ActNorm + 1x1 conv", "Affine coupling", "16-step stack", "SRFlow tiny-4x", "memory vs depth"):
+        assert title in report
+    assert (results / "memory_vs_depth.png").stat().st_size > 0
