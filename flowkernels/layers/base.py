@@ -89,13 +89,16 @@ class StepGrads(NamedTuple):
 
 
 def module_pullback(
-    module: nn.Module, *inputs: Tensor
+    module: nn.Module, *inputs: Tensor, input_grads: Sequence[bool] | None = None
 ) -> tuple[Tensor, Callable[[Tensor], tuple[tuple[Tensor | None, ...], list[Tensor | None]]]]:
     """Evaluate ``module(*inputs)`` once with grad and return ``(out, pull)``.
 
-    ``pull(grad_out)`` returns (grads of the inputs, grads of the module's trainable parameters).
+    ``pull(grad_out)`` returns (grads of the inputs, grads of the module's trainable parameters);
+    ``input_grads`` says which inputs need one (default all): skipping an input skips e.g. the
+    data gradient of a first convolution over a frozen encoder's 320 conditioning channels.
     Eagerly this is ``torch.autograd.grad`` (cheapest); under ``torch.compile`` it is
-    ``torch.func.vjp`` over ``functional_call``, which Dynamo can trace inside a backward.
+    ``torch.func.vjp`` over ``functional_call``, which Dynamo can trace inside a backward (it
+    returns every input's gradient).
     """
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     params = [p for p in module.parameters() if p.requires_grad]
@@ -112,13 +115,16 @@ def module_pullback(
 
         return out, pull_compiled
 
+    wanted = [True] * len(inputs) if input_grads is None else list(input_grads)
     with torch.enable_grad():
-        detached = tuple(t.detach().requires_grad_(True) for t in inputs)
-        out = module(*detached)
+        leaves = tuple(t.detach().requires_grad_(w) for t, w in zip(inputs, wanted))
+        out = module(*leaves)
 
     def pull(grad_out: Tensor) -> tuple[tuple[Tensor | None, ...], list[Tensor | None]]:
-        grads = torch.autograd.grad(out, (*detached, *params), grad_out, allow_unused=True)
-        return grads[: len(detached)], list(grads[len(detached) :])
+        wrt = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, (*wrt, *params), grad_out, allow_unused=True))
+        g_in = tuple(next(grads) if t.requires_grad else None for t in leaves)
+        return g_in, list(grads)
 
     return out.detach(), pull
 

@@ -205,9 +205,13 @@ class AffineCoupling(FusedLayer):
         parameter gradients keyed by ``id(param)``)."""
         stages = self.stages()
         named: dict[int, Tensor | None] = {}
-        grad_cond = torch.zeros_like(cond) if cond is not None and self.cond_channels else None
+        # cond as saved by the unit keeps requires_grad: False for a frozen encoder's features
+        cond_grad = cond is not None and bool(self.cond_channels) and cond.requires_grad
+        grad_cond = torch.zeros_like(cond) if cond_grad else None
         for stage in stages if reverse else reversed(stages):
-            h, pull = module_pullback(stage.subnet, self._stage_input(stage, out, cond))
+            h, pull = module_pullback(
+                stage.subnet, self._stage_input(stage, out, cond), input_grads=[stage.reads_x or cond_grad]
+            )
             keep = None
             if reverse and self.inverse_scale_floor is not None:
                 h, keep = floor_scale(h, self.inverse_scale_floor, self.eps)
@@ -229,7 +233,7 @@ class AffineCoupling(FusedLayer):
             if stage.reads_x:
                 grad_out[:, : stage.passive] += g_in[:, : stage.passive]
                 g_in = g_in[:, stage.passive :]
-            if grad_cond is not None:
+            if grad_cond is not None and g_in is not None:
                 grad_cond += g_in
             params = [p for p in stage.subnet.parameters() if p.requires_grad]
             named.update(zip(map(id, params), g_params))
