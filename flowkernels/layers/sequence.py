@@ -63,8 +63,8 @@ class _InvertibleBackprop(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor | None, grad_logdet: Tensor | None):  # noqa: ANN001, ANN205
         plan: _Plan = ctx.plan
-        # Eagerly the unit refuses a second backward (its recompute consumed nothing, but running it
-        # twice is never what the caller wants); torch.compile traces this once, so it skips the flag.
+        # A second backward through the same graph is refused (DESIGN.md section 3). Under
+        # torch.compile the backward is traced once, so no per-call flag can be kept there.
         if not torch.compiler.is_compiling():
             if ctx.used:
                 raise RuntimeError(
