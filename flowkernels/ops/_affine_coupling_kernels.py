@@ -79,33 +79,36 @@ def _round_to(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def _affine_coupling_fwd_kernel(
-    x_ptr,
+def _affine_coupling_apply_kernel(
+    in_ptr,
     h_ptr,
-    y_ptr,
+    out_ptr,
     logs_part_ptr,
     C,
     HW,
     passive,
     eps,
-    stride_xb,
-    stride_xc,
-    stride_xw,
+    stride_inb,
+    stride_inc,
+    stride_inw,
     stride_hb,
     stride_hc,
     stride_hw,
-    stride_yb,
-    stride_yc,
-    stride_yw,
+    stride_outb,
+    stride_outc,
+    stride_outw,
     SHIFT_FIRST: tl.constexpr,
+    INVERSE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """Forward on one (BLOCK_C channels x BLOCK_P pixels) tile of sample b.
+    """Forward (``INVERSE=False``) or inverse on one (BLOCK_C channels x BLOCK_P pixels) tile of
+    sample b: the kernel of both ``affine_coupling_fwd_triton`` and ``affine_coupling_inv_triton``.
 
-    Grid ``(cdiv(HW, BLOCK_P), B, cdiv(C, BLOCK_C))``. Reads the x tile and, for active channels
-    only, the matching shift/raw rows of h; writes the y tile (passive channels copied) and the
-    tile's fp32 ``sum log s`` to ``logs_part[b, pid_p * n_cblocks + pid_c]``.
+    Grid ``(cdiv(HW, BLOCK_P), B, cdiv(C, BLOCK_C))``. Reads the input tile and, for active
+    channels only, the matching shift/raw rows of h; writes the output tile (passive channels
+    copied) and the tile's fp32 ``sum log s`` to ``logs_part[b, pid_p * n_cblocks + pid_c]`` (for
+    the inverse too: the reduction subtracts it).
     """
     pid_p = tl.program_id(0)
     b = tl.program_id(1)
@@ -119,59 +122,15 @@ def _affine_coupling_fwd_kernel(
     active = (c >= passive) & (c < C)
     act_ok = active[:, None] & p_ok
     a = tl.where(active, c - passive, 0)
-    x = tl.load(x_ptr + b64 * stride_xb + c[:, None] * stride_xc + p[None, :] * stride_xw, mask=tile_ok, other=0.0)
+    v = tl.load(in_ptr + b64 * stride_inb + c[:, None] * stride_inc + p[None, :] * stride_inw, mask=tile_ok, other=0.0)
     shift, s, _ = _shift_and_scale(h_ptr, b64, a, p, act_ok, stride_hb, stride_hc, stride_hw, eps)
-    y = (x + shift) * s if SHIFT_FIRST else x * s + shift
-    y = tl.where(active[:, None], y, x)
-    tl.store(y_ptr + b64 * stride_yb + c[:, None] * stride_yc + p[None, :] * stride_yw, y, mask=tile_ok)
-    logs = tl.where(act_ok, tl.log(s), 0.0)
-    slot = b64 * tl.num_programs(0) * n_cblocks + pid_p * n_cblocks + pid_c
-    tl.store(logs_part_ptr + slot, tl.sum(tl.sum(logs, axis=1), axis=0))
-
-
-@triton.jit
-def _affine_coupling_inv_kernel(
-    y_ptr,
-    h_ptr,
-    x_ptr,
-    logs_part_ptr,
-    C,
-    HW,
-    passive,
-    eps,
-    stride_yb,
-    stride_yc,
-    stride_yw,
-    stride_hb,
-    stride_hc,
-    stride_hw,
-    stride_xb,
-    stride_xc,
-    stride_xw,
-    SHIFT_FIRST: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    """Inverse on one (BLOCK_C x BLOCK_P) tile of sample b; grid, reads and partials as in
-    :func:`_affine_coupling_fwd_kernel` (the partial is ``+sum log s``, the reduction negates)."""
-    pid_p = tl.program_id(0)
-    b = tl.program_id(1)
-    pid_c = tl.program_id(2)
-    n_cblocks = tl.num_programs(2)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    b64 = b.to(tl.int64)
-    p_ok = (p < HW)[None, :]
-    tile_ok = (c < C)[:, None] & p_ok
-    active = (c >= passive) & (c < C)
-    act_ok = active[:, None] & p_ok
-    a = tl.where(active, c - passive, 0)
-    y = tl.load(y_ptr + b64 * stride_yb + c[:, None] * stride_yc + p[None, :] * stride_yw, mask=tile_ok, other=0.0)
-    shift, s, _ = _shift_and_scale(h_ptr, b64, a, p, act_ok, stride_hb, stride_hc, stride_hw, eps)
-    # Divides by s >= eps (1e-4 in SRFlow): errors in y grow by up to 1/eps.
-    x = y / s - shift if SHIFT_FIRST else (y - shift) / s
-    x = tl.where(active[:, None], x, y)
-    tl.store(x_ptr + b64 * stride_xb + c[:, None] * stride_xc + p[None, :] * stride_xw, x, mask=tile_ok)
+    if INVERSE:
+        # Divides by s >= eps (1e-4 in SRFlow): errors in the input grow by up to 1/eps.
+        out = v / s - shift if SHIFT_FIRST else (v - shift) / s
+    else:
+        out = (v + shift) * s if SHIFT_FIRST else v * s + shift
+    out = tl.where(active[:, None], out, v)
+    tl.store(out_ptr + b64 * stride_outb + c[:, None] * stride_outc + p[None, :] * stride_outw, out, mask=tile_ok)
     logs = tl.where(act_ok, tl.log(s), 0.0)
     slot = b64 * tl.num_programs(0) * n_cblocks + pid_p * n_cblocks + pid_c
     tl.store(logs_part_ptr + slot, tl.sum(tl.sum(logs, axis=1), axis=0))
@@ -332,8 +291,8 @@ def _check(x: Tensor, h: Tensor, passive: int) -> None:
 def _apply(
     inverse: bool, inp: Tensor, h: Tensor, logdet: Tensor, passive: int, shift_first: bool, eps: float
 ) -> Tensor:
-    """Shared launcher of the forward (``inverse=False``) or inverse kernel and the log-det
-    reduction: two launches, the output allocated like ``inp``."""
+    """Launch the forward (``inverse=False``) or inverse kernel and the log-det reduction: two
+    launches, the output allocated like ``inp``."""
     _check(inp, h, passive)
     batch, c, height, width = inp.shape
     hw = height * width
@@ -342,8 +301,7 @@ def _apply(
     out = torch.empty_like(inp)
     logs_part = inp.new_empty((batch, grid[0] * grid[2]), dtype=torch.float32)
     poison(out, logs_part)
-    kernel = _affine_coupling_inv_kernel if inverse else _affine_coupling_fwd_kernel
-    launcher(kernel)[grid](
+    launcher(_affine_coupling_apply_kernel)[grid](
         inp,
         h,
         out,
@@ -356,6 +314,7 @@ def _apply(
         *bcp_strides("h", h),
         *bcp_strides("out", out),
         SHIFT_FIRST=shift_first,
+        INVERSE=inverse,
         BLOCK_C=block_c,
         BLOCK_P=block_p,
         num_warps=_NUM_WARPS,
@@ -455,7 +414,7 @@ def _affine_coupling_bwd_triton(
     return inp, grad_inp, grad_h
 
 
-if not isinstance(_affine_coupling_fwd_kernel, triton.runtime.JITFunction):
+if not isinstance(_affine_coupling_apply_kernel, triton.runtime.JITFunction):
     # Under TRITON_INTERPRET=1 the launcher bodies cannot run on FakeTensors (the interpreter
     # copies tensor storage to the host), so the fake that triton_op derives from them is
     # replaced by the C++ ops' fakes, which give the same output metadata. Compiled Triton
