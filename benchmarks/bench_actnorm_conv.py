@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import Unsupported, op_main
+from benchmarks.common import Unsupported, kernel_case, op_main, reference_case
 from flowkernels import dispatch, ops, reference
 
 SRFLOW_SHAPES = [(16, 12, 80, 80), (16, 24, 40, 40), (16, 96, 20, 20)]  # 4x levels 1-3 at 160x160 HR
@@ -35,21 +35,8 @@ def factory(case: dict, provider: str, mode: str, device: torch.device):
     tensor_bytes = x.numel() * 4
     nbytes = {"fwd": 2, "inv": 2, "bwd": 4, "full": 6}[mode] * tensor_bytes
     if provider in ("eager", "compile"):
-        fwd = reference.actnorm_conv_inv if mode == "inv" else reference.actnorm_conv_fwd
-        if provider == "compile":
-            fwd = torch.compile(fwd)
-        if mode in ("fwd", "inv"):
-            return (lambda: fwd(x, weight, logs, bias)), nbytes
-        leaves = [t.clone().requires_grad_(True) for t in (x, weight, logs, bias)]
-
-        def full() -> object:
-            y, ld = fwd(*leaves)
-            return torch.autograd.grad((y, ld), leaves, (g_out, g_ld))
-
-        if mode == "full":
-            return full, nbytes
-        y, ld = fwd(*leaves)
-        return (lambda: torch.autograd.grad((y, ld), leaves, (g_out, g_ld), retain_graph=True)), nbytes
+        fwd, inv = reference.actnorm_conv_fwd, reference.actnorm_conv_inv
+        return reference_case(fwd, inv, provider, mode, [x, weight, logs, bias], (), (g_out, g_ld)), nbytes
     why = dispatch.refusals(provider, x)
     if why:
         raise Unsupported("; ".join(why))
@@ -65,14 +52,7 @@ def factory(case: dict, provider: str, mode: str, device: torch.device):
             y, g_out, g_ld, weight, logs, bias, weight_inv=stats["weight_inv"], backend=provider
         )
 
-    def fwd_kernel() -> object:
-        return op(x, weight, logs, bias, logdet, backend=provider, **stats)
-
-    if mode in ("fwd", "inv"):
-        return fwd_kernel, nbytes
-    if mode == "bwd":
-        return bwd, nbytes
-    return (lambda: (fwd_kernel(), bwd())), nbytes
+    return kernel_case(mode, lambda: op(x, weight, logs, bias, logdet, backend=provider, **stats), bwd), nbytes
 
 
 def cases(smoke: bool, levels: list[int]) -> list[dict]:

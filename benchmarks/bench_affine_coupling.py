@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.bench_actnorm_conv import SMOKE_SHAPES, SRFLOW_SHAPES
-from benchmarks.common import Unsupported, op_main
+from benchmarks.common import Unsupported, kernel_case, op_main, reference_case
 from flowkernels import dispatch, ops, reference
 
 
@@ -28,21 +28,8 @@ def factory(case: dict, provider: str, mode: str, device: torch.device):
     xb, hb = x.numel() * 4, h.numel() * h.element_size()
     nbytes = {"fwd": 2 * xb + hb, "inv": 2 * xb + hb, "bwd": 4 * xb + 2 * hb, "full": 6 * xb + 3 * hb}[mode]
     if provider in ("eager", "compile"):
-        fwd = reference.affine_coupling_inv if mode == "inv" else reference.affine_coupling_fwd
-        if provider == "compile":
-            fwd = torch.compile(fwd)
-        if mode in ("fwd", "inv"):
-            return (lambda: fwd(x, h, passive)), nbytes
-        leaves = [x.clone().requires_grad_(True), h.clone().requires_grad_(True)]
-
-        def full() -> object:
-            y, ld = fwd(*leaves, passive)
-            return torch.autograd.grad((y, ld), leaves, (g_out, g_ld))
-
-        if mode == "full":
-            return full, nbytes
-        y, ld = fwd(*leaves, passive)
-        return (lambda: torch.autograd.grad((y, ld), leaves, (g_out, g_ld), retain_graph=True)), nbytes
+        fwd, inv = reference.affine_coupling_fwd, reference.affine_coupling_inv
+        return reference_case(fwd, inv, provider, mode, [x, h], (passive,), (g_out, g_ld)), nbytes
     why = dispatch.refusals(provider, x, h)
     if why:
         raise Unsupported("; ".join(why))
@@ -51,17 +38,10 @@ def factory(case: dict, provider: str, mode: str, device: torch.device):
     with torch.no_grad():
         y, _ = ops.affine_coupling_fwd(x, h, logdet, passive=passive, backend=provider)
 
-    def fwd_kernel() -> object:
-        return op(x, h, logdet, passive=passive, backend=provider)
-
     def bwd() -> object:
         return ops.affine_coupling_bwd(y, h, g_out, g_ld, passive=passive, backend=provider)
 
-    if mode in ("fwd", "inv"):
-        return fwd_kernel, nbytes
-    if mode == "bwd":
-        return bwd, nbytes
-    return (lambda: (fwd_kernel(), bwd())), nbytes
+    return kernel_case(mode, lambda: op(x, h, logdet, passive=passive, backend=provider), bwd), nbytes
 
 
 def cases(smoke: bool, levels: list[int]) -> list[dict]:

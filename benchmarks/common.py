@@ -158,6 +158,36 @@ def _format_row(row: dict) -> str:
     return f"{head}: {row.get('error') or 'skipped: ' + row.get('skipped', '')}"
 
 
+def reference_case(
+    fwd: Callable, inv: Callable, provider: str, mode: str, tensors: list[torch.Tensor], extra: tuple, cotangents: tuple
+) -> Callable[[], object]:
+    """The ``eager``/``compile`` providers of a per-op benchmark, from the reference functions.
+
+    ``fwd``/``inv`` run without grad; ``bwd`` is the autograd backward of a stored graph (what
+    eager training pays after its forward), ``full`` forward + backward; gradients w.r.t.
+    ``tensors``, with the (y, logdet) cotangents given.
+    """
+    fn = inv if mode == "inv" else fwd
+    if provider == "compile":
+        fn = torch.compile(fn)
+    if mode in ("fwd", "inv"):
+        return lambda: fn(*tensors, *extra)
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+    if mode == "full":
+        return lambda: torch.autograd.grad(fn(*leaves, *extra), leaves, cotangents)
+    outputs = fn(*leaves, *extra)
+    return lambda: torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True)
+
+
+def kernel_case(mode: str, fwd: Callable[[], object], bwd: Callable[[], object]) -> Callable[[], object]:
+    """A kernel provider's call for ``mode``: the op (fwd/inv), its recompute backward, or both."""
+    if mode in ("fwd", "inv"):
+        return fwd
+    if mode == "bwd":
+        return bwd
+    return lambda: (fwd(), bwd())
+
+
 def op_main(op: str, doc: str, cases: Callable[[bool, list[int]], list[dict]], factory: Callable) -> None:
     """The command line of a per-op benchmark (bench_<op>.py): providers x modes x SRFlow levels.
 
