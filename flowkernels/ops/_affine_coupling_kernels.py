@@ -67,6 +67,19 @@ def _shift_and_scale(h_ptr, b64, a, p, mask, stride_hb, stride_hc, stride_hw, ep
 
 
 @triton.jit
+def _tile(C, HW, passive, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """This program's tile: channels c (BLOCK_C) and pixels p (BLOCK_P) of sample b (grid axes
+    2, 0, 1), its bounds mask, which channels are active (c >= passive) and their index a into
+    the h pairs. Returns ``(c, p, b as int64, tile_ok, active, act_ok, a)``."""
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = (p < HW)[None, :]
+    active = (c >= passive) & (c < C)
+    a = tl.where(active, c - passive, 0)
+    return c, p, tl.program_id(1).to(tl.int64), (c < C)[:, None] & p_ok, active, active[:, None] & p_ok, a
+
+
+@triton.jit
 def _round_to(v, dtype: tl.constexpr):
     """fp32 ``v`` to ``dtype``; to bfloat16 by explicit round-to-nearest-even on the bits (what
     torch's ``.to(torch.bfloat16)`` does). Compiled Triton rounds to nearest even by default too,
@@ -110,18 +123,8 @@ def _affine_coupling_apply_kernel(
     copied) and the tile's fp32 ``sum log s`` to ``logs_part[b, pid_p * n_cblocks + pid_c]`` (for
     the inverse too: the reduction subtracts it).
     """
-    pid_p = tl.program_id(0)
-    b = tl.program_id(1)
-    pid_c = tl.program_id(2)
+    c, p, b64, tile_ok, active, act_ok, a = _tile(C, HW, passive, BLOCK_C, BLOCK_P)
     n_cblocks = tl.num_programs(2)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    b64 = b.to(tl.int64)
-    p_ok = (p < HW)[None, :]
-    tile_ok = (c < C)[:, None] & p_ok
-    active = (c >= passive) & (c < C)
-    act_ok = active[:, None] & p_ok
-    a = tl.where(active, c - passive, 0)
     v = tl.load(in_ptr + b64 * stride_inb + c[:, None] * stride_inc + p[None, :] * stride_inw, mask=tile_ok, other=0.0)
     shift, s, _ = _shift_and_scale(h_ptr, b64, a, p, act_ok, stride_hb, stride_hc, stride_hw, eps)
     if INVERSE:
@@ -132,7 +135,7 @@ def _affine_coupling_apply_kernel(
     out = tl.where(active[:, None], out, v)
     tl.store(out_ptr + b64 * stride_outb + c[:, None] * stride_outc + p[None, :] * stride_outw, out, mask=tile_ok)
     logs = tl.where(act_ok, tl.log(s), 0.0)
-    slot = b64 * tl.num_programs(0) * n_cblocks + pid_p * n_cblocks + pid_c
+    slot = b64 * tl.num_programs(0) * n_cblocks + tl.program_id(0) * n_cblocks + tl.program_id(2)
     tl.store(logs_part_ptr + slot, tl.sum(tl.sum(logs, axis=1), axis=0))
 
 
@@ -209,17 +212,7 @@ def _affine_coupling_bwd_kernel(
       ``g_inp = g/s``, ``g_t = -g/s``, ``g_s = -(g out + gl)/s``.
     * ``g_raw = g_s sig (1 - sig)``.
     """
-    pid_p = tl.program_id(0)
-    b = tl.program_id(1)
-    pid_c = tl.program_id(2)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    b64 = b.to(tl.int64)
-    p_ok = (p < HW)[None, :]
-    tile_ok = (c < C)[:, None] & p_ok
-    active = (c >= passive) & (c < C)
-    act_ok = active[:, None] & p_ok
-    a = tl.where(active, c - passive, 0)
+    c, p, b64, tile_ok, active, act_ok, a = _tile(C, HW, passive, BLOCK_C, BLOCK_P)
     out = tl.load(
         out_ptr + b64 * stride_outb + c[:, None] * stride_outc + p[None, :] * stride_outw, mask=tile_ok, other=0.0
     )
@@ -228,7 +221,7 @@ def _affine_coupling_bwd_kernel(
         mask=tile_ok,
         other=0.0,
     )
-    gl = tl.load(grad_logdet_ptr + b * stride_grad_logdet)
+    gl = tl.load(grad_logdet_ptr + b64 * stride_grad_logdet)
     shift, s, sig = _shift_and_scale(h_ptr, b64, a, p, act_ok, stride_hb, stride_hc, stride_hw, eps)
     # Masked-off (passive, padded) lanes have s = sigmoid(2) + eps > 0: no division by zero.
     # Divisions are by s >= eps (1e-4 in SRFlow): errors grow by up to 1/eps.
