@@ -7,7 +7,15 @@ Backends: :mod:`flowkernels.dispatch`.
 """
 
 from . import ops, reference
-from .dispatch import BackendUnavailableError, get_backend, select_backend, set_backend, use_backend
+from .dispatch import (
+    BACKENDS,
+    BackendUnavailableError,
+    get_backend,
+    select_backend,
+    set_backend,
+    use_backend,
+    validate_backend,
+)
 from .layers import (
     ActNorm,
     ActNorm2d,
@@ -23,12 +31,15 @@ from .layers import (
     Squeeze,
     initialize_actnorms,
     make_subnet,
+    validate_keep_every,
+    validate_scale_floor,
 )
 from .memory import saved_tensor_bytes
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BACKENDS",
     "ActNorm",
     "ActNorm2d",
     "AffineCoupling",
@@ -51,4 +62,7 @@ __all__ = [
     "select_backend",
     "set_backend",
     "use_backend",
+    "validate_backend",
+    "validate_keep_every",
+    "validate_scale_floor",
 ]

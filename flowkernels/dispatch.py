@@ -33,6 +33,7 @@ __all__ = [
     "get_backend",
     "set_backend",
     "use_backend",
+    "validate_backend",
     "select_backend",
     "refusals",
     "load_extension",
@@ -54,13 +55,18 @@ class BackendUnavailableError(RuntimeError):
     """A backend named explicitly cannot take the given inputs; the message says why."""
 
 
-def _validate(name: str) -> str:
+def validate_backend(name: str | None, *, allow_none: bool = False) -> str | None:
+    """Return ``name`` if it is a backend name or ``"auto"`` (or None where ``allow_none``: "follow
+    the global default"); otherwise raise ValueError naming the allowed values."""
+    if name is None and allow_none:
+        return None
     if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS + ('auto',)}, got {name!r}")
+        none = " or None (the global default)" if allow_none else ""
+        raise ValueError(f"backend: expected one of {BACKENDS + ('auto',)}{none}, got {name!r}")
     return name
 
 
-_default_backend = _validate(os.environ.get("FLOWKERNELS_BACKEND", "auto"))
+_default_backend = validate_backend(os.environ.get("FLOWKERNELS_BACKEND", "auto"))
 
 
 def get_backend() -> str:
@@ -71,7 +77,7 @@ def get_backend() -> str:
 def set_backend(name: str) -> None:
     """Set the default backend: ``"cuda"``, ``"triton"``, ``"reference"`` or ``"auto"``."""
     global _default_backend
-    _default_backend = _validate(name)
+    _default_backend = validate_backend(name)
 
 
 @contextlib.contextmanager
@@ -216,7 +222,7 @@ def select_backend(requested: str | None, x: Tensor, h: Tensor | None = None) ->
     ``"auto"`` walks :data:`AUTO_PRIORITY` for ``x.device.type`` and takes the first backend
     without refusals. A named backend that refuses raises :class:`BackendUnavailableError`.
     """
-    name = _validate(requested if requested is not None else get_backend())
+    name = validate_backend(requested if requested is not None else get_backend())
     if name == "auto":
         for candidate in AUTO_PRIORITY.get(x.device.type, ("reference",)):
             if not refusals(candidate, x, h):

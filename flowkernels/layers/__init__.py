@@ -2,10 +2,10 @@
 
 from .actnorm import ActNorm, ActNorm2d, initialize_actnorms
 from .base import InvertibleModule, StepGrads
-from .coupling import AffineCoupling, CondAffineCoupling, Conv2dActNorm, Conv2dZeros, make_subnet
+from .coupling import AffineCoupling, CondAffineCoupling, Conv2dActNorm, Conv2dZeros, make_subnet, validate_scale_floor
 from .flowstep import FlowStep
 from .invconv import InvConv1x1
-from .sequence import FlowSequence, invertible_backprop
+from .sequence import FlowSequence, invertible_backprop, validate_keep_every
 from .split import Split2d
 from .squeeze import Squeeze
 
@@ -26,4 +26,6 @@ __all__ = [
     "initialize_actnorms",
     "invertible_backprop",
     "make_subnet",
+    "validate_keep_every",
+    "validate_scale_floor",
 ]

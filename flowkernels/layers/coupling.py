@@ -39,7 +39,15 @@ from .base import (
     module_pullback,
 )
 
-__all__ = ["Conv2dActNorm", "Conv2dZeros", "make_subnet", "AffineCoupling", "CondAffineCoupling", "Stage"]
+__all__ = [
+    "Conv2dActNorm",
+    "Conv2dZeros",
+    "make_subnet",
+    "AffineCoupling",
+    "CondAffineCoupling",
+    "Stage",
+    "validate_scale_floor",
+]
 
 
 class Conv2dActNorm(nn.Module):
@@ -87,15 +95,22 @@ def make_subnet(in_channels: int, out_channels: int, hidden: int = 64) -> nn.Seq
     )
 
 
+def validate_scale_floor(floor: float, eps: float, name: str = "min_scale") -> float:
+    """Return ``floor`` as a float if it lies in (eps, 1 + eps), the range of ``s``; else raise
+    ValueError naming the argument ``name``."""
+    floor = float(floor)
+    if not eps < floor < 1.0 + eps:
+        raise ValueError(f"{name}: expected a value in ({eps}, {1.0 + eps}), got {floor}")
+    return floor
+
+
 def floor_scale(h: Tensor, floor: float, eps: float) -> tuple[Tensor, Tensor]:
     """Raise the raw scales of ``h`` so that ``s = sigmoid(raw + 2) + eps >= floor``.
 
     The inverse divides by s; the official model blows up (NaN, black patches) where s nears
     eps = 1e-4 on out-of-distribution latents. Returns (clamped h, mask of untouched raw entries).
     """
-    if not eps < floor < 1.0 + eps:
-        raise ValueError(f"inverse_scale_floor: expected a value in ({eps}, {1.0 + eps}), got {floor}")
-    p = floor - eps
+    p = validate_scale_floor(floor, eps, "inverse_scale_floor") - eps
     raw_min = math.log(p / (1.0 - p)) - 2.0 if p < 1.0 else math.inf
     raw = h[:, 1::2]
     keep = raw >= raw_min

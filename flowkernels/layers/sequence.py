@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .base import InvertibleModule, StepGrads, flat_grads, logdet_buffer
 
-__all__ = ["FlowSequence", "invertible_backprop"]
+__all__ = ["FlowSequence", "invertible_backprop", "validate_keep_every"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,6 +111,13 @@ def invertible_backprop(
     return _InvertibleBackprop.apply(plan, autocast, x, logdet, cond, *flat)
 
 
+def validate_keep_every(keep_every: int | None) -> int | None:
+    """Return ``keep_every`` if it is None or a positive integer; otherwise raise ValueError."""
+    if keep_every is not None and (isinstance(keep_every, bool) or not isinstance(keep_every, int) or keep_every < 1):
+        raise ValueError(f"keep_every: expected a positive integer or None, got {keep_every!r}")
+    return keep_every
+
+
 class FlowSequence(InvertibleModule):
     """A stack of invertible layers sharing one conditioning tensor.
 
@@ -136,10 +143,8 @@ class FlowSequence(InvertibleModule):
         for i, step in enumerate(self.steps):
             if not isinstance(step, InvertibleModule):
                 raise TypeError(f"steps[{i}]: expected an InvertibleModule, got {type(step).__name__}")
-        if keep_every is not None and keep_every < 1:
-            raise ValueError(f"keep_every: expected a positive integer or None, got {keep_every}")
         self.memory_saving = memory_saving
-        self.keep_every = keep_every
+        self.keep_every = validate_keep_every(keep_every)
 
     def extra_repr(self) -> str:
         return f"memory_saving={self.memory_saving}, keep_every={self.keep_every}"
