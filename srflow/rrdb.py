@@ -7,9 +7,11 @@ Architecture (nf features, gc growth channels; keys as in the official state_dic
   convolutions ``conv1..conv5`` of widths nf -> gc, nf+gc -> gc, ..., nf+4gc -> nf, LeakyReLU(0.2)
   after the first four, output ``0.2 * x5 + x``) and returns ``0.2 * RDB3(RDB2(RDB1(x))) + x``.
 * ``trunk_conv``: 3x3, nf -> nf; ``fea_up1 = fea + trunk_conv(fea)`` (the global residual).
-* ``upconv1..upconv{log2(scale)}``: each after a nearest x2 upsampling;
-  ``fea_up2 = upconv1(up(fea_up1))``, ``fea_up4 = upconv2(up(lrelu(fea_up2)))``, ... taken before
-  their LeakyReLU.
+* ``upconv1..upconv{log2(scale)}``: each after a nearest x2 upsampling and followed by a
+  LeakyReLU(0.2): ``fea_up2 = lrelu(upconv1(up(fea_up1)))``, ``fea_up4 = lrelu(upconv2(up(fea_up2)))``,
+  ... The features are taken *after* their LeakyReLU: the official RRDB builds it with
+  ``inplace=True`` and writes ``fea = lrelu(fea_up2)``, which overwrites the stored ``fea_up2``
+  (pinned by the official fixtures, ``tests/test_srflow_official.py``).
 * ``HRconv``, ``conv_last``: ESRGAN's image head. Present in the state_dict; the flow never uses it
   (nor the last upconv), so :meth:`RRDBNet.features` does not compute them.
 
@@ -147,9 +149,7 @@ class RRDBNet(nn.Module):
         needed_up = max((f for f in factors if f >= 2), default=1)
         fea = last_lr_fea
         for k in range(1, int(math.log2(needed_up)) + 1):
-            if k > 1:
-                fea = _lrelu(fea)
-            fea = getattr(self, f"upconv{k}")(F.interpolate(fea, scale_factor=2, mode="nearest"))
+            fea = _lrelu(getattr(self, f"upconv{k}")(F.interpolate(fea, scale_factor=2, mode="nearest")))
             feats[float(2**k)] = fea
         out = []
         for f in factors:

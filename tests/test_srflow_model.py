@@ -164,13 +164,21 @@ def test_level_structure(name: str, features: list[str], top: int) -> None:
 
 
 def test_conditioning_features_match_direct_computation() -> None:
-    """fea_up1 = trunk + global residual, fea_up2 = upconv1(nearest x2) before the LeakyReLU,
-    fea_up0 = 2x2 mean of fea_up1 (bilinear 1/2), each followed by the tapped blocks resized by
-    nearest (pixel repetition up, even pixels down)."""
-    model = tiny(4)
+    """The conditioning of tiny-8x (levels at 4x, 2x, 1x and 1/2 the LR size): fea_up1 = trunk +
+    global residual; fea_up2 = lrelu(upconv1(nearest x2 of fea_up1)) and fea_up4 =
+    lrelu(upconv2(nearest x2 of fea_up2)), AFTER the LeakyReLU (the official RRDB applies it in
+    place, so the stored feature is the activated one, and the next upconv reads that same
+    tensor); fea_up0 = 2x2 mean of fea_up1 (bilinear 1/2); each followed by the tapped blocks
+    resized by nearest (pixel repetition up, even pixels down). The official behaviour itself is
+    pinned by tests/test_srflow_official.py; this test names the parts."""
+    model = tiny(8)
     rrdb = model.RRDB
     lr = torch.rand(2, 3, 6, 8)
     cond = model.condition(lr)
+
+    def up(t: torch.Tensor, k: int) -> torch.Tensor:
+        return t.repeat_interleave(k, 2).repeat_interleave(k, 3)
+
     with torch.no_grad():
         fea = rrdb.conv_first(lr)
         taps = []
@@ -180,14 +188,16 @@ def test_conditioning_features_match_direct_computation() -> None:
                 taps.append(fea)
         blocks = torch.cat(taps, 1)
         up1 = fea + rrdb.trunk_conv(fea)
-        up2 = rrdb.upconv1(up1.repeat_interleave(2, 2).repeat_interleave(2, 3))
+        up2 = F.leaky_relu(rrdb.upconv1(up(up1, 2)), 0.2)
+        up4 = F.leaky_relu(rrdb.upconv2(up(up2, 2)), 0.2)
         up0 = 0.25 * (up1[:, :, 0::2, 0::2] + up1[:, :, 1::2, 0::2] + up1[:, :, 0::2, 1::2] + up1[:, :, 1::2, 1::2])
         expected = [
-            torch.cat([up2, blocks.repeat_interleave(2, 2).repeat_interleave(2, 3)], 1),
+            torch.cat([up4, up(blocks, 4)], 1),
+            torch.cat([up2, up(blocks, 2)], 1),
             torch.cat([up1, blocks], 1),
             torch.cat([up0, blocks[:, :, 0::2, 0::2]], 1),
         ]
-    assert [tuple(f.shape) for f in cond.features] == [(2, 96, 12, 16), (2, 96, 6, 8), (2, 96, 3, 4)]
+    assert [tuple(f.shape) for f in cond.features] == [(2, 96, 24, 32), (2, 96, 12, 16), (2, 96, 6, 8), (2, 96, 3, 4)]
     for got, want in zip(cond.features, expected):
         assert_rel_close(got, want, "forward")
 

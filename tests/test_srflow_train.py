@@ -50,7 +50,11 @@ from srflow.training_state import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DDP_ATOL = 1e-5
+# Two gloo ranks against one process: float32 reduction order alone makes the weights differ by
+# 5e-6 to 1.9e-5 after the 6 steps (measured before and after the RRDB conditioning fix), while a
+# DDP wrapper not rebuilt at the RRDB unfreeze differs by ~7e-3. 2e-4 sits 10x above the noise
+# and 35x below the failure it exists to catch.
+DDP_ATOL = 2e-4
 CONVERGENCE_ATOL_BITS = 1e-2
 
 # tiny models on a small shared machine: see the one_thread fixture in conftest.py
