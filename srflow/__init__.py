@@ -11,7 +11,7 @@ See :mod:`srflow.model` for units, the paper-vs-code choices and the sampling re
 ``srflow`` command line. Importing runs nothing.
 """
 
-from .checkpoint import CheckpointError
+from .official_checkpoint import CheckpointError
 from .flow import FlowUpsamplerNet
 from .model import QUANT, Conditioning, NonFiniteSampleWarning, SRFlow, dequantize
 from .presets import PRESETS, SRFlowPreset, get_preset

@@ -212,7 +212,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``srflow`` command line; returns the exit code (0 ok, 2 bad input, 3 diverged)."""
-    from .checkpoint import CheckpointError  # noqa: PLC0415
+    from .official_checkpoint import CheckpointError  # noqa: PLC0415
     from .train import ConfigError, NonFiniteTrainingError  # noqa: PLC0415
 
     parser = build_parser()

@@ -225,7 +225,7 @@ def _run(
 
 
 def _weights(result: TrainResult) -> dict[str, torch.Tensor]:
-    from .training_state import read_weights  # noqa: PLC0415
+    from .training_checkpoint import read_weights  # noqa: PLC0415
 
     if result.checkpoint is None:
         print("srflow demo: training wrote no checkpoint", file=sys.stderr)

@@ -26,12 +26,12 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .checkpoint import CheckpointError, check_state_dict
+from .official_checkpoint import CheckpointError, check_state_dict
 from .data import IMAGE_SUFFIXES, HRImageDataset, list_images, load_rgb, make_lr, save_rgb
 from .imresize import imresize
 from .model import NonFiniteSampleWarning, SRFlow
 from .presets import PRESETS, get_preset
-from .training_state import read_weights, resolve_checkpoint
+from .training_checkpoint import read_weights, resolve_checkpoint
 
 __all__ = [
     "default_device",

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 import flowkernels as fk
 
-from .checkpoint import as_state_dict, check_state_dict, read_state_dict, strip_prefix
+from .official_checkpoint import as_state_dict, check_state_dict, read_state_dict, strip_prefix
 from .flow import FlowUpsamplerNet
 from .presets import SRFlowPreset, get_preset
 from .rrdb import RRDBNet
@@ -213,7 +213,7 @@ class SRFlow(nn.Module):
 
         A file is read with ``torch.load(weights_only=True)`` (``.safetensors`` with safetensors)
         and never modified; a ``module.`` key prefix is stripped. Raises
-        :class:`~srflow.checkpoint.CheckpointError` (a ValueError) naming every missing key,
+        :class:`~srflow.official_checkpoint.CheckpointError` (a ValueError) naming every missing key,
         unexpected key and wrong shape, or why the file could not be read; FileNotFoundError for
         a missing file. Loaded ActNorms count as initialised (no data-dependent init).
         The model is on the CPU; move it with ``.to()``.

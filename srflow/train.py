@@ -69,11 +69,11 @@ from torch import Tensor, nn
 
 import flowkernels as fk
 
-from .checkpoint import CheckpointError, check_state_dict, read_state_dict, strip_prefix
+from .official_checkpoint import CheckpointError, check_state_dict, read_state_dict, strip_prefix
 from .data import HRImageDataset
 from .model import SRFlow
 from .presets import PRESETS, get_preset
-from .training_state import (
+from .training_checkpoint import (
     CHECKPOINT_DIR,
     CheckpointFiles,
     TrainingCheckpoint,

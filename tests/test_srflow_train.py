@@ -29,7 +29,7 @@ import torch
 
 import flowkernels as fk
 from srflow import SRFlow
-from srflow.checkpoint import CheckpointError
+from srflow.official_checkpoint import CheckpointError
 from srflow.train import (
     ConfigError,
     NonFiniteTrainingError,
@@ -41,7 +41,7 @@ from srflow.train import (
     resolve_config,
     train,
 )
-from srflow.training_state import (
+from srflow.training_checkpoint import (
     checkpoint_files,
     list_checkpoints,
     load_training_checkpoint,

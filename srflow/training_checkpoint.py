@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, as_state_dict, strip_prefix
+from .official_checkpoint import CheckpointError, as_state_dict, strip_prefix
 
 __all__ = [
     "CHECKPOINT_DIR",
