@@ -29,8 +29,8 @@ import torch
 
 import flowkernels as fk
 from srflow import SRFlow
-from srflow.official_checkpoint import CheckpointError
 from srflow.config import ConfigError, TrainConfig, config_from_dict, load_config, resolve_config
+from srflow.official_checkpoint import CheckpointError
 from srflow.train import NonFiniteTrainingError, TrainingObjective, learning_rate_factor, train
 from srflow.training_checkpoint import (
     checkpoint_files,
