@@ -6,17 +6,17 @@ checkpoints.
     zs = model.encode(hr, lr); sr = model.decode(lr, zs)         # exact round trip
     sr = model.sample(lr, temperature=0.9, seed=0)
 
-See :mod:`srflow.model` for units, the paper-vs-code choices and the sampling remedy,
-:mod:`srflow.train` (``TrainConfig``, ``train``) for training and :mod:`srflow.cli` for the
-``srflow`` command line. Importing runs nothing.
+``import srflow`` loads the model only (torch and flowkernels). See :mod:`srflow.model` for units,
+the paper-vs-code choices and the sampling remedy; training is :mod:`srflow.train` (``train``)
+with its options in :mod:`srflow.config` (``TrainConfig``), inference :mod:`srflow.infer`, and the
+``srflow`` command line :mod:`srflow.cli`. Importing runs nothing.
 """
 
-from .checkpoint import CheckpointError
 from .flow import FlowUpsamplerNet
 from .model import QUANT, Conditioning, NonFiniteSampleWarning, SRFlow, dequantize
+from .official_checkpoint import CheckpointError
 from .presets import PRESETS, SRFlowPreset, get_preset
 from .rrdb import RRDBNet
-from .train import TrainConfig, train
 
 __all__ = [
     "PRESETS",
@@ -28,8 +28,6 @@ __all__ = [
     "RRDBNet",
     "SRFlow",
     "SRFlowPreset",
-    "TrainConfig",
     "dequantize",
     "get_preset",
-    "train",
 ]

@@ -17,12 +17,16 @@ stopped by non-finite losses ends with exit code 3; Ctrl-C with 130. ``--debug``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-import types
 import typing
 from collections.abc import Sequence
+
+from .config import ConfigError, TrainConfig, config_from_dict, load_config, option_specs
+from .presets import PRESETS
+
+if typing.TYPE_CHECKING:
+    from .model import SRFlow
 
 __all__ = ["main", "build_parser"]
 
@@ -41,35 +45,22 @@ def _none_or(kind: type) -> typing.Callable[[str], object]:
     return convert
 
 
-def _metavar(name: str, kind: type) -> str:
-    if kind is str:
-        return "DIR" if name in ("data", "out", "lr_data", "val_data") else ("PATH" if name != "preset" else "NAME")
-    return kind.__name__.upper()
-
-
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (defaults suppressed: unset flags leave the YAML/defaults)."""
-    from .train import TrainConfig  # noqa: PLC0415
-
-    hints = typing.get_type_hints(TrainConfig)
     group = parser.add_argument_group("training options (override the config file; defaults in brackets)")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
-        base = next(a for a in args if a is not type(None)) if optional else hint
-        help_text = f"{f.metadata.get('help', '')} [{f.default!r}]".replace("%", "%%")
-        if base is bool:
+    for spec in option_specs():
+        flag = "--" + spec.name.replace("_", "-")
+        help_text = f"{spec.help} [{spec.default!r}]".replace("%", "%%")
+        if spec.base is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        elif typing.get_origin(base) is tuple:
-            item = typing.get_args(base)[0]
-            nargs = 2 if len(typing.get_args(base)) == 2 and typing.get_args(base)[1] is not Ellipsis else "+"
-            group.add_argument(flag, type=item, nargs=nargs, default=argparse.SUPPRESS, help=help_text, metavar="X")
-        else:
-            kind = _none_or(base) if optional else base
+        elif spec.nargs is not None:
             group.add_argument(
-                flag, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=base.__name__.upper()
+                flag, type=spec.base, nargs=spec.nargs, default=argparse.SUPPRESS, help=help_text, metavar="X"
+            )
+        else:
+            kind = _none_or(spec.base) if spec.optional else spec.base
+            group.add_argument(
+                flag, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=spec.base.__name__.upper()
             )
 
 
@@ -132,27 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_config(args: argparse.Namespace):  # noqa: ANN202
-    from .train import TrainConfig, load_config  # noqa: PLC0415
-
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The config file (or the defaults) with the flags given on the command line on top."""
     config = load_config(args.config) if args.config else TrainConfig()
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = {spec.name for spec in option_specs()}
     overrides = {k: v for k, v in vars(args).items() if k in names}
-    for key in ("lr_milestones", "val_temperatures", "betas"):
-        if key in overrides:
-            overrides[key] = tuple(overrides[key])
-    return dataclasses.replace(config, **overrides)
+    return config_from_dict(overrides, "command line", base=config)
 
 
-def _model(args: argparse.Namespace):  # noqa: ANN202
-    from .infer import load_model  # noqa: PLC0415
+def _model(args: argparse.Namespace) -> SRFlow:
+    # The flag combinations are checked here, in flag names; load_model checks the same in
+    # argument names for API callers.
+    if (args.checkpoint is None) == (args.official is None):
+        raise ValueError("pass exactly one of --checkpoint (a training checkpoint) and --official (an official .pth)")
+    if args.official is not None and args.preset is None:
+        raise ValueError(f"--official needs --preset (one of {', '.join(PRESETS)})")
+    from .infer import load_model  # noqa: PLC0415 (the inference stack, for the commands that use it)
 
     return load_model(args.checkpoint, args.official, args.preset, args.device, args.backend)
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
-        from .train import train  # noqa: PLC0415
+        from .train import train  # noqa: PLC0415 (the training stack, only for this command)
 
         result = train(_train_config(args))
         where = str(result.checkpoint.weights) if result.checkpoint else "none"
@@ -160,19 +153,19 @@ def _run(args: argparse.Namespace) -> int:
             print(f"trained to step {result.step} ({result.stopped}); checkpoint: {where}")
         return 0
     if args.command == "sample":
-        from .infer import sample_images  # noqa: PLC0415
+        from .infer import sample_images  # noqa: PLC0415 (the inference stack, only for this command)
 
         paths = sample_images(_model(args), args.images, args.out, args.temperature, args.n, args.seed, args.min_scale)
         print(f"wrote {len(paths)} images to {args.out} (grids: *_grid.png)")
         return 0
     if args.command == "transfer":
-        from .infer import transfer  # noqa: PLC0415
+        from .infer import transfer  # noqa: PLC0415 (the inference stack, only for this command)
 
         paths = transfer(_model(args), args.hr, args.out, args.lr, args.hr_lr, args.min_scale)
         print("wrote " + ", ".join(map(str, paths)))
         return 0
     if args.command == "eval":
-        from .infer import evaluate, format_table  # noqa: PLC0415
+        from .infer import evaluate, format_table  # noqa: PLC0415 (the inference stack, only for this command)
 
         result = evaluate(
             _model(args),
@@ -192,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {result.csv_path}")
         return 0
     if args.command == "demo":
-        from .demo import run_demo  # noqa: PLC0415
+        from .demo import run_demo  # noqa: PLC0415 (the whole stack, only for this command)
 
         run_demo(
             args.out, minutes=args.minutes, steps=args.steps, device=args.device, seed=args.seed, threads=args.threads
@@ -212,11 +205,12 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``srflow`` command line; returns the exit code (0 ok, 2 bad input, 3 diverged)."""
-    from .checkpoint import CheckpointError  # noqa: PLC0415
-    from .train import ConfigError, NonFiniteTrainingError  # noqa: PLC0415
-
     parser = build_parser()
     args = parser.parse_args(argv)
+    # After parsing, so that --help and usage errors do not load the training stack (Pillow, ...).
+    from .official_checkpoint import CheckpointError  # noqa: PLC0415
+    from .train import NonFiniteTrainingError  # noqa: PLC0415
+
     if args.debug or os.environ.get("SRFLOW_DEBUG") == "1":
         return _run(args)
     rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None

@@ -28,12 +28,15 @@ from pathlib import Path
 
 import torch
 
+import flowkernels as fk
+
+from .config import TrainConfig
 from .data import HRImageDataset, load_rgb, make_lr, save_rgb, write_bundled_photos
 from .infer import EvalResult, evaluate, format_table, sample_images
 from .model import SRFlow
-from .train import TrainConfig, TrainResult, train
+from .train import TrainResult, train
 
-__all__ = ["run_demo", "DemoResult", "saved_activation_bytes"]
+__all__ = ["run_demo", "DemoResult"]
 
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 TEST_PHOTOS = ("chelsea",)
@@ -52,35 +55,23 @@ class DemoResult:
     seconds: float
 
 
-def saved_activation_bytes(model: SRFlow, hr: torch.Tensor, lr: torch.Tensor) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward during one training forward
-    (parameters excluded), measured with saved-tensor hooks."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.nll(hr, lr, add_noise=False)
-    return sum(storages.values())
-
-
 def _activation_report(model: SRFlow, hr: torch.Tensor, lr: torch.Tensor) -> tuple[int, int]:
-    """(bytes kept with memory saving and the model's backend, bytes kept by plain PyTorch
-    autograd: memory saving off and the reference backend, whose ops are ordinary autograd).
-    A fused backend recomputes each step even with memory saving off, so it is not the baseline."""
+    """Bytes autograd keeps for backward in one training forward (parameters excluded): (with
+    memory saving and the model's backend, with plain PyTorch autograd: memory saving off and the
+    reference backend, whose ops are ordinary autograd). A fused backend recomputes each step even
+    with memory saving off, so it is not the baseline."""
     backend, saving = model.backend, model.memory_saving
     model.initialize_actnorms(hr, lr)
+
+    def kept() -> int:
+        return fk.saved_tensor_bytes(lambda: model.nll(hr, lr, add_noise=False), exclude=model.parameters())[1]
+
     try:
         model.set_memory_saving(True)
-        with_saving = saved_activation_bytes(model, hr, lr)
+        with_saving = kept()
         model.set_memory_saving(False)
         model.set_backend("reference")
-        plain = saved_activation_bytes(model, hr, lr)
+        plain = kept()
     finally:
         model.set_backend(backend)
         model.set_memory_saving(saving)
@@ -225,7 +216,7 @@ def _run(
 
 
 def _weights(result: TrainResult) -> dict[str, torch.Tensor]:
-    from .training_state import read_weights  # noqa: PLC0415
+    from .training_checkpoint import read_weights  # noqa: PLC0415
 
     if result.checkpoint is None:
         print("srflow demo: training wrote no checkpoint", file=sys.stderr)

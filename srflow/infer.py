@@ -26,12 +26,12 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .checkpoint import CheckpointError, check_state_dict
 from .data import IMAGE_SUFFIXES, HRImageDataset, list_images, load_rgb, make_lr, save_rgb
 from .imresize import imresize
 from .model import NonFiniteSampleWarning, SRFlow
+from .official_checkpoint import CheckpointError, check_state_dict
 from .presets import PRESETS, get_preset
-from .training_state import read_weights, resolve_checkpoint
+from .training_checkpoint import read_weights, resolve_checkpoint
 
 __all__ = [
     "default_device",
@@ -43,6 +43,7 @@ __all__ = [
     "evaluate",
     "EvalResult",
     "format_table",
+    "validation_grid",
 ]
 
 
@@ -67,19 +68,24 @@ def load_model(
     the file on any mismatch.
     """
     if (checkpoint is None) == (official is None):
-        raise ValueError("pass exactly one of --checkpoint (a training checkpoint) and --official (an official .pth)")
+        raise ValueError(
+            "pass exactly one of checkpoint (a training checkpoint) and official (an official .pth), "
+            f"got checkpoint={checkpoint!r}, official={official!r}"
+        )
     if preset is not None:
         get_preset(preset)
     if official is not None:
         if preset is None:
-            raise ValueError(f"--official needs --preset (one of {', '.join(PRESETS)})")
+            raise ValueError(f"official: an official checkpoint needs a preset (one of {', '.join(PRESETS)}), got None")
         model = SRFlow.from_official(official, preset, backend=backend)
     else:
         files = resolve_checkpoint(checkpoint)
         weights, metadata = read_weights(files.weights)
         stored = metadata.get("preset")
         if stored is None and preset is None:
-            raise CheckpointError(f"checkpoint {str(files.weights)!r} has no preset in its metadata; pass --preset")
+            raise CheckpointError(
+                f"checkpoint {str(files.weights)!r} has no preset in its metadata; name the preset it was trained with"
+            )
         if stored is not None and preset is not None and stored != preset:
             raise CheckpointError(
                 f"checkpoint {str(files.weights)!r} was trained with preset {stored!r}, not {preset!r}"
@@ -356,6 +362,59 @@ def evaluate(
             for r in all_rows:
                 writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     return EvalResult(all_rows, mean, csv_path, columns)
+
+
+@torch.no_grad()
+def validation_grid(
+    model: SRFlow,
+    val_set: HRImageDataset,
+    temperatures: Sequence[float],
+    seed: int,
+    dequantize: bool = True,
+) -> tuple[dict[str, float], list[list[Tensor]]]:
+    """Validation metrics and a sample grid of ``val_set`` (HR, LR pairs), as training reports them.
+
+    Metrics (means over the images, non-finite values left out): ``val_nll_bits_px`` (NLL with
+    dequantisation noise from a generator seeded with ``seed`` when ``dequantize``, as the
+    training loss), ``val_psnr_t0`` and ``val_lr_psnr_t0`` (of the temperature-0 sample). Rows,
+    one per image, for :func:`make_grid`: [LR upscaled by pixel repetition, HR, a sample at each
+    of ``temperatures`` (image ``i`` uses the seed ``i``)], on the CPU. The model runs in eval mode
+    and gets its previous mode back.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, psnr0, lrpsnr0, rows = [], [], [], []
+    try:
+        for i in range(len(val_set)):
+            hr, lr = val_set[i]
+            hr_d, lr_d = hr[None].to(device), lr[None].to(device)
+            cond = model.condition(lr_d)
+            gen = torch.Generator(device=device).manual_seed(seed)
+            nll.append(float(model.nll(hr_d, cond=cond, add_noise=dequantize, generator=gen)[0]))
+            sr0 = _clean(model.sample(cond=cond, temperature=0.0, nonfinite="ignore"))[0].cpu()
+            psnr0.append(metrics.psnr(metrics.to_uint8(sr0), metrics.to_uint8(hr, rounding=True)))
+            lrpsnr0.append(metrics.lr_psnr(sr0, lr, model.scale))
+            row = [nearest_upscale(lr, model.scale), hr]
+            for t in temperatures:
+                row.append(
+                    sr0 if t == 0 else model.sample(cond=cond, temperature=t, seed=i, nonfinite="ignore")[0].cpu()
+                )
+            rows.append(row)
+    finally:
+        model.train(was_training)
+    result = {
+        "val_nll_bits_px": _finite_mean(nll),
+        "val_psnr_t0": _finite_mean(psnr0),
+        "val_lr_psnr_t0": _finite_mean(lrpsnr0),
+    }
+    return result, rows
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    """Mean of the finite values (NaN if none): one diverged image does not hide the others."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
 
 
 def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:

@@ -56,8 +56,8 @@ from torch import Tensor, nn
 
 import flowkernels as fk
 
-from .checkpoint import as_state_dict, check_state_dict, read_state_dict, strip_prefix
 from .flow import FlowUpsamplerNet
+from .official_checkpoint import as_state_dict, check_state_dict, read_state_dict, strip_prefix
 from .presets import SRFlowPreset, get_preset
 from .rrdb import RRDBNet
 
@@ -213,7 +213,7 @@ class SRFlow(nn.Module):
 
         A file is read with ``torch.load(weights_only=True)`` (``.safetensors`` with safetensors)
         and never modified; a ``module.`` key prefix is stripped. Raises
-        :class:`~srflow.checkpoint.CheckpointError` (a ValueError) naming every missing key,
+        :class:`~srflow.official_checkpoint.CheckpointError` (a ValueError) naming every missing key,
         unexpected key and wrong shape, or why the file could not be read; FileNotFoundError for
         a missing file. Loaded ActNorms count as initialised (no data-dependent init).
         The model is on the CPU; move it with ``.to()``.
@@ -427,12 +427,10 @@ class SRFlow(nn.Module):
             yield
             return
         couplings = self.flowUpsamplerNet.couplings()
-        eps = couplings[0].eps
-        if not eps < float(min_scale) < 1.0 + eps:
-            raise ValueError(f"min_scale: expected a value in ({eps}, {1.0 + eps}), got {min_scale}")
+        floor = fk.validate_scale_floor(min_scale, couplings[0].eps)
         previous = [c.inverse_scale_floor for c in couplings]
         for c in couplings:
-            c.inverse_scale_floor = float(min_scale)
+            c.inverse_scale_floor = floor
         try:
             yield
         finally:

@@ -29,19 +29,10 @@ import torch
 
 import flowkernels as fk
 from srflow import SRFlow
-from srflow.checkpoint import CheckpointError
-from srflow.train import (
-    ConfigError,
-    NonFiniteTrainingError,
-    TrainConfig,
-    TrainingObjective,
-    config_from_dict,
-    learning_rate_factor,
-    load_config,
-    resolve_config,
-    train,
-)
-from srflow.training_state import (
+from srflow.config import ConfigError, TrainConfig, config_from_dict, load_config, resolve_config
+from srflow.official_checkpoint import CheckpointError
+from srflow.train import NonFiniteTrainingError, TrainingObjective, learning_rate_factor, train
+from srflow.training_checkpoint import (
     checkpoint_files,
     list_checkpoints,
     load_training_checkpoint,
@@ -272,7 +263,7 @@ def test_failed_resumes_leave_a_good_checkpoint_untouched(run_with_checkpoint: P
     before = digest(run_with_checkpoint)
     with pytest.raises(CheckpointError, match="was trained with preset 'tiny-4x', but this run uses 'tiny-8x'"):
         train(tiny(photos, run_with_checkpoint, resume="auto", preset="tiny-8x", crop=32), log=quiet)
-    with pytest.raises(ConfigError, match="already holds checkpoints .* pass --resume auto"):
+    with pytest.raises(ConfigError, match="already holds checkpoints .* set resume to 'auto'"):
         train(tiny(photos, run_with_checkpoint), log=quiet)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(tiny(photos, run_with_checkpoint, resume="auto", data=str(photos / "missing")), log=quiet)

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, as_state_dict, strip_prefix
+from .official_checkpoint import CheckpointError, as_state_dict, strip_prefix
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -134,7 +134,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointFiles:
     else:
         raise CheckpointError(
             f"checkpoint {str(path)!r}: expected a training checkpoint (step-N.safetensors or step-N.state.pt) "
-            "or a run folder; official .pth files go to --official"
+            "or a run folder; an official .pth is loaded as an official checkpoint instead"
         )
     match = re.match(r"^step-(\d+)$", stem)
     step = int(match.group(1)) if match else -1
@@ -250,7 +250,7 @@ def load_training_checkpoint(files: CheckpointFiles, preset: str | None = None) 
     if not files.state.is_file():
         raise FileNotFoundError(
             f"checkpoint: no training state {str(files.state)!r} next to {str(files.weights)!r} "
-            "(a weights file alone cannot resume a run; use it with --init-official or srflow sample)"
+            "(a weights file alone cannot resume a run; it can start one as init_official, or be sampled from)"
         )
     try:
         state = torch.load(files.state, map_location="cpu", weights_only=True)

@@ -3,7 +3,9 @@
 Official ``.pth`` files are plain state_dicts saved from ``netG.module``; a ``module.`` prefix
 (a checkpoint saved from a DataParallel wrapper) is stripped. Files are opened read-only with
 ``torch.load(weights_only=True)`` (no pickled code runs); ``.safetensors`` files are read with
-safetensors. Nothing is ever written back.
+safetensors. Nothing is ever written back. The same readers serve any plain state_dict file
+(pretrained RRDB weights, ``init_official``); the training run's own checkpoints are
+:mod:`srflow.training_checkpoint`, which raises the same :class:`CheckpointError`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,302 @@
+"""Training options: :class:`TrainConfig` (every option of a run), its YAML form and its validation.
+
+An option is declared once, as a field of :class:`TrainConfig` with its type, default and help.
+:func:`option_specs` is the one reading of those type hints: the YAML/dict coercion here and the
+``srflow train`` flags (:mod:`srflow.cli`) both use it. Option types are bool, int, float, str,
+``X | None`` of those, and tuples of floats (``tuple[float, float]`` a pair, ``tuple[float, ...]``
+one or more). Importing this module needs neither torch nor yaml (the CLI builds its parser from it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .presets import PRESETS, get_preset
+
+__all__ = [
+    "OFFICIAL_RECIPE",
+    "TRAJECTORY_FIELDS",
+    "ConfigError",
+    "OptionSpec",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "config_to_yaml",
+    "load_config",
+    "option_specs",
+    "resolve_config",
+]
+
+# scale -> (global batch, Adam learning rate) of the official configs
+OFFICIAL_RECIPE = {4: (12, 2.5e-4), 8: (16, 5e-4)}
+
+
+class ConfigError(ValueError):
+    """A training configuration (YAML file, command line or output folder) is invalid."""
+
+
+def _opt(default: object, help: str, **kwargs: object) -> object:  # noqa: A002 (argparse's name)
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    """Every training option. Load from YAML with :func:`load_config`; the CLI overrides fields
+    with ``--field-name`` flags (booleans: ``--x`` / ``--no-x``)."""
+
+    data: str | None = _opt(None, "folder of HR training images (PNG/JPEG); required")
+    preset: str = _opt("df2k-4x", f"model preset: {', '.join(PRESETS)}")
+    out: str = _opt("srflow-run", "output folder (checkpoints/, val/, train_log.jsonl, config.yaml)")
+    lr_data: str | None = _opt(None, "folder of paired LR images (same names, HR / scale); default: bicubic on the fly")
+    val_data: str | None = _opt(None, "folder of validation HR images; default: the first val_images of --data")
+    steps: int = _opt(200_000, "total iterations (the LR schedule is relative to this)")
+    batch: int | None = _opt(None, "global batch (split over ranks); default: official 12 for 4x, 16 for 8x")
+    crop: int = _opt(160, "HR crop size (a multiple of 2 * scale)")
+    flips: bool = _opt(True, "random horizontal flips")
+    lr: float | None = _opt(None, "Adam learning rate; default: official 2.5e-4 for 4x, 5e-4 for 8x")
+    lr_rrdb: float | None = _opt(None, "learning rate of the RRDB parameters; default: --lr")
+    lr_milestones: tuple[float, ...] = _opt(
+        (0.5, 0.75, 0.9, 0.95), "fractions of --steps where the LR is multiplied by lr_gamma"
+    )
+    lr_gamma: float = _opt(0.5, "LR factor at each milestone")
+    betas: tuple[float, float] = _opt((0.9, 0.999), "Adam betas (the released code effectively uses 0.9, 0.999)")
+    adam_eps: float = _opt(1e-8, "Adam epsilon")
+    weight_decay: float = _opt(0.0, "Adam weight decay")
+    rrdb_freeze_fraction: float = _opt(
+        0.5, "fraction of --steps with the RRDB frozen: 0.5 = paper (default), 0 = released code, 1 = always frozen"
+    )
+    dequantize: bool = _opt(
+        True, "add U(-1/64, 1/64) dequantisation noise (paper; NLL +5 bits/px); off = released code"
+    )
+    l1_weight: float = _opt(0.0, "weight of the optional L1 loss on the temperature-0 sample (official weight_l1)")
+    grad_clip_value: float | None = _opt(None, "clip each gradient element to +-value (HCFlow: 5)")
+    grad_clip_norm: float | None = _opt(None, "clip the global gradient norm (HCFlow: 100)")
+    memory_saving: bool = _opt(True, "memory-saving invertible backprop for every flow level")
+    keep_every: int | None = _opt(None, "memory saving: also keep every N-th step input (bounds recompute drift)")
+    backend: str = _opt("auto", "flowkernels backend: auto, cuda (C++/CUDA kernels), triton, reference")
+    bf16: bool = _opt(False, "bf16 autocast of the RRDB and the coupling subnets (the flow state stays float32)")
+    channels_last: bool = _opt(False, "channels_last memory format for the model and the batches")
+    device: str | None = _opt(None, "cpu, cuda or cuda:N; default: cuda if available (under torchrun: cuda:LOCAL_RANK)")
+    seed: int = _opt(10, "seed of the initialisation, data order, crops and noise (official 10)")
+    workers: int | None = _opt(None, "DataLoader workers; default 4 on CUDA, 0 on CPU")
+    cache_images: bool = _opt(False, "keep decoded training images in memory (small folders, workers=0)")
+    rrdb_weights: str | None = _opt(None, "pretrained RRDB state_dict (e.g. RRDB_DF2K_4X.pth), loaded strictly")
+    init_official: str | None = _opt(
+        None, "start from an official SRFlow checkpoint (.pth) or any state_dict of the preset"
+    )
+    resume: str | None = _opt(None, "'auto' (newest checkpoint in --out, or start fresh) or a checkpoint path")
+    stop_after: int | None = _opt(None, "pause after this step (checkpoint written; continue with --resume)")
+    max_minutes: float | None = _opt(None, "stop after this many minutes of training (checkpoint written)")
+    save_every: int = _opt(1000, "checkpoint every N steps (and at the end)")
+    keep_last: int = _opt(2, "keep the newest N checkpoints")
+    val_every: int = _opt(5000, "validate every N steps (and at the end); 0 = never")
+    val_images: int = _opt(4, "number of validation images")
+    val_crop: int | None = _opt(256, "centre crop of the validation images (None: whole images)")
+    val_temperatures: tuple[float, ...] = _opt((0.0, 0.5, 0.9), "temperatures of the validation sample grid")
+    log_every: int = _opt(100, "log the mean loss every N steps (train_log.jsonl, TensorBoard, a printed line)")
+    tensorboard: bool = _opt(False, "write TensorBoard logs to <out>/tensorboard (needs the tensorboard package)")
+    max_nonfinite: int = _opt(10, "stop after this many consecutive non-finite steps")
+    progress: bool = _opt(True, "show a tqdm progress bar")
+
+    def replace(self, **changes: object) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# Settings that change the training trajectory: a resume with other values does not reproduce
+# an uninterrupted run, so they are compared with the checkpoint's and differences reported.
+TRAJECTORY_FIELDS = (
+    "preset", "steps", "batch", "crop", "flips", "lr", "lr_rrdb", "lr_milestones", "lr_gamma", "betas",
+    "adam_eps", "weight_decay", "rrdb_freeze_fraction", "dequantize", "l1_weight", "grad_clip_value",
+    "grad_clip_norm", "seed",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """How one :class:`TrainConfig` field is read, from YAML and from the command line."""
+
+    name: str
+    base: type  # bool, int, float or str; the item type of a tuple
+    optional: bool  # ``X | None``: YAML null, ``none`` on the command line
+    nargs: int | str | None  # None: one value; an int: exactly that many; "+": one or more
+    help: str
+    default: object
+
+
+@functools.cache
+def option_specs() -> tuple[OptionSpec, ...]:
+    """One :class:`OptionSpec` per TrainConfig field, in declaration order."""
+    hints = typing.get_type_hints(TrainConfig)
+    return tuple(_spec(f, hints[f.name]) for f in dataclasses.fields(TrainConfig))
+
+
+def _spec(f: dataclasses.Field, hint: object) -> OptionSpec:
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        (hint,) = (a for a in args if a is not type(None))
+    nargs: int | str | None = None
+    if typing.get_origin(hint) is tuple:
+        items = typing.get_args(hint)
+        nargs = "+" if items[-1] is Ellipsis else len(items)
+        hint = items[0]
+    if hint not in (bool, int, float, str):
+        raise TypeError(f"TrainConfig.{f.name}: unsupported option type {hint!r}")
+    return OptionSpec(f.name, hint, optional, nargs, f.metadata.get("help", ""), f.default)
+
+
+def _coerce(spec: OptionSpec, value: object, source: str) -> object:
+    """Check/convert one YAML value against its option's type."""
+    if value is None and spec.optional:
+        return None
+    if spec.nargs is None:
+        return _coerce_item(spec.name, spec.base, value, source)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{source}: {spec.name}: expected a list, got {value!r}")
+    if isinstance(spec.nargs, int) and len(value) != spec.nargs:
+        raise ConfigError(f"{source}: {spec.name}: expected {spec.nargs} values, got {value!r}")
+    return tuple(_coerce_item(spec.name, spec.base, v, source) for v in value)
+
+
+def _coerce_item(name: str, kind: type, value: object, source: str) -> object:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {name}: expected true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {name}: expected an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {name}: expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{source}: {name}: expected a string, got {value!r}")
+    return str(value)
+
+
+def config_from_dict(values: dict, source: str = "config", base: TrainConfig | None = None) -> TrainConfig:
+    """A TrainConfig from a mapping of field names (``-`` or ``_``) to values; unknown keys and
+    wrongly typed values raise ConfigError naming them."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(values).__name__}")
+    specs = {spec.name: spec for spec in option_specs()}
+    changes = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in specs:
+            close = difflib.get_close_matches(name, list(specs), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown option {key!r}{hint}; known options: {', '.join(specs)}")
+        changes[name] = _coerce(specs[name], value, source)
+    return dataclasses.replace(base or TrainConfig(), **changes)
+
+
+def load_config(path: str | os.PathLike, base: TrainConfig | None = None) -> TrainConfig:
+    """Read a YAML file of TrainConfig fields (e.g. ``srflow/configs/df2k-4x-paper.yaml``)."""
+    import yaml  # noqa: PLC0415 (only needed to read a file)
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r}: not valid YAML ({exc})") from exc
+    return config_from_dict(values or {}, f"config file {str(path)!r}", base)
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    """Plain dict (tuples as lists) for YAML/JSON and checkpoints."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    """The YAML text of ``config`` (fields in declaration order), readable by :func:`load_config`."""
+    import yaml  # noqa: PLC0415 (only needed to write a file)
+
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Fill the preset-dependent defaults (batch, lr, lr_rrdb) and validate every field."""
+    import flowkernels as fk  # noqa: PLC0415 (torch: keeps this module light for the CLI's parser)
+
+    c = config
+    if c.data is None:
+        raise ConfigError("data: a folder of HR training images is required")
+    try:
+        preset = get_preset(c.preset)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    batch, lr = OFFICIAL_RECIPE[preset.scale]
+    c = c.replace(batch=c.batch if c.batch is not None else batch, lr=c.lr if c.lr is not None else lr)
+    c = c.replace(lr_rrdb=c.lr_rrdb if c.lr_rrdb is not None else c.lr)
+    problems: list[str] = []
+    positive_ints = ("steps", "batch", "crop", "save_every", "keep_last", "val_images", "log_every", "max_nonfinite")
+    for name in positive_ints:
+        if getattr(c, name) < 1:
+            problems.append(f"{name}: expected a positive integer, got {getattr(c, name)}")
+    m = 2 * preset.scale
+    if c.crop % m:
+        problems.append(
+            f"crop: {c.crop} is not a multiple of {m} (2 x scale {preset.scale}: the LR must have even sides)"
+        )
+    if c.val_crop is not None and (c.val_crop < m):
+        problems.append(f"val_crop: expected at least {m}, got {c.val_crop}")
+    for name in ("lr", "lr_rrdb", "adam_eps"):
+        if not getattr(c, name) > 0:
+            problems.append(f"{name}: expected a positive number, got {getattr(c, name)}")
+    if not 0 <= c.rrdb_freeze_fraction <= 1:
+        problems.append(f"rrdb_freeze_fraction: expected a value in [0, 1], got {c.rrdb_freeze_fraction}")
+    if any(not 0 < f <= 1 for f in c.lr_milestones):
+        problems.append(f"lr_milestones: expected fractions in (0, 1], got {c.lr_milestones}")
+    if not 0 < c.lr_gamma <= 1:
+        problems.append(f"lr_gamma: expected a value in (0, 1], got {c.lr_gamma}")
+    if any(not 0 <= b < 1 for b in c.betas):
+        problems.append(f"betas: expected values in [0, 1), got {c.betas}")
+    for name in ("grad_clip_value", "grad_clip_norm", "max_minutes"):
+        if getattr(c, name) is not None and not getattr(c, name) > 0:
+            problems.append(f"{name}: expected a positive number or none, got {getattr(c, name)}")
+    if c.l1_weight < 0 or c.weight_decay < 0:
+        problems.append("l1_weight and weight_decay must be >= 0")
+    if c.val_every < 0:
+        problems.append(f"val_every: expected >= 0 (0 = never), got {c.val_every}")
+    _collect(problems, fk.validate_keep_every, c.keep_every)
+    if c.workers is not None and c.workers < 0:
+        problems.append(f"workers: expected >= 0, got {c.workers}")
+    if c.stop_after is not None and c.stop_after < 1:
+        problems.append(f"stop_after: expected a positive step, got {c.stop_after}")
+    _collect(problems, fk.validate_backend, c.backend)
+    if any(t < 0 for t in c.val_temperatures):
+        problems.append(f"val_temperatures: expected values >= 0, got {c.val_temperatures}")
+    if c.rrdb_weights is not None and c.init_official is not None:
+        problems.append("pass at most one of rrdb_weights and init_official (an official checkpoint holds an RRDB)")
+    if problems:
+        raise ConfigError("invalid training configuration: " + "; ".join(problems))
+    if c.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401, PLC0415
+        except ImportError as exc:
+            raise ConfigError(
+                "tensorboard: TensorBoard logging needs the tensorboard package (pip install tensorboard), "
+                f"which is not installed ({exc})"
+            ) from exc
+    return c
+
+
+def _collect(problems: list[str], validate: Callable[[typing.Any], object], value: object) -> None:
+    """Run a flowkernels validator (they raise ValueError naming the option) and keep its message."""
+    try:
+        validate(value)
+    except ValueError as exc:
+        problems.append(str(exc))
