@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from flowkernels import reference
-from flowkernels.dispatch import load_extension
+from flowkernels._loader import load_extension
 
 EPS = 1e-4
 ROUNDS = int(os.environ.get("FLOWKERNELS_BENCH_ROUNDS", "20"))
@@ -84,7 +84,7 @@ def test_affine_coupling(benchmark, shape_id: str, direction: str, impl: str):
 @pytest.mark.parametrize("impl", ["cpp", "reference"])
 @pytest.mark.parametrize("direction", ["fwd", "inv", "bwd"])
 @pytest.mark.parametrize("shape_id", list(SHAPES))
-def test_actnorm_conv(benchmark, shape_id: str, direction: str, impl: str):
+def test_channel_affine(benchmark, shape_id: str, direction: str, impl: str):
     b, c, height, width = SHAPES[shape_id]
     x = torch.randn(b, c, height, width)
     matrix = torch.eye(c) + torch.randn(c, c) / (2.0 * c**0.5)
@@ -95,7 +95,7 @@ def test_actnorm_conv(benchmark, shape_id: str, direction: str, impl: str):
     if direction == "bwd":
         g = torch.randn_like(x)
         args = (x, g, matrix, matrix_inv, inv_offset)
-        fn = (lambda: ops.actnorm_conv_bwd(*args)) if impl == "cpp" else (lambda: reference.channel_affine_bwd(*args))
+        fn = (lambda: ops.channel_affine_bwd(*args)) if impl == "cpp" else (lambda: reference.channel_affine_bwd(*args))
         nbytes = 4 * x.numel() * 4
     else:
         # The inverse is the same map with the inverse parameters (flowkernels.ops.actnorm_conv.fold).
@@ -105,6 +105,6 @@ def test_actnorm_conv(benchmark, shape_id: str, direction: str, impl: str):
             ld.add_(term)
             return reference.channel_affine(x, m, off)
 
-        fn = (lambda: ops.actnorm_conv_fwd(x, m, off, term, ld)) if impl == "cpp" else ref
+        fn = (lambda: ops.channel_affine_fwd(x, m, off, term, ld)) if impl == "cpp" else ref
         nbytes = 2 * x.numel() * 4
-    _run(benchmark, fn, f"actnorm_conv_{direction} {shape_id}", nbytes)
+    _run(benchmark, fn, f"channel_affine_{direction} {shape_id}", nbytes)

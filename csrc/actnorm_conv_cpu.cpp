@@ -319,8 +319,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flowkernels, CPU, m) {
-  m.impl("actnorm_conv_fwd", &actnorm_conv_fwd_cpu);
-  m.impl("actnorm_conv_bwd", &actnorm_conv_bwd_cpu);
+  m.impl("channel_affine_fwd", &actnorm_conv_fwd_cpu);
+  m.impl("channel_affine_bwd", &actnorm_conv_bwd_cpu);
 }
 
 }  // namespace flowkernels

@@ -272,8 +272,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cuda
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flowkernels, CUDA, m) {
-  m.impl("actnorm_conv_fwd", &actnorm_conv_fwd_cuda);
-  m.impl("actnorm_conv_bwd", &actnorm_conv_bwd_cuda);
+  m.impl("channel_affine_fwd", &actnorm_conv_fwd_cuda);
+  m.impl("channel_affine_bwd", &actnorm_conv_bwd_cuda);
 }
 
 }  // namespace flowkernels

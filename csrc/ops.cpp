@@ -1,15 +1,17 @@
 // Schemas of the flowkernels ops, declared once. Each backend file registers its own
 // implementation with TORCH_LIBRARY_IMPL (actnorm_conv_cpu.cpp, affine_coupling_cpu.cpp,
 // actnorm_conv_cuda.cu, affine_coupling_cuda.cu); fake (meta) implementations are registered
-// from Python (flowkernels/ops/*.py, register_extension_fakes). Semantics: the module docstrings
-// of flowkernels/ops/actnorm_conv.py and affine_coupling.py.
+// from Python, each op module's beside its wrappers once this extension loads
+// (flowkernels/ops/*.py, @on_extension_load). Semantics: the module docstrings of
+// flowkernels/ops/actnorm_conv.py (channel_affine, oracle reference.channel_affine) and
+// affine_coupling.py.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(flowkernels, m) {
   // y[b, :, p] = matrix @ x[b, :, p] + offset; logdet[b] += logdet_term.
   m.def(
-      "actnorm_conv_fwd("
+      "channel_affine_fwd("
       "Tensor x, "
       "Tensor matrix, "
       "Tensor offset, "
@@ -19,7 +21,7 @@ TORCH_LIBRARY(flowkernels, m) {
   // From the output: inp = matrix_inv @ out + inv_offset, grad_inp = matrix^T @ grad_out,
   // grad_matrix = sum grad_out inp^T, grad_offset = sum grad_out.
   m.def(
-      "actnorm_conv_bwd("
+      "channel_affine_bwd("
       "Tensor out, "
       "Tensor grad_out, "
       "Tensor matrix, "

@@ -13,18 +13,22 @@ The default backend is the only mutable global: :func:`set_backend`, :func:`use_
 the environment variable ``FLOWKERNELS_BACKEND`` (read once, at import). A backend named
 explicitly that cannot take an input raises :class:`BackendUnavailableError` listing every
 reason; nothing falls back silently.
+
+This module is policy only: importing backends lives in :mod:`flowkernels._loader`, the layout
+rule in :mod:`flowkernels._layout`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 from collections.abc import Iterator
-from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from ._layout import layout_reason
+from ._loader import extension_reason, load_extension, triton_reason
 
 __all__ = [
     "BACKENDS",
@@ -36,8 +40,6 @@ __all__ = [
     "validate_backend",
     "select_backend",
     "refusals",
-    "load_extension",
-    "load_triton",
 ]
 
 BACKENDS = ("cuda", "triton", "reference")
@@ -91,87 +93,8 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-class _Unavailable(ImportError):
-    pass
-
-
-# Import results, filled on first (eager) use. Under torch.compile nothing is imported (Dynamo
-# cannot trace importlib), so a backend must have been used or loaded once before compiling;
-# the ActNorm initialisation needs one eager training forward anyway.
-_loaded: dict[str, ModuleType | str] = {}
-_NOT_LOADED = (
-    "{what} was not loaded before torch.compile: run the model once eagerly (e.g. the first "
-    "training step, which also initialises the ActNorms) or call flowkernels.dispatch.{call}"
-)
-
-
-def _import_extension() -> ModuleType | str:
-    """``flowkernels._C`` (importing it once and registering its fakes) or why it is unusable."""
-    if "_C" not in _loaded:
-        if torch.compiler.is_compiling():
-            return _NOT_LOADED.format(what="flowkernels._C", call="load_extension()")
-        try:
-            module: ModuleType | str = importlib.import_module("flowkernels._C")
-        except ImportError as exc:
-            module = (
-                f"the compiled extension flowkernels._C is not built ({exc}); build it with "
-                "`pip install --no-build-isolation -e .` from the repository root"
-            )
-        else:
-            # The C++ ops are declared by the extension; their fake (meta) implementations for
-            # torch.compile live in Python and can only be registered once the ops exist.
-            from .ops import actnorm_conv, affine_coupling
-
-            actnorm_conv.register_extension_fakes()
-            affine_coupling.register_extension_fakes()
-        _loaded["_C"] = module
-    return _loaded["_C"]
-
-
-def load_extension() -> ModuleType:
-    """Import ``flowkernels._C`` (once) and register its fakes; raise ImportError if unusable."""
-    module = _import_extension()
-    if isinstance(module, str):
-        raise _Unavailable(module)
-    return module
-
-
-def _triton_reason() -> str | None:
-    if "triton" not in _loaded:
-        if torch.compiler.is_compiling():
-            return _NOT_LOADED.format(what="triton", call='load_triton("<op module>")')
-        try:
-            _loaded["triton"] = importlib.import_module("triton")
-        except ImportError as exc:
-            _loaded["triton"] = f"triton is not installed ({exc}); `pip install triton`"
-    found = _loaded["triton"]
-    return found if isinstance(found, str) else None
-
-
-def load_triton(op_module: str) -> ModuleType:
-    """Import the Triton kernel module ``flowkernels.ops.<op_module>`` (registers its ops)."""
-    if op_module not in _loaded:
-        reason = _triton_reason() or (
-            _NOT_LOADED.format(what=op_module, call=f"load_triton({op_module!r})")
-            if torch.compiler.is_compiling()
-            else None
-        )
-        if reason is not None:
-            raise _Unavailable(reason)
-        _loaded[op_module] = importlib.import_module(f"flowkernels.ops.{op_module}")
-    return _loaded[op_module]
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _layout_reason(name: str, t: Tensor) -> str | None:
-    """Kernels index pixels as ``p * stride_w`` inside a sample, which holds for dense NCHW
-    and dense channels_last tensors (H and W collapse into one pixel axis)."""
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
-        return None
-    return f"{name} has strides {tuple(t.stride())}: the kernels need dense NCHW or channels_last"
 
 
 def refusals(backend: str, x: Tensor, h: Tensor | None = None) -> list[str]:
@@ -180,22 +103,22 @@ def refusals(backend: str, x: Tensor, h: Tensor | None = None) -> list[str]:
         return []
     why: list[str] = []
     if backend == "triton":
-        reason = _triton_reason()
+        reason = triton_reason()
         if reason is not None:
             why.append(reason)
         if x.device.type != "cuda" and not _interpreting():
             why.append(f"x is on {x.device}; the Triton kernels need CUDA or TRITON_INTERPRET=1")
     elif backend == "cuda":
-        module = _import_extension()
-        if isinstance(module, str):
-            why.append(module)
-        elif x.device.type == "cuda" and not module.with_cuda:
+        reason = extension_reason()
+        if reason is not None:
+            why.append(reason)
+        elif x.device.type == "cuda" and not load_extension().with_cuda:
             why.append("flowkernels._C was built without CUDA (no nvcc or a CPU build of torch at build time)")
         if x.device.type not in ("cpu", "cuda"):
             why.append(f"x is on {x.device}; the extension has CPU and CUDA kernels only")
     if x.dtype not in _FLOW_DTYPES:
         why.append(f"x has dtype {x.dtype}; the flow state must be torch.float32")
-    reason = _layout_reason("x", x)
+    reason = layout_reason("x", x)
     if reason is not None:
         why.append(reason)
     if h is not None:
@@ -203,7 +126,7 @@ def refusals(backend: str, x: Tensor, h: Tensor | None = None) -> list[str]:
             why.append(f"h has dtype {h.dtype}; subnet outputs must be float32 or bfloat16")
         if h.device != x.device:
             why.append(f"h is on {h.device} but x is on {x.device}")
-        reason = _layout_reason("h", h)
+        reason = layout_reason("h", h)
         if reason is not None:
             why.append(reason)
     return why

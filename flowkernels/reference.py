@@ -8,7 +8,7 @@ touching a buffer, so that it can be composed freely in tests. The dispatching w
 Conventions (DESIGN.md section 2, the official SRFlow):
 
 * ActNorm: ``y = (x + bias) * exp(logs)``, ``dlogdet = H*W*sum(logs)``.
-* Invertible 1x1 conv: ``y = W y`` per pixel, ``dlogdet = H*W*log|det W|`` (in float64).
+* Invertible 1x1 conv: ``y = W x`` per pixel, ``dlogdet = H*W*log|det W|`` (in float64).
 * Fused ActNorm + 1x1 conv: ``y = W diag(exp(logs)) (x + bias)``, the per-pixel affine channel
   map ``y = matrix @ x + offset`` with ``matrix = W diag(exp(logs))``, ``offset = matrix @ bias``.
 * Affine coupling on channels ``[passive:]`` given a subnet output ``h`` with shift and raw scale

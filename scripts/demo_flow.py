@@ -79,6 +79,7 @@ def main() -> None:
     model = TinySRFlow(memory_saving=True).to(args.device).train()
     first = data[:256]
     print(f"backend: {fk.select_backend(None, first)}; device {args.device}; {args.steps} steps of batch {args.batch}")
+    fk.initialize_actnorms(model, lambda: model.nll_bits_per_dim(first))  # data-dependent ActNorm init
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     start, running = time.perf_counter(), None
     for step in range(1, args.steps + 1):

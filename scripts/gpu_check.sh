@@ -33,7 +33,7 @@ want() { [[ " ${stages[*]} " == *" $1 "* || " ${stages[*]} " == *" all "* ]]; }
 if want build; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$WORK/gpu.txt"
     run build env MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install --no-deps --no-build-isolation -q -e .
-    run build-check "$PY" -c "import flowkernels, flowkernels.dispatch as d; m = d.load_extension(); print('with_cuda', m.with_cuda)"
+    run build-check "$PY" -c "import flowkernels._loader as loader; m = loader.load_extension(); print('with_cuda', m.with_cuda)"
 fi
 if want test; then
     run test-gpu "$PY" -m pytest -q -x -m gpu tests -p no:cacheprovider --junitxml="$WORK/test-gpu.xml"

@@ -31,21 +31,13 @@ from torch import Tensor, nn
 
 import flowkernels as fk
 from flowkernels import reference
-from flowkernels.dispatch import BACKENDS
 
 from .presets import SRFlowPreset
 from .rrdb import feature_name
 
-__all__ = ["FlowUpsamplerNet", "FlowLevel", "UNUSED_F_CHANNELS", "check_backend"]
+__all__ = ["FlowUpsamplerNet", "FlowLevel", "UNUSED_F_CHANNELS"]
 
 UNUSED_F_CHANNELS = 96  # official flowUpsamplerNet.f: Conv2d(320, 96, 3x3), built but never called
-
-
-def check_backend(backend: str | None) -> None:
-    """Raise ValueError unless ``backend`` is a flowkernels backend name, ``"auto"`` or None."""
-    allowed = (*BACKENDS, "auto")
-    if backend is not None and backend not in allowed:
-        raise ValueError(f"backend: expected one of {allowed} or None (the global default), got {backend!r}")
 
 
 @dataclass(eq=False)
@@ -80,7 +72,7 @@ class FlowUpsamplerNet(nn.Module):
         backend: str | None = "auto",
     ) -> None:
         super().__init__()
-        check_backend(backend)
+        fk.validate_backend(backend, allow_none=True)
         self.preset = preset
         self.layers = nn.ModuleList()
         self._levels: list[FlowLevel] = []
@@ -132,15 +124,14 @@ class FlowUpsamplerNet(nn.Module):
 
     def set_memory_saving(self, memory_saving: bool, keep_every: int | None = None) -> None:
         """Set every level's FlowSequence ``memory_saving`` and ``keep_every``."""
-        if keep_every is not None and keep_every < 1:
-            raise ValueError(f"keep_every: expected a positive integer or None, got {keep_every}")
+        fk.validate_keep_every(keep_every)
         for level in self._levels:
             level.sequence.memory_saving = bool(memory_saving)
             level.sequence.keep_every = keep_every
 
     def set_backend(self, backend: str | None) -> None:
         """Set the flowkernels backend of every FlowStep (and its coupling)."""
-        check_backend(backend)
+        fk.validate_backend(backend, allow_none=True)
         for module in self.layers:
             if isinstance(module, fk.FlowStep):
                 module.backend = backend

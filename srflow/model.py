@@ -183,7 +183,7 @@ class SRFlow(nn.Module):
     ) -> SRFlow:
         """A freshly initialised model (official initialisation: RRDB convs kaiming x 0.1, subnet
         convs N(0, 0.05^2), zero last subnet layers and split priors, random orthogonal 1x1 convs,
-        ActNorms uninitialised until the first training batch).
+        ActNorms uninitialised until :meth:`initialize_actnorms`).
 
         ``seed``: initialise from ``torch.manual_seed(seed)`` inside a forked RNG (the global RNG
         state is left as it was); None draws from the global RNG. Build under
@@ -368,7 +368,8 @@ class SRFlow(nn.Module):
             add_noise: add the dequantisation noise of :func:`dequantize` (drawn from
                 ``generator``) and count ``-log(32)`` per pixel (+5 bits/pixel); off by default
                 like the released training code.
-        In training mode the first call initialises the flow's ActNorms from this batch.
+        In training mode the flow's ActNorms must have been initialised (:meth:`initialize_actnorms`
+        or a loaded checkpoint); otherwise this raises RuntimeError.
         Differentiable (memory-saving per level); the training loss is ``nll.mean()``.
         """
         return self._encode(hr, lr, cond, add_noise, generator)[1]
@@ -406,8 +407,8 @@ class SRFlow(nn.Module):
         return (zs, nll) if return_nll else zs
 
     def initialize_actnorms(self, hr: Tensor, lr: Tensor | None = None, *, cond: Conditioning | None = None) -> int:
-        """Data-dependent init of every uninitialised flow ActNorm from this batch, in any mode
-        (the first training-mode :meth:`nll` does the same automatically). Returns how many."""
+        """Data-dependent init of every uninitialised flow ActNorm from this batch, in any mode;
+        call it once before training (:meth:`nll` never initialises). Returns how many."""
         cond = self._conditioning(lr, cond)
         self._check_pair(hr, cond)
         features = [f.detach() for f in cond.features]

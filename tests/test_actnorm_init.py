@@ -1,5 +1,6 @@
-"""ActNorm data-dependent initialisation: once, from the first training batch, not in eval, not
-after loading a checkpoint, never inside the memory-saving recompute, all-reduced under DDP."""
+"""ActNorm data-dependent initialisation: explicit (``FlowSequence.initialize_`` /
+``fk.initialize_actnorms``), once, not after loading a checkpoint, never inside the memory-saving
+recompute, all-reduced under DDP; training with uninitialised ActNorms raises, eval is identity."""
 
 from __future__ import annotations
 
@@ -37,12 +38,12 @@ def _params(module: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in module.parameters()]
 
 
-def test_first_training_batch_initialises_every_actnorm():
+def test_initialize_sets_every_actnorm_from_the_first_batch():
     flow = _flow().train()
     x, cond = torch.randn(8, C, 6, 6) * 3 + 1, torch.randn(8, COND, 6, 6)
-    flow(x, cond)
     norms = _actnorms(flow)
     assert len(norms) == 3 + 2 * 2  # three flow ActNorms + two per subnet (injector, coupling)
+    assert flow.initialize_(x, cond) == len(norms)
     assert all(m.initialized for m in norms)
     # the first ActNorm normalises its own input: zero mean, unit std per channel
     first = flow.steps[0].actnorm
@@ -51,23 +52,46 @@ def test_first_training_batch_initialises_every_actnorm():
     torch.testing.assert_close(y.std(dim=(0, 2, 3), unbiased=False), torch.ones(C), atol=1e-4, rtol=0)
 
 
-def test_initialisation_happens_once():
+def test_initialize_actnorms_takes_any_forward():
+    step = fk.FlowStep(C, fk.CondAffineCoupling(C, COND, hidden=8))
+    x, cond = torch.randn(4, C, 6, 6), torch.randn(4, COND, 6, 6)
+    assert fk.initialize_actnorms(step, lambda: step(x, cond)) == 1 + 2 * 2
+    assert all(m.initialized for m in _actnorms(step))
+
+
+def test_initialisation_happens_once_and_forward_never_initialises():
     flow = _flow().train()
     cond = torch.randn(4, COND, 6, 6)
-    flow(torch.randn(4, C, 6, 6), cond)
+    flow.initialize_(torch.randn(4, C, 6, 6), cond)
     after_first = _params(flow)
+    assert flow.initialize_(torch.randn(4, C, 6, 6) * 10, cond) == 0
     flow(torch.randn(4, C, 6, 6) * 10, cond)
     for a, b in zip(after_first, _params(flow)):
         assert torch.equal(a, b)
 
 
-def test_no_initialisation_in_eval():
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_training_with_uninitialised_actnorms_raises(direction: str):
+    flow = _flow().train()
+    x, cond = torch.randn(4, C, 6, 6), torch.randn(4, COND, 6, 6)
+    call = flow if direction == "forward" else flow.inverse
+    with pytest.raises(RuntimeError, match=r"FlowSequence: ActNorm2d 'steps.0.actnorm' \(and 6 more\) has not been"):
+        call(x, cond)
+    with pytest.raises(RuntimeError, match=r"flow.initialize_\(x, cond\).*fk.initialize_actnorms"):
+        fk.ActNorm2d(C)(x)
+    assert not any(m.initialized for m in _actnorms(flow))
+
+
+def test_uninitialised_actnorms_are_the_identity_in_eval():
     flow = _flow().eval()
     before = _params(flow)
-    flow(torch.randn(4, C, 6, 6), torch.randn(4, COND, 6, 6))
+    x = torch.randn(4, C, 6, 6)
+    flow(x, torch.randn(4, COND, 6, 6))
     assert not any(m.initialized for m in _actnorms(flow))
     for a, b in zip(before, _params(flow)):
         assert torch.equal(a, b)
+    y, logdet = fk.ActNorm2d(C).eval()(x)
+    assert torch.equal(y, x) and torch.equal(logdet, torch.zeros(4))
 
 
 def test_loaded_checkpoint_is_not_reinitialised():
@@ -76,7 +100,8 @@ def test_loaded_checkpoint_is_not_reinitialised():
     assert not any(m.initialized for m in _actnorms(fresh))
     fresh.load_state_dict(trained.state_dict())
     assert all(m.initialized for m in _actnorms(fresh))
-    fresh.train()(torch.randn(4, C, 6, 6) * 5, torch.randn(4, COND, 6, 6))
+    assert fresh.train().initialize_(torch.randn(4, C, 6, 6) * 5, torch.randn(4, COND, 6, 6)) == 0
+    fresh(torch.randn(4, C, 6, 6) * 5, torch.randn(4, COND, 6, 6))
     for a, b in zip(_params(trained), _params(fresh)):
         assert torch.equal(a, b)
     # official rule: an all-zero ActNorm in a loaded state_dict still counts as uninitialised
@@ -95,10 +120,11 @@ def test_never_initialised_inside_the_recompute(monkeypatch: pytest.MonkeyPatch)
         return original(self, x)
 
     monkeypatch.setattr(fk.ActNorm, "initialize_", counting)
-    x = torch.randn(4, C, 6, 6, requires_grad=True)
-    z, ld = flow(x, torch.randn(4, COND, 6, 6))
+    x, cond = torch.randn(4, C, 6, 6, requires_grad=True), torch.randn(4, COND, 6, 6)
+    flow.initialize_(x, cond)
     assert len(calls) == len(_actnorms(flow))  # each one, once, in the init pass
-    for m in _actnorms(flow):  # make the recompute's forward think it could initialise
+    z, ld = flow(x, cond)
+    for m in _actnorms(flow):  # make the recompute think it could initialise (or should refuse)
         m.initialized = False
     (z.sum() + ld.sum()).backward()
     assert len(calls) == len(_actnorms(flow)), "an ActNorm was initialised inside the backward recompute"
@@ -115,7 +141,7 @@ def _ddp_worker(rank: int, world: int, port: int, flow: fk.FlowSequence, x, cond
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         half = x.shape[0] // world
-        flow.train()(x[rank * half : (rank + 1) * half], cond[rank * half : (rank + 1) * half])
+        flow.train().initialize_(x[rank * half : (rank + 1) * half], cond[rank * half : (rank + 1) * half])
         out[rank] = [p.detach().clone() for p in flow.parameters()]
     finally:
         dist.destroy_process_group()
@@ -128,7 +154,7 @@ def test_ddp_initialisation_is_all_reduced():
     x, cond = torch.randn(8, C, 6, 6) * 2 + 0.5, torch.randn(8, COND, 6, 6)
     x[:4] += 3.0  # the halves differ, so a per-rank init would disagree
     single = copy.deepcopy(flow).train()
-    single(x, cond)
+    single.initialize_(x, cond)
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_ddp_worker, args=(2, _free_port(), flow, x, cond, out), nprocs=2, join=True)
@@ -138,12 +164,13 @@ def test_ddp_initialisation_is_all_reduced():
         torch.testing.assert_close(p0, ps.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_first_training_batch_under_bf16_autocast():
+def test_initialisation_under_bf16_autocast():
     """The initialisation pass runs the layers unfused; under bf16 autocast the flow state must
     stay float32 there too (only the subnets run in bf16)."""
     flow = _flow().train()
     x, cond = torch.randn(4, C, 6, 6), torch.randn(4, COND, 6, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        flow.initialize_(x, cond)
         z, logdet = flow(x, cond)
     assert z.dtype == torch.float32 and logdet.dtype == torch.float32
     assert all(m.initialized for m in _actnorms(flow))

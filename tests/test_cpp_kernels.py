@@ -17,7 +17,8 @@ import torch
 
 import flowkernels as fk
 from flowkernels import reference
-from flowkernels.dispatch import load_extension, load_triton, select_backend
+from flowkernels._loader import load_extension, load_triton
+from flowkernels.dispatch import select_backend
 from tests.helpers import srflow_level, trained_level
 from tests.tolerances import BF16_ERROR_RATIO, REL_TOL, assert_rel_close, rel_err
 
@@ -186,13 +187,13 @@ def test_affine_coupling_bf16_h(device, shape, layout, passive_kind, direction):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_actnorm_conv_fwd(device, shape, channels_last):
+def test_channel_affine_fwd(device, shape, channels_last):
     x = _fmt(torch.randn(shape), channels_last).to(device)
     matrix, offset, _, _ = _map_params(shape[1], device)
     term = torch.randn((), device=device)
     ld0 = torch.randn(shape[0], device=device)
     ld = ld0.clone()
-    y = _ops().actnorm_conv_fwd(x, matrix, offset, term, ld)
+    y = _ops().channel_affine_fwd(x, matrix, offset, term, ld)
     assert_rel_close(y, reference.channel_affine(x, matrix, offset), "forward")
     assert_rel_close(ld, ld0 + term, "forward")
     assert _is_format(y, channels_last)
@@ -201,11 +202,11 @@ def test_actnorm_conv_fwd(device, shape, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_actnorm_conv_bwd(device, shape, channels_last):
+def test_channel_affine_bwd(device, shape, channels_last):
     out = _fmt(torch.randn(shape), channels_last).to(device)
     grad_out = _fmt(torch.randn(shape), not channels_last).to(device)  # the two layouts independent
     matrix, _, matrix_inv, inv_offset = _map_params(shape[1], device)
-    got = _ops().actnorm_conv_bwd(out, grad_out, matrix, matrix_inv, inv_offset)
+    got = _ops().channel_affine_bwd(out, grad_out, matrix, matrix_inv, inv_offset)
     want = reference.channel_affine_bwd(out, grad_out, matrix, matrix_inv, inv_offset)
     for g, w, what in zip(got, want, ("inverse", "grad", "grad", "grad")):
         assert_rel_close(g, w, what)
@@ -222,10 +223,10 @@ def test_strided_inputs_are_handled(device):
     c = x.shape[1]
     matrix, offset, matrix_inv, inv_offset = _map_params(c, device)
     ld = torch.zeros(2, device=device)
-    y = _ops().actnorm_conv_fwd(x, matrix.t().contiguous().t(), offset, torch.tensor(1.0, device=device), ld)
+    y = _ops().channel_affine_fwd(x, matrix.t().contiguous().t(), offset, torch.tensor(1.0, device=device), ld)
     assert_rel_close(y, reference.channel_affine(x, matrix, offset), "forward")
     grad_out = torch.ones((), device=device).expand(x.shape)
-    got = _ops().actnorm_conv_bwd(x, grad_out, matrix, matrix_inv, inv_offset)
+    got = _ops().channel_affine_bwd(x, grad_out, matrix, matrix_inv, inv_offset)
     want = reference.channel_affine_bwd(x, grad_out, matrix, matrix_inv, inv_offset)
     for g, w in zip(got, want):
         assert_rel_close(g, w, "grad")
@@ -350,19 +351,19 @@ MAP_ERRORS = {
 
 
 @pytest.mark.parametrize("case", list(MAP_ERRORS))
-def test_actnorm_conv_rejects_bad_inputs(case):
+def test_channel_affine_rejects_bad_inputs(case):
     make, message = MAP_ERRORS[case]
     args = make(torch.randn(2, 5, 3, 4), torch.randn(5, 5), torch.randn(5), torch.tensor(0.0), torch.zeros(2))
     with pytest.raises(_error_type(message), match=message):
-        _ops().actnorm_conv_fwd(*args)
+        _ops().channel_affine_fwd(*args)
 
 
-def test_actnorm_conv_bwd_rejects_bad_inputs():
+def test_channel_affine_bwd_rejects_bad_inputs():
     out, m = torch.randn(2, 5, 3, 4), torch.randn(5, 5)
     with pytest.raises(ValueError, match=r"grad_out: expected shape \[2, 5, 3, 4\]"):
-        _ops().actnorm_conv_bwd(out, out[:1], m, m, torch.zeros(5))
+        _ops().channel_affine_bwd(out, out[:1], m, m, torch.zeros(5))
     with pytest.raises(ValueError, match=r"matrix_inv: expected shape \[5, 5\]"):
-        _ops().actnorm_conv_bwd(out, out, m, m[:, :2], torch.zeros(5))
+        _ops().channel_affine_bwd(out, out, m, m[:, :2], torch.zeros(5))
 
 
 # ---- registration ----
@@ -375,8 +376,11 @@ def _opcheck_cases(device: str):
     term = torch.tensor(0.5, device=device)
     ops = _ops()
     return {
-        "actnorm_conv_fwd": (ops.actnorm_conv_fwd.default, (x, matrix, offset, term, ld)),
-        "actnorm_conv_bwd": (ops.actnorm_conv_bwd.default, (x, torch.randn_like(x), matrix, matrix_inv, inv_offset)),
+        "channel_affine_fwd": (ops.channel_affine_fwd.default, (x, matrix, offset, term, ld)),
+        "channel_affine_bwd": (
+            ops.channel_affine_bwd.default,
+            (x, torch.randn_like(x), matrix, matrix_inv, inv_offset),
+        ),
         "affine_coupling_fwd": (ops.affine_coupling_fwd.default, (x, h, ld, 3, True, EPS)),
         "affine_coupling_inv": (ops.affine_coupling_inv.default, (x, h, ld, 3, False, EPS)),
         "affine_coupling_bwd": (
@@ -394,7 +398,7 @@ OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
 @pytest.mark.parametrize(
-    "op_name", ["actnorm_conv_fwd", "actnorm_conv_bwd", *(f"affine_coupling_{d}" for d in ("fwd", "inv", "bwd"))]
+    "op_name", ["channel_affine_fwd", "channel_affine_bwd", *(f"affine_coupling_{d}" for d in ("fwd", "inv", "bwd"))]
 )
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device, op_name):
@@ -416,7 +420,7 @@ def test_cpu_reductions_do_not_depend_on_the_thread_count():
             torch.set_num_threads(n)
             ld = torch.zeros(4)
             _ops().affine_coupling_fwd(x, h, ld, 6, True, EPS)
-            results.append((ld, *_ops().actnorm_conv_bwd(x, h, matrix, matrix_inv, inv_offset)[2:]))
+            results.append((ld, *_ops().channel_affine_bwd(x, h, matrix, matrix_inv, inv_offset)[2:]))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results):
@@ -434,9 +438,9 @@ def test_cuda_reductions_are_bitwise_reproducible():
         ld = torch.zeros(8, device="cuda")
         _ops().affine_coupling_fwd(x, h, ld, 6, True, EPS)
         m, _, mi, io = small_map
-        small = _ops().actnorm_conv_bwd(x, h, m, mi, io)[2:]
+        small = _ops().channel_affine_bwd(x, h, m, mi, io)[2:]
         m, _, mi, io = large_map
-        large = _ops().actnorm_conv_bwd(big, big, m, mi, io)[2:]
+        large = _ops().channel_affine_bwd(big, big, m, mi, io)[2:]
         outs.append((ld, *small, *large))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
@@ -495,8 +499,8 @@ def test_flow_sequence_54_steps(device):
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("shape", [SHAPES[3], pytest.param((16, 12, 80, 80), id="level1-b16")])
 def test_cuda_matches_triton(shape, layout, h_dtype):
-    load_triton("_affine_coupling_kernels")
-    load_triton("_actnorm_conv_kernels")
+    load_triton("flowkernels.ops._affine_coupling_kernels")
+    load_triton("flowkernels.ops._channel_affine_kernels")
     ops = _ops()
     passive = shape[1] // 2
     x, h = _coupling_inputs(shape, passive, layout, "cuda")
@@ -517,13 +521,13 @@ def test_cuda_matches_triton(shape, layout, h_dtype):
     matrix, offset, matrix_inv, inv_offset = _map_params(shape[1], "cuda")
     term = torch.tensor(3.0, device="cuda")
     assert_rel_close(
-        ops.actnorm_conv_fwd(x, matrix, offset, term, lds[0]),
-        ops.actnorm_conv_fwd_triton(x, matrix, offset, term, lds[1]),
+        ops.channel_affine_fwd(x, matrix, offset, term, lds[0]),
+        ops.channel_affine_fwd_triton(x, matrix, offset, term, lds[1]),
         "forward",
     )
     for a, b in zip(
-        ops.actnorm_conv_bwd(x, g, matrix, matrix_inv, inv_offset),
-        ops.actnorm_conv_bwd_triton(x, g, matrix, matrix_inv, inv_offset),
+        ops.channel_affine_bwd(x, g, matrix, matrix_inv, inv_offset),
+        ops.channel_affine_bwd_triton(x, g, matrix, matrix_inv, inv_offset),
     ):
         assert_rel_close(a, b, "grad")
 

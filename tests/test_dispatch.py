@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flowkernels as fk
-from flowkernels import dispatch
+from flowkernels import _layout, dispatch
 
 
 def test_default_and_context_manager():
@@ -54,13 +54,34 @@ def test_named_backend_lists_every_reason(monkeypatch: pytest.MonkeyPatch):
     assert "backend 'triton' cannot take x: shape (2, 4, 3, 6), dtype torch.float64" in msg
     assert "x is on cpu; the Triton kernels need CUDA or TRITON_INTERPRET=1" in msg
     assert "the flow state must be torch.float32" in msg
-    assert "the kernels need dense NCHW or channels_last" in msg
+    assert "the kernels need stride_h == W * stride_w" in msg
     assert "h has dtype torch.float16" in msg
 
 
-def test_channels_last_is_dense():
-    x = torch.zeros(2, 4, 3, 5).to(memory_format=torch.channels_last)
-    assert dispatch._layout_reason("x", x) is None
+def test_layout_rule_accepts_what_the_kernels_take():
+    """One rule (flowkernels._layout): H and W collapse into one pixel axis."""
+    x = torch.zeros(2, 8, 3, 5)
+    assert _layout.pixel_strides(x) == (120, 15, 1)
+    assert _layout.pixel_strides(x.to(memory_format=torch.channels_last)) == (120, 1, 8)
+    assert _layout.pixel_strides(x[:, :4]) == (120, 15, 1)  # a channel slice
+    assert _layout.pixel_strides(x[..., :1]) == (120, 15, 5)  # W == 1: the pixel stride is stride_h
+    assert _layout.pixel_strides(x[..., 1:]) is None  # a crop along W
+    assert _layout.layout_reason("x", x[:, :4]) is None
+    assert "x: strides (120, 15, 5, 1)" in _layout.layout_reason("x", x[..., 1:])
+
+
+def test_channel_slices_are_dispatched_to_the_kernels():
+    """The kernels and docs/ops.md accept channel slices, so the dispatch must not refuse them."""
+    big = torch.randn(2, 8, 4, 5)
+    x, h = big[:, :4], torch.randn(2, 8, 4, 5)
+    for backend in ("cuda", "triton"):
+        assert not [r for r in dispatch.refusals(backend, x, h) if "strides" in r], backend
+    if dispatch.refusals("cuda", x, h):
+        pytest.skip("the compiled extension is not built here")
+    y, logdet = fk.ops.affine_coupling_fwd(x, h, backend="cuda")
+    y_ref, logdet_ref = fk.ops.affine_coupling_fwd(x, h, backend="reference")
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(logdet, logdet_ref)
 
 
 def test_kernel_ops_refuse_to_be_differentiated():

@@ -483,17 +483,22 @@ def test_min_scale_below_every_scale_changes_nothing() -> None:
 # ---------------------------------------------------------------------------------------- ActNorm init
 
 
-def test_actnorms_initialise_from_first_training_batch() -> None:
+def test_actnorms_initialise_explicitly_from_first_training_batch() -> None:
     model = tiny(4).train()
     hr, lr = random_pair(2, 8, 8, 4)
     assert not any(a.initialized for a in actnorms(model))
-    model.nll(hr, lr).mean().backward()
+    with pytest.raises(RuntimeError, match=r"has not been initialised.*initialize_"):
+        model.nll(hr, lr)  # training forward never initialises
+    assert not any(a.initialized for a in actnorms(model))
+    assert model.initialize_actnorms(hr, lr) == len(actnorms(model))
     assert all(a.initialized for a in actnorms(model))
+    model.nll(hr, lr).mean().backward()
     first = model.flowUpsamplerNet.levels[0].sequence.steps[0].actnorm
     x = F.pixel_unshuffle(hr, 2)
     assert_rel_close(first.bias.detach().flatten(), -x.mean(dim=(0, 2, 3)), "forward")
     before = copy.deepcopy(model.state_dict())
-    model.nll(hr, lr)  # second batch: no re-initialisation
+    assert model.initialize_actnorms(hr * 0.5, lr * 0.5) == 0  # already initialised: no-op
+    model.nll(hr, lr)  # training forward: no re-initialisation
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -516,7 +521,8 @@ def test_loading_a_checkpoint_disables_actnorm_init(how: str) -> None:
         fresh = SRFlow.from_official(source.state_dict(), "tiny-4x", backend="reference")
     assert all(a.initialized for a in actnorms(fresh))
     hr, lr = random_pair(2, 8, 8, 4)
-    fresh.train().nll(hr, lr)
+    assert fresh.train().initialize_actnorms(hr, lr) == 0
+    fresh.nll(hr, lr)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), source.state_dict().values()))
 
 

@@ -28,13 +28,13 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 import flowkernels as fk  # noqa: E402
-from flowkernels.dispatch import load_triton  # noqa: E402
+from flowkernels._loader import load_triton  # noqa: E402
 from flowkernels.ops import fold  # noqa: E402
 from tests.helpers import cond_step  # noqa: E402
 from tests.tolerances import REL_TOL, ROUND_TRIP_ABS, assert_rel_close  # noqa: E402
 
-load_triton("_actnorm_conv_kernels")
-load_triton("_affine_coupling_kernels")
+load_triton("flowkernels.ops._channel_affine_kernels")
+load_triton("flowkernels.ops._affine_coupling_kernels")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ops = torch.ops.flowkernels
 C, COND = 12, 5
@@ -74,7 +74,7 @@ def _step_forward_inverse(step: fk.FlowStep, x: torch.Tensor, cond: torch.Tensor
     inv = fold(*params, reverse=True, weight_inv=w_inv, logabsdet=logabsdet)
     cpl = step.affine
     logdet = x.new_zeros(b)
-    y = ops.actnorm_conv_fwd_triton(x, fwd.matrix, fwd.offset, fwd.logdet_term, logdet)
+    y = ops.channel_affine_fwd_triton(x, fwd.matrix, fwd.offset, fwd.logdet_term, logdet)
     y = ops.affine_coupling_fwd_triton(y, cpl.fFeatures(cond), logdet, 0, True, cpl.eps)
     h = cpl.fAffine(torch.cat([y[:, : c // 2], cond], dim=1))
     z = ops.affine_coupling_fwd_triton(y, h, logdet, c // 2, True, cpl.eps)
@@ -82,7 +82,7 @@ def _step_forward_inverse(step: fk.FlowStep, x: torch.Tensor, cond: torch.Tensor
     h = cpl.fAffine(torch.cat([z[:, : c // 2], cond], dim=1))
     y = ops.affine_coupling_inv_triton(z, h, back, c // 2, True, cpl.eps)
     y = ops.affine_coupling_inv_triton(y, cpl.fFeatures(cond), back, 0, True, cpl.eps)
-    x_back = ops.actnorm_conv_fwd_triton(y, inv.matrix, inv.offset, inv.logdet_term, back)
+    x_back = ops.channel_affine_fwd_triton(y, inv.matrix, inv.offset, inv.logdet_term, back)
     return z, logdet, x_back, back
 
 
@@ -95,7 +95,7 @@ def _recompute_backward(out, grad_out, grad_logdet, h_affine, h_features, cmap):
     inp, grad_inp, grad_h_features = ops.affine_coupling_bwd_triton(
         inp, h_features, grad_inp, grad_logdet, 0, True, fk.ops.SRFLOW_EPS, False
     )
-    inp, grad_inp, grad_matrix, grad_offset = ops.actnorm_conv_bwd_triton(
+    inp, grad_inp, grad_matrix, grad_offset = ops.channel_affine_bwd_triton(
         inp, grad_inp, cmap.matrix, cmap.matrix_inv, cmap.inv_offset
     )
     return inp, grad_inp, grad_h_affine, grad_h_features, grad_matrix, grad_offset
@@ -119,7 +119,7 @@ def _check_forward_inverse(backend_factory) -> None:
             z_eager, logdet_eager = step(x, cond)
     assert len(graphs) == 1
     assert _ops_in(graphs) == {
-        "flowkernels.actnorm_conv_fwd_triton",
+        "flowkernels.channel_affine_fwd_triton",
         "flowkernels.affine_coupling_fwd_triton",
         "flowkernels.affine_coupling_inv_triton",
     }
@@ -143,7 +143,7 @@ def _check_backward_chain(backend_factory) -> None:
     assert len(graphs) == 1
     assert _ops_in(graphs) == {
         "flowkernels.affine_coupling_bwd_triton",
-        "flowkernels.actnorm_conv_bwd_triton",
+        "flowkernels.channel_affine_bwd_triton",
     }
     for g, w in zip(got, want):
         assert_rel_close(g, w, "grad")
@@ -178,7 +178,7 @@ def test_inductor_inlines_the_user_kernels():
         _, code = run_and_get_code(compiled, step, x, cond)
     source = "\n".join(code)
     for kernel in (
-        "_actnorm_conv_fwd_kernel",
+        "_channel_affine_fwd_kernel",
         "_affine_coupling_apply_kernel",
         "_logdet_reduce_kernel",
     ):
@@ -199,7 +199,7 @@ def test_dynamo_fullgraph_flow_step_module():
     with torch.no_grad():
         z, logdet = compiled(x, cond)
         z_eager, logdet_eager = step(x, cond)
-    assert {"flowkernels.actnorm_conv_fwd_triton", "flowkernels.affine_coupling_fwd_triton"} <= _module_ops(graphs)
+    assert {"flowkernels.channel_affine_fwd_triton", "flowkernels.affine_coupling_fwd_triton"} <= _module_ops(graphs)
     assert_rel_close(z, z_eager, "forward")
     assert_rel_close(logdet, logdet_eager, "forward")
 

@@ -23,14 +23,14 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 
 import flowkernels as fk  # noqa: E402
 from flowkernels import reference  # noqa: E402
-from flowkernels.dispatch import load_triton  # noqa: E402
+from flowkernels._loader import load_triton  # noqa: E402
 from flowkernels.ops import fold  # noqa: E402
 from tests.helpers import trained_level  # noqa: E402
 from tests.tolerances import BF16_ERROR_RATIO, REL_TOL, assert_rel_close, rel_err  # noqa: E402
 
-_actnorm_kernels = load_triton("_actnorm_conv_kernels")  # registers the *_triton ops
-INTERPRETED = not isinstance(_actnorm_kernels._actnorm_conv_fwd_kernel, triton.runtime.JITFunction)
-load_triton("_affine_coupling_kernels")
+_channel_affine_kernels = load_triton("flowkernels.ops._channel_affine_kernels")  # registers the *_triton ops
+INTERPRETED = not isinstance(_channel_affine_kernels._channel_affine_fwd_kernel, triton.runtime.JITFunction)
+load_triton("flowkernels.ops._affine_coupling_kernels")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ops = torch.ops.flowkernels
 EPS = fk.ops.SRFLOW_EPS
@@ -64,7 +64,7 @@ def _f64(*ts: torch.Tensor) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
-# actnorm_conv: y = matrix @ x + offset per pixel, and its backward with recompute
+# channel_affine: y = matrix @ x + offset per pixel, and its backward with recompute
 
 
 ACTNORM_SHAPES = [
@@ -79,7 +79,7 @@ ACTNORM_SHAPES = [
 LAYOUTS = ["contiguous", "channels_last"]
 
 
-def _channel_map(c: int, pixels: int, reverse: bool) -> fk.ops.actnorm_conv.ChannelMap:
+def _channel_map(c: int, pixels: int, reverse: bool) -> fk.ops.actnorm_conv.ChannelAffine:
     """Folded trained-like parameters: W orthogonal + noise, random ActNorm."""
     q, _ = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))
     weight = (q + 0.1 * torch.randn(c, c, dtype=torch.float64)).float()
@@ -91,13 +91,13 @@ def _channel_map(c: int, pixels: int, reverse: bool) -> fk.ops.actnorm_conv.Chan
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd-map", "inv-map"])
 @pytest.mark.parametrize("shape", ACTNORM_SHAPES)
-def test_actnorm_conv_fwd(shape, reverse, layout):
+def test_channel_affine_fwd(shape, reverse, layout):
     b, c, h, w = shape
     x = _fmt(torch.randn(shape), layout)
     cmap = _channel_map(c, h * w, reverse)
     logdet = torch.randn(b, device=DEVICE)  # pre-filled: the op must add, not overwrite
     before = logdet.clone()
-    y = ops.actnorm_conv_fwd_triton(x, cmap.matrix, cmap.offset, cmap.logdet_term, logdet)
+    y = ops.channel_affine_fwd_triton(x, cmap.matrix, cmap.offset, cmap.logdet_term, logdet)
     assert _is_layout(y, layout)
     assert_rel_close(y, reference.channel_affine(*_f64(x, cmap.matrix, cmap.offset)), "forward")
     assert_rel_close(logdet - before, cmap.logdet_term.expand(b), "forward")
@@ -106,12 +106,12 @@ def test_actnorm_conv_fwd(shape, reverse, layout):
 @pytest.mark.parametrize("grad_layout", LAYOUTS, ids=["grad-nchw", "grad-cl"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["out-nchw", "out-cl"])
 @pytest.mark.parametrize("shape", ACTNORM_SHAPES)
-def test_actnorm_conv_bwd(shape, layout, grad_layout):
+def test_channel_affine_bwd(shape, layout, grad_layout):
     _, c, h, w = shape
     cmap = _channel_map(c, h * w, reverse=False)
     out = _fmt(torch.randn(shape), layout)
     grad_out = _fmt(torch.randn(shape), grad_layout)
-    got = ops.actnorm_conv_bwd_triton(out, grad_out, cmap.matrix, cmap.matrix_inv, cmap.inv_offset)
+    got = ops.channel_affine_bwd_triton(out, grad_out, cmap.matrix, cmap.matrix_inv, cmap.inv_offset)
     want = reference.channel_affine_bwd(*_f64(out, grad_out, cmap.matrix, cmap.matrix_inv, cmap.inv_offset))
     assert _is_layout(got[0], layout) and _is_layout(got[1], layout)
     assert got[2].dtype == got[3].dtype == torch.float32
@@ -119,18 +119,18 @@ def test_actnorm_conv_bwd(shape, layout, grad_layout):
         assert_rel_close(g, w_, "forward" if name == "inp" else "grad")
 
 
-def test_actnorm_conv_bwd_many_tiles_per_program():
+def test_channel_affine_bwd_many_tiles_per_program():
     """More pixel tiles than the program cap: programs loop over tiles (grid-stride) and the
     partials still sum to the full reduction. Level-1 channels, 2 * 40 * 40 pixels."""
     shape = (2, 12, 40, 40)
     cmap = _channel_map(12, 1600, reverse=False)
     out, grad_out = _fmt(torch.randn(shape), "contiguous"), _fmt(torch.randn(shape), "contiguous")
-    saved = _actnorm_kernels._BWD_MAX_PROGRAMS
-    _actnorm_kernels._BWD_MAX_PROGRAMS = 3  # 2 * ceil(1600 / 128) = 26 tiles over 3 programs
+    saved = _channel_affine_kernels._BWD_MAX_PROGRAMS
+    _channel_affine_kernels._BWD_MAX_PROGRAMS = 3  # 2 * ceil(1600 / 128) = 26 tiles over 3 programs
     try:
-        got = ops.actnorm_conv_bwd_triton(out, grad_out, cmap.matrix, cmap.matrix_inv, cmap.inv_offset)
+        got = ops.channel_affine_bwd_triton(out, grad_out, cmap.matrix, cmap.matrix_inv, cmap.inv_offset)
     finally:
-        _actnorm_kernels._BWD_MAX_PROGRAMS = saved
+        _channel_affine_kernels._BWD_MAX_PROGRAMS = saved
     want = reference.channel_affine_bwd(*_f64(out, grad_out, cmap.matrix, cmap.matrix_inv, cmap.inv_offset))
     for g, w_ in zip(got, want):
         assert_rel_close(g, w_, "grad")
@@ -275,7 +275,7 @@ def test_logdet_accumulates_over_calls():
     logdet = torch.full((2,), 3.0, device=DEVICE)
     for _ in range(2):
         ops.affine_coupling_fwd_triton(x, h, logdet, 0, True, EPS)
-        ops.actnorm_conv_fwd_triton(x, cmap.matrix, cmap.offset, cmap.logdet_term, logdet)
+        ops.channel_affine_fwd_triton(x, cmap.matrix, cmap.offset, cmap.logdet_term, logdet)
     ops.affine_coupling_inv_triton(x, h, logdet, 0, True, EPS)
     assert_rel_close(logdet - 3.0, dlogdet + 2 * cmap.logdet_term, "forward")
 
@@ -286,7 +286,7 @@ def test_channel_slice_is_handled():
     big = _fmt(torch.randn(2, 16, 5, 3), "contiguous")
     x = big[:, 2:14]
     cmap = _channel_map(12, 15, reverse=False)
-    y = ops.actnorm_conv_fwd_triton(x, cmap.matrix, cmap.offset, cmap.logdet_term, torch.zeros(2, device=DEVICE))
+    y = ops.channel_affine_fwd_triton(x, cmap.matrix, cmap.offset, cmap.logdet_term, torch.zeros(2, device=DEVICE))
     assert_rel_close(y, reference.channel_affine(*_f64(x, cmap.matrix, cmap.offset)), "forward")
 
 
@@ -307,8 +307,8 @@ def _opcheck_samples() -> dict[str, tuple]:
     cmap = _channel_map(c, 15, reverse=False)
     logdet = torch.randn(2, device=DEVICE)
     return {
-        "actnorm_conv_fwd": (ops.actnorm_conv_fwd_triton, (x, cmap.matrix, cmap.offset, cmap.logdet_term, logdet)),
-        "actnorm_conv_bwd": (ops.actnorm_conv_bwd_triton, (x, h, cmap.matrix, cmap.matrix_inv, cmap.inv_offset)),
+        "channel_affine_fwd": (ops.channel_affine_fwd_triton, (x, cmap.matrix, cmap.offset, cmap.logdet_term, logdet)),
+        "channel_affine_bwd": (ops.channel_affine_bwd_triton, (x, h, cmap.matrix, cmap.matrix_inv, cmap.inv_offset)),
         "affine_coupling_fwd": (ops.affine_coupling_fwd_triton, (x, h, logdet, c // 2, True, EPS)),
         "affine_coupling_inv": (ops.affine_coupling_inv_triton, (x, h, logdet, c // 2, False, EPS)),
         "affine_coupling_bwd": (ops.affine_coupling_bwd_triton, (x, h, x, logdet, c // 2, True, EPS, True)),
@@ -316,8 +316,8 @@ def _opcheck_samples() -> dict[str, tuple]:
 
 
 OPS = [
-    "actnorm_conv_fwd",
-    "actnorm_conv_bwd",
+    "channel_affine_fwd",
+    "channel_affine_bwd",
     "affine_coupling_fwd",
     "affine_coupling_inv",
     "affine_coupling_bwd",

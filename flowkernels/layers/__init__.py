@@ -1,11 +1,13 @@
 """Invertible flow layers sharing one contract (see :mod:`flowkernels.layers.base`)."""
 
+from ._contract import StepGrads
+from ._unit import invertible_backprop
 from .actnorm import ActNorm, ActNorm2d, initialize_actnorms
-from .base import InvertibleModule, StepGrads
+from .base import InvertibleModule
 from .coupling import AffineCoupling, CondAffineCoupling, Conv2dActNorm, Conv2dZeros, make_subnet, validate_scale_floor
 from .flowstep import FlowStep
 from .invconv import InvConv1x1
-from .sequence import FlowSequence, invertible_backprop, validate_keep_every
+from .sequence import FlowSequence, validate_keep_every
 from .split import Split2d
 from .squeeze import Squeeze
 

@@ -1,16 +1,22 @@
 """ActNorm with data-dependent initialisation (Glow; SRFlow's parametrisation).
 
 ``y = (x + bias) * exp(logs)`` per channel, ``bias`` and ``logs`` of shape (1, C, 1, 1) as in the
-official state_dicts. Initialisation (DESIGN.md section 3): once, from the first training batch,
-``bias = -mean(x)``, ``logs = -log(std(x) + 1e-6)`` over (N, H, W), all-reduced across ranks
-under torch.distributed so every rank starts identical. It runs in an explicit plain forward
-(:func:`initialize_actnorms`), never inside a forward of the memory-saving unit or a recompute,
-and not in eval mode.
+official state_dicts. Initialisation (DESIGN.md section 3, STYLE rule 10): once, from a first
+training batch, ``bias = -mean(x)``, ``logs = -log(std(x) + 1e-6)`` over (N, H, W), all-reduced
+across ranks under torch.distributed so every rank starts identical. It is explicit: one plain
+forward run by :func:`initialize_actnorms` (or ``FlowSequence.initialize_(x, cond)``), each
+ActNorm initialised from its own input just before it runs. ``forward`` never initialises, so
+nothing initialises inside the memory-saving unit or its recompute.
 
-The ``initialized`` flag is a Python bool, not a tensor: checking a device tensor would cost a
-host sync per layer and step, and a buffer would add keys to the official state_dict layout.
-It is restored whenever a state_dict is loaded, by the official rule: a loaded ActNorm is
-initialised unless its bias and logs are all zero.
+Before initialisation ``bias`` and ``logs`` are zero. A layer holding an uninitialised ActNorm
+raises RuntimeError when called in training mode (the check is in ``InvertibleModule``); in eval
+mode the ActNorm is the identity (``y = x``, log-det 0), without a warning.
+
+The ``initialized`` flag is a Python bool, not a buffer (DESIGN.md section 3 says buffer; this is
+a deliberate departure): checking a device tensor would cost a host sync per layer and step, and
+a buffer would add keys to the official state_dict layout, so official checkpoints would no longer
+load with ``strict=True``. It is restored whenever a state_dict is loaded, by the official rule: a
+loaded ActNorm is initialised unless its bias and logs are all zero.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import reference
-from .base import InvertibleModule, check_flow_input, flow_precision, in_plain_mode, plain_forward
+from ._contract import DataInitialized, check_flow_input, flow_precision, plain_forward, uninitialized
+from .base import InvertibleModule
 
-__all__ = ["ActNorm", "ActNorm2d", "initialize_actnorms", "maybe_initialize"]
+__all__ = ["ActNorm", "ActNorm2d", "initialize_actnorms"]
 
 _STD_EPS = 1e-6  # official: logs = log(1 / (std + 1e-6))
 
@@ -36,8 +43,12 @@ def _all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
-class ActNorm(nn.Module):
-    """ActNorm as used inside subnets: ``forward(x) -> (x + bias) * exp(logs)``, no log-det."""
+class ActNorm(DataInitialized):
+    """ActNorm as used inside subnets: ``forward(x) -> (x + bias) * exp(logs)``, no log-det.
+
+    Also the base of :class:`ActNorm2d` (parameters, :meth:`initialize_`, the state-dict rule), so
+    ``isinstance(m, ActNorm)`` finds both kinds; ``initialized`` is a Python bool (module docstring).
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -85,6 +96,11 @@ class ActNorm2d(ActNorm, InvertibleModule):
 
     Args:
         channels: C. Parameters ``bias``, ``logs``: (1, C, 1, 1), zero until initialised.
+
+    Initialise it explicitly (:func:`initialize_actnorms`, ``FlowSequence.initialize_``) or load a
+    checkpoint before training; uninitialised, it raises in training mode and is the identity in
+    eval mode. It is an :class:`ActNorm` for ``isinstance`` (the init pass and user code find all
+    ActNorms that way), although its ``forward`` returns ``(y, logdet)``.
     """
 
     def forward(self, x: Tensor, cond: Tensor | None = None, logdet: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -101,14 +117,10 @@ class ActNorm2d(ActNorm, InvertibleModule):
         return y
 
 
-def _uninitialized(module: nn.Module) -> list[ActNorm]:
-    return [m for m in module.modules() if isinstance(m, ActNorm) and not m.initialized]
-
-
 @contextlib.contextmanager
-def _init_hooks(targets: list[ActNorm]) -> Iterator[None]:
+def _init_hooks(targets: list[DataInitialized]) -> Iterator[None]:
     def hook(mod: nn.Module, args: tuple) -> None:
-        if isinstance(mod, ActNorm) and not mod.initialized:
+        if isinstance(mod, DataInitialized) and not mod.initialized:
             mod.initialize_(args[0])
 
     handles = [m.register_forward_pre_hook(hook) for m in targets]
@@ -124,23 +136,13 @@ def initialize_actnorms(module: nn.Module, run: Callable[[], object]) -> int:
     """Data-dependent init of every uninitialised ActNorm in ``module`` from one plain forward.
 
     ``run`` performs the forward (e.g. ``lambda: flow(x, cond)``); each ActNorm is initialised
-    from its own input just before it first runs, in network order, with layers unfused.
-    Returns how many ActNorms were initialised.
+    from its own input just before it first runs, in network order, with layers unfused, in
+    training or eval mode alike. Call it once before training (the layers refuse to train with
+    uninitialised ActNorms); ActNorms already initialised, e.g. loaded from a checkpoint, are
+    left alone. Returns how many ActNorms were initialised.
     """
-    targets = _uninitialized(module)
+    targets = uninitialized(module)
     if targets:
         with _init_hooks(targets), plain_forward():
             run()
     return len(targets)
-
-
-def maybe_initialize(module: nn.Module, x: Tensor, cond: Tensor | None) -> None:
-    """Initialise ``module``'s ActNorms from (x, cond) if it is training and any needs it.
-
-    Skipped in eval mode and inside an initialisation pass (the hooks do it there). The
-    memory-saving unit never calls it: it runs layers' ``_run``, not their ``forward``.
-    """
-    if not module.training or in_plain_mode():
-        return
-    if _uninitialized(module):
-        initialize_actnorms(module, lambda: module(x, cond))

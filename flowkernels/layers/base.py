@@ -9,7 +9,16 @@ the kernel backends refuse it):
 
 ``logdet`` is a (B,) tensor of the flow's dtype (None means zeros); it is not modified, the
 returned one is new. Forward adds the log-determinant, inverse subtracts it, and ``inverse(forward(x))``
-gives back x up to rounding.
+gives back x up to rounding. ``forward`` never changes parameters: a layer holding ActNorms must
+have them initialised (``FlowSequence.initialize_(x, cond)``, ``fk.initialize_actnorms`` or a
+loaded checkpoint) before it is used in training mode, where a top-level call raises otherwise;
+in eval mode an uninitialised ActNorm is the identity.
+
+Direction flags, one convention everywhere: ``reverse`` (layers' ``_run``, ops) and the Triton
+constexpr ``INVERSE`` mean "compute the inverse map"; in a backward (``backward_from_output``,
+``*_bwd`` ops, the Triton constexpr ``REVERSE``) ``reverse`` says the output being differentiated
+came from the inverse, so its input is rebuilt with the forward map; ``SUBTRACT`` (the Triton
+log-det reduction) is the inverse's sign, ``logdet -= sum log s``.
 
 For memory-saving backprop (:class:`~flowkernels.FlowSequence`) a layer also provides
 ``backward_from_output``: given its OUTPUT and the upstream gradients it rebuilds its input and
@@ -20,72 +29,25 @@ with one subnet evaluation and the backward-with-recompute kernels.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..dispatch import select_backend
+from ._contract import (
+    StepGrads,
+    check_finite,
+    check_flow_input,
+    check_initialized,
+    in_plain_mode,
+    inputs_checked,
+    logdet_buffer,
+    set_mode,
+)
+from ._unit import invertible_backprop
 
-__all__ = ["InvertibleModule", "FusedLayer", "StepGrads", "module_pullback", "flow_precision", "plain_forward"]
-
-
-class _Mode:
-    """Process-wide layer modes, set by context managers in eager code only (module-level state
-    rather than ContextVars, which torch.compile cannot read; never changed inside a traced
-    region, where Dynamo would replay the change; layers are not used from several threads).
-
-    plain: a plain forward runs for ActNorm data-dependent initialisation: layers run unfused,
-        submodule by submodule, and start no other initialisation.
-    nested: inside a layer call: nested layers skip the NaN/Inf scan of their input, so a
-        model pays one scan (one host sync) per top-level call, not one per layer.
-
-    Initialisation never happens inside the memory-saving unit (DESIGN.md section 3) by
-    construction: the unit and its recompute call layers' ``_run``/``backward_from_output``,
-    never ``forward``, the only place that initialises.
-    """
-
-    plain = False
-    nested = False
-
-
-@contextlib.contextmanager
-def _set_mode(name: str) -> Iterator[None]:
-    previous = getattr(_Mode, name)
-    setattr(_Mode, name, True)
-    try:
-        yield
-    finally:
-        setattr(_Mode, name, previous)
-
-
-def plain_forward() -> contextlib.AbstractContextManager:
-    """Run layers unfused, submodule by submodule (used by the ActNorm initialisation pass)."""
-    return _set_mode("plain")
-
-
-def in_plain_mode() -> bool:
-    return _Mode.plain
-
-
-def flow_precision(x: Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off for the flow state: subnets may run in bf16, the flow itself stays float32."""
-    return torch.autocast(x.device.type, enabled=False)
-
-
-class StepGrads(NamedTuple):
-    """What :meth:`InvertibleModule.backward_from_output` returns.
-
-    inp: the rebuilt input; grad_inp: dL/dinp; grad_cond: dL/dcond (None if cond is None);
-    grad_params: dL/dp for each tensor of :meth:`InvertibleModule.trainable_parameters`, same order.
-    """
-
-    inp: Tensor
-    grad_inp: Tensor
-    grad_cond: Tensor | None
-    grad_params: list[Tensor | None]
+__all__ = ["InvertibleModule", "FusedLayer", "module_pullback"]
 
 
 def module_pullback(
@@ -151,28 +113,26 @@ class InvertibleModule(nn.Module):
         return self._call(y, cond, logdet, reverse=True)
 
     def _call(self, x: Tensor, cond: Tensor | None, logdet: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
-        from .actnorm import maybe_initialize
-
         self._check_input(x, cond)
         if torch.compiler.is_compiling():
-            # No NaN/Inf scan (a data-dependent branch) and no mode change in a traced region.
-            if not reverse:
-                maybe_initialize(self, x, cond)
+            # No NaN/Inf scan (a data-dependent branch) and no mode change in a traced region;
+            # the initialisation check reads Python bools only, which Dynamo guards on.
+            if self.training and not in_plain_mode():
+                check_initialized(self)
             return self._dispatch(x, cond, logdet, reverse)
-        if self.check_inputs and not _Mode.nested:
-            check_finite("x", x)
-            if cond is not None:
-                check_finite("cond", cond)
-        with _set_mode("nested"):
-            if not reverse:
-                maybe_initialize(self, x, cond)
+        if not inputs_checked():
+            if self.training and not in_plain_mode():
+                check_initialized(self)
+            if self.check_inputs:
+                check_finite("x", x)
+                if cond is not None:
+                    check_finite("cond", cond)
+        with set_mode("inputs_checked"):
             return self._dispatch(x, cond, logdet, reverse)
 
     def _dispatch(self, x: Tensor, cond: Tensor | None, logdet: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
         """Run one call: through the recompute unit when :meth:`_needs_unit`, else :meth:`_run`."""
-        from .sequence import invertible_backprop
-
-        buf = logdet_buffer(x, logdet)
+        buf = logdet_buffer(x, logdet, clone=True)
         if self._needs_unit(x, cond, buf):
             return invertible_backprop([self], x, cond, buf, reverse=reverse)
         return self._run(x, cond, buf, reverse), buf
@@ -234,57 +194,3 @@ class FusedLayer(InvertibleModule):
             and torch.is_grad_enabled()
             and (x.requires_grad or (cond is not None and cond.requires_grad) or bool(self.trainable_parameters()))
         )
-
-
-def logdet_buffer(x: Tensor, logdet: Tensor | None) -> Tensor:
-    """A fresh (B,) buffer of x's dtype holding ``logdet`` (the caller's tensor is never mutated)."""
-    if logdet is None:
-        return torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
-    if logdet.shape != (x.shape[0],):
-        raise ValueError(f"logdet: expected shape ({x.shape[0]},) to match x's batch, got {tuple(logdet.shape)}")
-    if logdet.dtype != x.dtype:
-        raise TypeError(f"logdet: expected {x.dtype} like x, got {logdet.dtype}")
-    if logdet.device != x.device:
-        raise ValueError(f"logdet is on {logdet.device} but x is on {x.device}")
-    return logdet.clone()
-
-
-def check_flow_input(x: Tensor, channels: int | None = None) -> None:
-    """Flow state must be a (B, C, H, W) float32 (or float64) tensor with the expected channels."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x: expected a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"x: expected torch.float32 (the flow state is float32; float64 for checks), got {x.dtype}")
-    if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"x: expected {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-
-
-def check_finite(name: str, t: Tensor) -> None:
-    """Raise on NaN/Inf in a user-supplied tensor (one reduction and one host sync per call)."""
-    t = t.detach()
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{name}: contains {bad} non-finite values (NaN or Inf)")
-
-
-def check_cond(cond: Tensor | None, x: Tensor, channels: int | None) -> None:
-    """The conditioning tensor must be (B, channels, H, W) like x; unconditional layers
-    (``channels`` 0 or None) ignore it, so one tensor can be passed to a whole sequence."""
-    if not channels:
-        return
-    if cond is None:
-        raise ValueError(
-            f"cond: this layer needs a ({x.shape[0]}, {channels}, {x.shape[2]}, {x.shape[3]}) tensor, got None"
-        )
-    expected = (x.shape[0], channels, x.shape[2], x.shape[3])
-    if tuple(cond.shape) != expected:
-        raise ValueError(f"cond: expected shape {expected}, got {tuple(cond.shape)}")
-    if cond.device != x.device:
-        raise ValueError(f"cond is on {cond.device} but x is on {x.device}")
-
-
-def flat_grads(params: Sequence[Tensor], named: dict[int, Tensor | None]) -> list[Tensor | None]:
-    """Order gradients keyed by ``id(param)`` as ``params``."""
-    return [named.get(id(p)) for p in params]

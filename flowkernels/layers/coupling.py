@@ -28,16 +28,9 @@ from torch import Tensor, nn
 
 from ..dispatch import select_backend
 from ..ops.affine_coupling import SRFLOW_EPS, affine_coupling_bwd, affine_coupling_fwd, affine_coupling_inv
+from ._contract import StepGrads, check_cond, check_flow_input, flat_grads, flow_precision
 from .actnorm import ActNorm
-from .base import (
-    FusedLayer,
-    StepGrads,
-    check_cond,
-    check_flow_input,
-    flat_grads,
-    flow_precision,
-    module_pullback,
-)
+from .base import FusedLayer, module_pullback
 
 __all__ = [
     "Conv2dActNorm",
@@ -136,6 +129,9 @@ class AffineCoupling(FusedLayer):
         cond_channels: channels of the conditioning tensor (0: unconditional).
         hidden: subnet width.
         shift_first: ``(x2 + t) * s`` (SRFlow) if True, ``x2 * s + t`` (Glow-style) if False.
+            The default differs on purpose from the op's (``ops.affine_coupling_fwd`` defaults to
+            SRFlow's True): this class is the generic Glow coupling, while SRFlow's layer,
+            :class:`CondAffineCoupling`, always passes True.
         eps: scale floor, ``s = sigmoid(raw + 2) + eps``.
         backend: kernel backend of this layer (None: the global default).
     Parameters: ``net`` (the subnet; ``make_subnet`` layout).
@@ -207,10 +203,10 @@ class AffineCoupling(FusedLayer):
     def backward_from_output(
         self, out: Tensor, grad_out: Tensor, grad_logdet: Tensor, cond: Tensor | None, reverse: bool
     ) -> StepGrads:
-        inp, grad_inp, grad_cond, named = self.backward_stages(
+        inp, grad_inp, grad_cond, grads_by_id = self.backward_stages(
             out, grad_out, grad_logdet, cond, reverse, select_backend(self.backend, out)
         )
-        return StepGrads(inp, grad_inp, grad_cond, flat_grads(self.trainable_parameters(), named))
+        return StepGrads(inp, grad_inp, grad_cond, flat_grads(self.trainable_parameters(), grads_by_id))
 
     def backward_stages(
         self, out: Tensor, grad_out: Tensor, grad_logdet: Tensor, cond: Tensor | None, reverse: bool, backend: str
@@ -219,7 +215,7 @@ class AffineCoupling(FusedLayer):
         output's passive channels, then the fused op. Returns (inp, grad_inp, grad_cond,
         parameter gradients keyed by ``id(param)``)."""
         stages = self.stages()
-        named: dict[int, Tensor | None] = {}
+        grads_by_id: dict[int, Tensor | None] = {}
         # cond as saved by the unit keeps requires_grad: False for a frozen encoder's features
         cond_grad = cond is not None and bool(self.cond_channels) and cond.requires_grad
         grad_cond = torch.zeros_like(cond) if cond_grad else None
@@ -251,8 +247,8 @@ class AffineCoupling(FusedLayer):
             if grad_cond is not None and g_in is not None:
                 grad_cond += g_in
             params = [p for p in stage.subnet.parameters() if p.requires_grad]
-            named.update(zip(map(id, params), g_params))
-        return out, grad_out, grad_cond, named
+            grads_by_id.update(zip(map(id, params), g_params))
+        return out, grad_out, grad_cond, grads_by_id
 
 
 class CondAffineCoupling(AffineCoupling):

@@ -17,8 +17,9 @@ from torch import Tensor
 
 from ..dispatch import select_backend
 from ..ops.actnorm_conv import actnorm_conv_bwd, actnorm_conv_fwd, actnorm_conv_inv
+from ._contract import StepGrads, check_cond, check_flow_input, flat_grads, flow_precision, in_plain_mode
 from .actnorm import ActNorm2d
-from .base import FusedLayer, StepGrads, check_cond, check_flow_input, flat_grads, flow_precision, in_plain_mode
+from .base import FusedLayer
 from .coupling import AffineCoupling
 from .invconv import InvConv1x1
 
@@ -101,21 +102,21 @@ class FlowStep(FusedLayer):
         """Fused backward with recompute: the coupling's stages (one subnet evaluation each),
         then one pass of the actnorm+1x1 kernel (or the other way round for ``reverse``)."""
         backend = select_backend(self.backend, out)
-        named: dict[int, Tensor | None] = {}
+        grads_by_id: dict[int, Tensor | None] = {}
         grad_cond = None
         if reverse:
-            out, grad_out = self._actnorm_conv_backward(out, grad_out, grad_logdet, backend, True, named)
+            out, grad_out = self._actnorm_conv_backward(out, grad_out, grad_logdet, backend, True, grads_by_id)
         if self.affine is not None:
             out, grad_out, grad_cond, coupling_grads = self.affine.backward_stages(
                 out, grad_out, grad_logdet, cond, reverse, backend
             )
-            named.update(coupling_grads)
+            grads_by_id.update(coupling_grads)
         if not reverse:
-            out, grad_out = self._actnorm_conv_backward(out, grad_out, grad_logdet, backend, False, named)
-        return StepGrads(out, grad_out, grad_cond, flat_grads(self.trainable_parameters(), named))
+            out, grad_out = self._actnorm_conv_backward(out, grad_out, grad_logdet, backend, False, grads_by_id)
+        return StepGrads(out, grad_out, grad_cond, flat_grads(self.trainable_parameters(), grads_by_id))
 
     def _actnorm_conv_backward(
-        self, out: Tensor, grad_out: Tensor, grad_logdet: Tensor, backend: str, reverse: bool, named: dict
+        self, out: Tensor, grad_out: Tensor, grad_logdet: Tensor, backend: str, reverse: bool, grads_by_id: dict
     ) -> tuple[Tensor, Tensor]:
         weight_inv, _ = self.invconv.inverse_stats()
         with flow_precision(out):
@@ -130,8 +131,8 @@ class FlowStep(FusedLayer):
                 weight_inv=weight_inv,
                 backend=backend,
             )
-        named[id(self.actnorm.bias)] = g_bias
-        named[id(self.actnorm.logs)] = g_logs
+        grads_by_id[id(self.actnorm.bias)] = g_bias
+        grads_by_id[id(self.actnorm.logs)] = g_logs
         inv_params = self.invconv.trainable_parameters()
-        named.update(zip(map(id, inv_params), self.invconv.weight_grads(g_w)))
+        grads_by_id.update(zip(map(id, inv_params), self.invconv.weight_grads(g_w)))
         return inp, grad_inp

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
-from .base import InvertibleModule, check_flow_input, flow_precision
+from ._contract import check_flow_input, flow_precision
+from .base import InvertibleModule
 
 __all__ = ["InvConv1x1"]
 

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .base import InvertibleModule, check_flow_input, flow_precision
+from ._contract import check_flow_input, flow_precision
+from .base import InvertibleModule
 from .coupling import Conv2dZeros
 
 __all__ = ["Split2d"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import reference
-from .base import InvertibleModule, check_flow_input
+from ._contract import check_flow_input
+from .base import InvertibleModule
 
 __all__ = ["Squeeze"]
 

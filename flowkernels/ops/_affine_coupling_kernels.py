@@ -1,5 +1,6 @@
 """Triton kernels of the fused affine coupling / SRFlow affine injector (:mod:`.affine_coupling`).
 
+Throughout, ``h`` is the subnet output (``h_ptr``); image rows are ``row`` and the height is H.
 Per element of the active channels ``c >= passive`` with ``a = c - passive``,
 ``shift = h[:, 2a]``, ``raw = h[:, 2a + 1]`` and ``s = sigmoid(raw + 2) + eps`` (oracles
 ``reference.affine_coupling_fwd`` / ``_inv`` / ``_bwd``); passive channels are copied:
@@ -19,9 +20,9 @@ partial buffer; a second tiny kernel sums each row in a fixed order and adds (su
 one extra launch of B programs.
 
 Layouts: every kernel takes the batch, channel and pixel strides of x/out, h, and of each output,
-so one kernel serves dense NCHW and dense channels_last, also when x and h differ. Inside a
-sample the pixel ``p = h * W + w`` is addressed as ``p * stride_w`` (exact when
-``stride_h == W * stride_w``, as in both dense layouts; :func:`_bcp_strides` checks it). Triton
+so one kernel serves NCHW and channels_last, also when x and h differ. Inside a sample the pixel
+``p = row * W + col`` is addressed as ``p * stride_w`` (exact when ``stride_h == W * stride_w``:
+the layout rule of :mod:`flowkernels._layout`, which ``require_pixel_strides`` checks). Triton
 specialises integer arguments equal to 1, so the unit stride of each layout is a compile-time
 constant and the (channels x pixels) tiles are coalesced along it. In channels_last, shift and
 raw of one channel are neighbours, so the two strided loads of h share cache lines and h is read
@@ -36,17 +37,19 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._triton_utils import bcp_strides, launcher, poison
+from .._layout import require_pixel_strides
+from ._common import check_coupling_args
+from ._triton_utils import launcher, poison, pow2_block
 from .affine_coupling import affine_coupling_bwd_fake, affine_coupling_fwd_fake
 
 # Tiles of channels x pixels, channel block a power of two in [2, 64] covering C when C <= 64,
 # so that in channels_last one tile row is a whole pixel's channels (contiguous). The tile is
 # 1024 elements: at SRFlow level 1 (B16, C12, 80x80) that is 16 x 64, 1600 programs (12 per SM
-# on 132 SMs), each thread holding 8 fp32 values per tensor (x, shift, raw) at 4 warps. Measured
-# on an H200 at that shape (CUDA graph, L2 flushed; injector forward / backward, NCHW):
-# tile 1024: 10.2 / 12.1 us, 2048: 11.1 / 13.1 us, 4096: 14.2 / 19.6 us, 8192: 22 / 78 us
-# (spills); channels_last 12.1 / 17.3 us at 1024; a same-size copy of x: 4.4 us. 8 warps gained
-# nothing.
+# on 132 SMs), each thread holding 8 fp32 values per tensor (x, shift, raw) at 4 warps. Chosen
+# by the H200 tile sweep in benchmarks/results/nvidia-h200-2026-11-26-dev/triton-device-time.txt
+# (1024 fastest, 8192 spills, 8 warps gained nothing), taken on the kernels of 90d8e88, before
+# 756d21d merged forward and inverse and 3b96f2d added _tile; not re-measured since.
+_MIN_BLOCK_C = 2
 _MAX_BLOCK_C = 64
 _TILE = 1024
 _NUM_WARPS = 4
@@ -258,38 +261,16 @@ def _affine_coupling_bwd_kernel(
     tl.store(gh + (2 * a + 1)[:, None] * stride_ghc, _round_to(g_raw, gh_type), mask=act_ok)
 
 
-def _blocks(c: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_P): BLOCK_C the smallest power of two >= C up to _MAX_BLOCK_C."""
-    block_c = 2
-    while block_c < c and block_c < _MAX_BLOCK_C:
-        block_c *= 2
-    return block_c, _TILE // block_c
-
-
-def _check(x: Tensor, h: Tensor, passive: int) -> None:
-    if x.dim() != 4 or h.dim() != 4:
-        raise ValueError(f"expected 4-D (B, C, H, W) tensors, got shapes {tuple(x.shape)} and {tuple(h.shape)}")
-    b, c, height, width = x.shape
-    if not 0 <= passive < c:
-        raise ValueError(f"passive: expected 0 <= passive < {c} (the flow tensor's channels), got {passive}")
-    expected = (b, 2 * (c - passive), height, width)
-    if tuple(h.shape) != expected:
-        raise ValueError(f"h: expected shape {expected} (shift and raw interleaved), got {tuple(h.shape)}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"expected a torch.float32 flow tensor, got {x.dtype}")
-    if h.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"h: expected torch.float32 or torch.bfloat16, got {h.dtype}")
-
-
 def _apply(
     inverse: bool, inp: Tensor, h: Tensor, logdet: Tensor, passive: int, shift_first: bool, eps: float
 ) -> Tensor:
     """Launch the forward (``inverse=False``) or inverse kernel and the log-det reduction: two
     launches, the output allocated like ``inp``."""
-    _check(inp, h, passive)
+    check_coupling_args(inp, h, passive, kernel_dtypes=True)
     batch, c, height, width = inp.shape
     hw = height * width
-    block_c, block_p = _blocks(c)
+    block_c = pow2_block(c, _MIN_BLOCK_C, _MAX_BLOCK_C)
+    block_p = _TILE // block_c
     grid = (triton.cdiv(hw, block_p), batch, triton.cdiv(c, block_c))
     out = torch.empty_like(inp)
     logs_part = inp.new_empty((batch, grid[0] * grid[2]), dtype=torch.float32)
@@ -303,9 +284,9 @@ def _apply(
         hw,
         passive,
         eps,
-        *bcp_strides("x", inp),
-        *bcp_strides("h", h),
-        *bcp_strides("out", out),
+        *require_pixel_strides("x", inp),
+        *require_pixel_strides("h", h),
+        *require_pixel_strides("out", out),
         SHIFT_FIRST=shift_first,
         INVERSE=inverse,
         BLOCK_C=block_c,
@@ -330,8 +311,8 @@ def _affine_coupling_fwd_triton(
 ) -> Tensor:
     """Coupling on channels ``[passive:]``: ``y = (x + shift) * s`` (or ``x * s + shift``).
 
-    x: (B, C, H, W) float32; h: (B, 2*(C - passive), H, W) float32 or bfloat16; each dense NCHW
-    or channels_last. logdet (B,) float32 gets ``+= sum log s`` in place. y keeps x's layout.
+    x: (B, C, H, W) float32; h: (B, 2*(C - passive), H, W) float32 or bfloat16; each NCHW or
+    channels_last (or a channel slice). logdet (B,) float32 gets ``+= sum log s`` in place. y keeps x's layout.
     """
     return _apply(False, x, h, logdet, passive, shift_first, eps)
 
@@ -363,7 +344,7 @@ def _affine_coupling_bwd_triton(
     out, grad_out: (B, C, H, W) float32; h: the subnet output (float32 or bfloat16); grad_logdet:
     (B,) float32. inp and grad_inp keep out's layout, grad_h has h's dtype and layout.
     """
-    _check(out, h, passive)
+    check_coupling_args(out, h, passive, kernel_dtypes=True)
     if grad_out.shape != out.shape:
         raise ValueError(f"grad_out: expected shape {tuple(out.shape)}, got {tuple(grad_out.shape)}")
     if tuple(grad_logdet.shape) != (out.shape[0],) or grad_logdet.dtype != torch.float32:
@@ -373,7 +354,8 @@ def _affine_coupling_bwd_triton(
         )
     batch, c, height, width = out.shape
     hw = height * width
-    block_c, block_p = _blocks(c)
+    block_c = pow2_block(c, _MIN_BLOCK_C, _MAX_BLOCK_C)
+    block_p = _TILE // block_c
     inp = torch.empty_like(out)
     grad_inp = torch.empty_like(out)
     grad_h = torch.empty_like(h)
@@ -391,12 +373,12 @@ def _affine_coupling_bwd_triton(
         hw,
         passive,
         eps,
-        *bcp_strides("out", out),
-        *bcp_strides("h", h),
-        *bcp_strides("grad_out", grad_out),
-        *bcp_strides("inp", inp),
-        *bcp_strides("grad_inp", grad_inp),
-        *bcp_strides("grad_h", grad_h),
+        *require_pixel_strides("out", out),
+        *require_pixel_strides("h", h),
+        *require_pixel_strides("grad_out", grad_out),
+        *require_pixel_strides("inp", inp),
+        *require_pixel_strides("grad_inp", grad_inp),
+        *require_pixel_strides("grad_h", grad_h),
         grad_logdet.stride(0),
         SHIFT_FIRST=shift_first,
         REVERSE=reverse,

@@ -8,7 +8,7 @@ import triton
 from torch import Tensor
 from torch.library import wrap_triton
 
-__all__ = ["launcher", "poison", "bcp_strides"]
+__all__ = ["launcher", "poison", "pow2_block"]
 
 
 def launcher(kernel: object) -> object:
@@ -26,17 +26,9 @@ def poison(*outputs: Tensor) -> None:
             t.fill_(float("nan"))
 
 
-def bcp_strides(name: str, t: Tensor) -> tuple[int, int, int]:
-    """``(stride_b, stride_c, stride_w)`` of a (B, C, H, W) tensor, ``stride_w`` being the stride
-    of the flattened pixel index ``p = h * W + w``: valid when ``stride_h == W * stride_w``
-    (dense NCHW and dense channels_last). With W == 1 the pixel stride is stride_h."""
-    _, _, height, width = t.shape
-    stride_b, stride_c, stride_h, stride_w = t.stride()
-    if width == 1:
-        return stride_b, stride_c, stride_h
-    if height > 1 and stride_h != width * stride_w:
-        raise ValueError(
-            f"{name}: strides {tuple(t.stride())} for shape {tuple(t.shape)} do not let the pixels be "
-            f"addressed as p * stride_w (need stride_h == W * stride_w: dense NCHW or channels_last)"
-        )
-    return stride_b, stride_c, stride_w
+def pow2_block(c: int, lo: int, hi: int) -> int:
+    """The smallest power of two >= ``c`` within [lo, hi] (lo a power of two): a channel block."""
+    block = lo
+    while block < c and block < hi:
+        block *= 2
+    return block

@@ -2,20 +2,23 @@
 
 Oracle: ``reference.actnorm_conv_fwd`` / ``reference.actnorm_conv_inv``.
 
-Both directions are the same per-pixel affine channel map ``out = matrix @ inp + offset`` with
-folded parameters (:func:`fold`), so every backend implements two kernels:
+The layer-level wrappers :func:`actnorm_conv_fwd` / ``_inv`` / ``_bwd`` (taking weight, logs,
+bias) are "fold + channel_affine": both directions are the same per-pixel affine channel map
+``out = matrix @ inp + offset`` with folded parameters (:func:`fold`), so every backend
+implements one registered op pair, named after its oracle ``reference.channel_affine[_bwd]``:
 
-* ``actnorm_conv_fwd(x, matrix, offset, logdet_term, logdet)``: ``y = matrix @ x + offset`` per
+* ``channel_affine_fwd(x, matrix, offset, logdet_term, logdet)``: ``y = matrix @ x + offset`` per
   pixel, ``logdet[b] += logdet_term`` in place (``logdet_term = ±H*W*(sum(logs) + log|det W|)``).
-* ``actnorm_conv_bwd(out, grad_out, matrix, matrix_inv, inv_offset)``: backward with recompute
+* ``channel_affine_bwd(out, grad_out, matrix, matrix_inv, inv_offset)``: backward with recompute
   from the OUTPUT: ``inp = matrix_inv @ out + inv_offset``, ``grad_inp = matrix^T @ grad_out``,
   ``grad_matrix = sum_{b,p} grad_out inp^T`` and ``grad_offset = sum_{b,p} grad_out`` (float32).
 
-Registered ops: ``flowkernels::actnorm_conv_{fwd,bwd}`` (C++/CUDA, ``flowkernels._C``) and
-``flowkernels::actnorm_conv_{fwd,bwd}_triton`` (``_actnorm_conv_kernels.py``), one schema:
+Registered ops: ``flowkernels::channel_affine_{fwd,bwd}`` (C++/CUDA, ``flowkernels._C``; their
+fakes are registered below once it loads) and ``flowkernels::channel_affine_{fwd,bwd}_triton``
+(``_channel_affine_kernels.py``), one schema:
 
-    actnorm_conv_fwd(Tensor x, Tensor matrix, Tensor offset, Tensor logdet_term, Tensor(a!) logdet) -> Tensor
-    actnorm_conv_bwd(Tensor out, Tensor grad_out, Tensor matrix, Tensor matrix_inv, Tensor inv_offset)
+    channel_affine_fwd(Tensor x, Tensor matrix, Tensor offset, Tensor logdet_term, Tensor(a!) logdet) -> Tensor
+    channel_affine_bwd(Tensor out, Tensor grad_out, Tensor matrix, Tensor matrix_inv, Tensor inv_offset)
         -> (Tensor, Tensor, Tensor, Tensor)
 
 The C x C folding and the chain rule from (matrix, offset) to (weight, logs, bias) are tiny and
@@ -30,20 +33,20 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..dispatch import load_extension, load_triton, select_backend
-from ._common import check_not_differentiating, new_logdet, pixels_collapsible
+from .._loader import on_extension_load
+from ..dispatch import select_backend
+from ._common import check_not_differentiating, kernel_op, logdet_buffer, pixels_collapsible
 
 __all__ = [
-    "ChannelMap",
+    "ChannelAffine",
     "fold",
     "actnorm_conv_fwd",
     "actnorm_conv_inv",
     "actnorm_conv_bwd",
-    "register_extension_fakes",
 ]
 
 
-class ChannelMap(NamedTuple):
+class ChannelAffine(NamedTuple):
     """Folded parameters of one direction: ``out = matrix @ inp + offset`` and its inverse
     ``inp = matrix_inv @ out + inv_offset`` (float32), plus the log-det per sample (0-dim)."""
 
@@ -79,7 +82,7 @@ def fold(
     weight_inv: Tensor | None = None,
     logabsdet: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
-) -> ChannelMap:
+) -> ChannelAffine:
     """Fold ActNorm (logs, bias: C elements) and the 1x1 weight (C, C) into one channel map.
 
     Forward: ``matrix = W diag(e^logs)``, ``offset = matrix @ bias``, inverse ``diag(e^-logs) W^-1``
@@ -101,23 +104,10 @@ def fold(
         maps = (matrix, offset, matrix_inv, -b, term)
         if reverse:
             maps = (matrix_inv, -b, matrix, offset, -term)
-        return ChannelMap(*(t.to(dtype) for t in maps))
+        return ChannelAffine(*(t.to(dtype) for t in maps))
 
 
-def _apply(backend: str, x: Tensor, cmap: ChannelMap, logdet: Tensor) -> Tensor:
-    """``x -> matrix @ x + offset`` with ``logdet += logdet_term`` in place, on ``backend``."""
-    if backend == "reference":
-        logdet.add_(cmap.logdet_term)
-        return reference.channel_affine(x, cmap.matrix, cmap.offset)
-    args = (x, cmap.matrix, cmap.offset, cmap.logdet_term, logdet)
-    if backend == "triton":
-        load_triton("_actnorm_conv_kernels")
-        return torch.ops.flowkernels.actnorm_conv_fwd_triton(*args)
-    load_extension()
-    return torch.ops.flowkernels.actnorm_conv_fwd(*args)
-
-
-def _map(
+def _fold_and_apply(
     x: Tensor,
     weight: Tensor,
     logs: Tensor,
@@ -128,9 +118,9 @@ def _map(
     backend: str | None,
     reverse: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Both public directions: validate, pick the backend, apply the (folded) map."""
+    """Both public directions: validate, pick the backend, fold and apply the channel map."""
     _check_params(x, weight, logs, bias)
-    logdet = new_logdet(x, logdet)
+    logdet = logdet_buffer(x, logdet, clone=False)
     name = select_backend(backend, x)
     check_not_differentiating(name, x, weight, logs, bias)
     if name == "reference":
@@ -139,7 +129,8 @@ def _map(
         return out, logdet.add_(dlogdet)
     pixels = x.shape[2] * x.shape[3]
     cmap = fold(weight, logs, bias, pixels, reverse=reverse, weight_inv=weight_inv, logabsdet=logabsdet)
-    return _apply(name, x, cmap, logdet), logdet
+    y = kernel_op(name, "channel_affine_fwd")(x, cmap.matrix, cmap.offset, cmap.logdet_term, logdet)
+    return y, logdet
 
 
 def actnorm_conv_fwd(
@@ -153,10 +144,11 @@ def actnorm_conv_fwd(
     logabsdet: Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """ActNorm then 1x1 conv in one pass: ``y = W diag(exp(logs)) (x + bias)`` per pixel.
+    """ActNorm then 1x1 conv in one pass: ``y = W diag(exp(logs)) (x + bias)`` per pixel
+    (:func:`fold`, then the ``channel_affine_fwd`` op).
 
     Args:
-        x: (B, C, H, W) float32, dense NCHW or channels_last.
+        x: (B, C, H, W) float32, NCHW or channels_last (or a channel slice of one).
         weight: (C, C) 1x1 conv weight; logs, bias: C elements each ((C,) or (1, C, 1, 1)).
         logdet: (B,) float32, incremented in place by ``H*W*(sum(logs) + log|det W|)``;
             a zero buffer is made when None.
@@ -164,7 +156,7 @@ def actnorm_conv_fwd(
         backend: see :mod:`flowkernels.dispatch`; kernel backends are not differentiable here.
     Returns: (y, logdet); y has x's shape and memory format.
     """
-    return _map(x, weight, logs, bias, logdet, weight_inv, logabsdet, backend, reverse=False)
+    return _fold_and_apply(x, weight, logs, bias, logdet, weight_inv, logabsdet, backend, reverse=False)
 
 
 def actnorm_conv_inv(
@@ -183,18 +175,7 @@ def actnorm_conv_inv(
     ``W^-1`` is computed in float64 unless ``weight_inv`` is given; ``logdet`` (B,) float32 is
     decremented in place by ``H*W*(sum(logs) + log|det W|)``. Returns (x, logdet).
     """
-    return _map(y, weight, logs, bias, logdet, weight_inv, logabsdet, backend, reverse=True)
-
-
-def _bwd_kernel(backend: str, out: Tensor, grad_out: Tensor, cmap: ChannelMap) -> tuple[Tensor, ...]:
-    if backend == "reference":
-        return reference.channel_affine_bwd(out, grad_out, cmap.matrix, cmap.matrix_inv, cmap.inv_offset)
-    args = (out, grad_out, cmap.matrix, cmap.matrix_inv, cmap.inv_offset)
-    if backend == "triton":
-        load_triton("_actnorm_conv_kernels")
-        return torch.ops.flowkernels.actnorm_conv_bwd_triton(*args)
-    load_extension()
-    return torch.ops.flowkernels.actnorm_conv_bwd(*args)
+    return _fold_and_apply(y, weight, logs, bias, logdet, weight_inv, logabsdet, backend, reverse=True)
 
 
 def actnorm_conv_bwd(
@@ -209,7 +190,8 @@ def actnorm_conv_bwd(
     weight_inv: Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward with recompute from the output of :func:`actnorm_conv_fwd` (or ``_inv``).
+    """Backward with recompute from the output of :func:`actnorm_conv_fwd` (or ``_inv``):
+    :func:`fold`, the ``channel_affine_bwd`` op, then the chain rule to the layer's parameters.
 
     Args:
         out: (B, C, H, W) float32 output of the forward (``reverse=False``) or of the inverse.
@@ -227,10 +209,13 @@ def actnorm_conv_bwd(
     if weight_inv is None:
         weight_inv = torch.linalg.inv(weight.detach().double())
     cmap = fold(weight, logs, bias, pixels, reverse=reverse, weight_inv=weight_inv, dtype=out.dtype)
-    if name != "reference":
-        grad_out = pixels_collapsible(grad_out, out)
+    args = (cmap.matrix, cmap.matrix_inv, cmap.inv_offset)
     with torch.no_grad():
-        inp, grad_inp, g_map, g_off = _bwd_kernel(name, out, grad_out, cmap)
+        if name == "reference":
+            inp, grad_inp, g_map, g_off = reference.channel_affine_bwd(out, grad_out, *args)
+        else:
+            grad_out = pixels_collapsible(grad_out, out)
+            inp, grad_inp, g_map, g_off = kernel_op(name, "channel_affine_bwd")(out, grad_out, *args)
         grads = _chain_rule(
             g_map.double(), g_off.double(), grad_logdet, weight, logs, bias, weight_inv, pixels, reverse
         )
@@ -278,14 +263,14 @@ def _chain_rule(
     return g_w, g_logs, g_b
 
 
-def actnorm_conv_fwd_fake(x: Tensor, matrix: Tensor, offset: Tensor, logdet_term: Tensor, logdet: Tensor) -> Tensor:
+def channel_affine_fwd_fake(x: Tensor, matrix: Tensor, offset: Tensor, logdet_term: Tensor, logdet: Tensor) -> Tensor:
     c = x.shape[1]
     torch._check(matrix.shape == (c, c), lambda: f"matrix: expected ({c}, {c}), got {tuple(matrix.shape)}")
     torch._check(offset.shape == (c,), lambda: f"offset: expected ({c},), got {tuple(offset.shape)}")
     return torch.empty_like(x)
 
 
-def actnorm_conv_bwd_fake(
+def channel_affine_bwd_fake(
     out: Tensor, grad_out: Tensor, matrix: Tensor, matrix_inv: Tensor, inv_offset: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     c = out.shape[1]
@@ -300,7 +285,8 @@ def actnorm_conv_bwd_fake(
     )
 
 
-def register_extension_fakes() -> None:
-    """Register the fake (meta) kernels of the C++ ops; called once after ``flowkernels._C`` loads."""
-    torch.library.register_fake("flowkernels::actnorm_conv_fwd")(actnorm_conv_fwd_fake)
-    torch.library.register_fake("flowkernels::actnorm_conv_bwd")(actnorm_conv_bwd_fake)
+@on_extension_load
+def _register_fakes() -> None:
+    """The C++ ops are declared by ``flowkernels._C``, so their fakes can only be registered once it loads."""
+    torch.library.register_fake("flowkernels::channel_affine_fwd")(channel_affine_fwd_fake)
+    torch.library.register_fake("flowkernels::channel_affine_bwd")(channel_affine_bwd_fake)

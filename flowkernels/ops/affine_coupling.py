@@ -16,7 +16,8 @@ injector; ``passive=C//2``: the coupling), with ``shift = h[:, 0::2]``, ``raw = 
   ``reference.affine_coupling_bwd``.
 
 Registered ops: ``flowkernels::affine_coupling_{fwd,inv,bwd}`` (``flowkernels._C``) and
-``flowkernels::affine_coupling_{fwd,inv,bwd}_triton`` (``_affine_coupling_kernels.py``):
+``flowkernels::affine_coupling_{fwd,inv,bwd}_triton`` (``_affine_coupling_kernels.py``); the fakes
+of the C++ ops are registered at the end of this file, once the extension loads:
 
     affine_coupling_fwd(Tensor x, Tensor h, Tensor(a!) logdet, int passive, bool shift_first, float eps) -> Tensor
     affine_coupling_inv(Tensor y, Tensor h, Tensor(a!) logdet, int passive, bool shift_first, float eps) -> Tensor
@@ -30,41 +31,18 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..dispatch import load_extension, load_triton, select_backend
-from ._common import check_not_differentiating, new_logdet, pixels_collapsible
+from .._loader import on_extension_load
+from ..dispatch import select_backend
+from ._common import check_coupling_args, check_not_differentiating, kernel_op, logdet_buffer, pixels_collapsible
 
 __all__ = [
+    "SRFLOW_EPS",
     "affine_coupling_fwd",
     "affine_coupling_inv",
     "affine_coupling_bwd",
-    "register_extension_fakes",
 ]
 
 SRFLOW_EPS = 1e-4  # official affine_eps: s >= 1e-4, so an inverse may amplify errors up to 1e4x
-
-
-def _check(x: Tensor, h: Tensor, passive: int) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"x: expected a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    b, c, height, width = x.shape
-    if not 0 <= passive < c:
-        raise ValueError(f"passive: expected 0 <= passive < {c} (x's channels), got {passive}")
-    expected = (b, 2 * (c - passive), height, width)
-    if tuple(h.shape) != expected:
-        raise ValueError(
-            f"h: expected shape {expected} (shift and raw scale interleaved for the {c - passive} "
-            f"active channels), got {tuple(h.shape)}"
-        )
-    if h.device != x.device:
-        raise ValueError(f"h is on {h.device} but x is on {x.device}")
-
-
-def _run(direction: str, backend: str, *args: object) -> object:
-    if backend == "triton":
-        load_triton("_affine_coupling_kernels")
-        return getattr(torch.ops.flowkernels, f"affine_coupling_{direction}_triton")(*args)
-    load_extension()
-    return getattr(torch.ops.flowkernels, f"affine_coupling_{direction}")(*args)
 
 
 def _apply(
@@ -78,15 +56,15 @@ def _apply(
     direction: str,
 ) -> tuple[Tensor, Tensor]:
     """Both public directions: validate, pick the backend, run the op with logdet in place."""
-    _check(x, h, passive)
-    logdet = new_logdet(x, logdet)
+    check_coupling_args(x, h, passive)
+    logdet = logdet_buffer(x, logdet, clone=False)
     name = select_backend(backend, x, h)
     check_not_differentiating(name, x, h)
     if name == "reference":
         fn = reference.affine_coupling_inv if direction == "inv" else reference.affine_coupling_fwd
         out, dlogdet = fn(x, h, passive, shift_first, eps)
         return out, logdet.add_(dlogdet)
-    return _run(direction, name, x, h, logdet, passive, shift_first, eps), logdet
+    return kernel_op(name, f"affine_coupling_{direction}")(x, h, logdet, passive, shift_first, eps), logdet
 
 
 def affine_coupling_fwd(
@@ -102,7 +80,7 @@ def affine_coupling_fwd(
     """Affine coupling on channels ``[passive:]``: ``y2 = (x2 + shift) * s``, ``s = sigmoid(raw + 2) + eps``.
 
     Args:
-        x: (B, C, H, W) float32, dense NCHW or channels_last; channels ``[:passive]`` pass through.
+        x: (B, C, H, W) float32, NCHW or channels_last (or a channel slice); channels ``[:passive]`` pass through.
         h: (B, 2*(C - passive), H, W) subnet output, float32 or bfloat16; shift = h[:, 0::2],
             raw scale = h[:, 1::2].
         logdet: (B,) float32, incremented in place by sum(log s); a zero buffer is made when None.
@@ -150,7 +128,7 @@ def affine_coupling_bwd(
     (float32; for passive channels only the direct part ``grad_out[:, :passive]``, the subnet
     path is added by the caller) and dL/dh in h's dtype.
     """
-    _check(out, h, passive)
+    check_coupling_args(out, h, passive)
     if grad_out.shape != out.shape:
         raise ValueError(f"grad_out: expected shape {tuple(out.shape)}, got {tuple(grad_out.shape)}")
     if grad_logdet.shape != (out.shape[0],):
@@ -160,7 +138,8 @@ def affine_coupling_bwd(
         if name == "reference":
             return reference.affine_coupling_bwd(out, h, grad_out, grad_logdet, passive, shift_first, eps, reverse)
         grad_out = pixels_collapsible(grad_out, out)
-        return _run("bwd", name, out, h, grad_out, grad_logdet.float(), passive, shift_first, eps, reverse)
+        op = kernel_op(name, "affine_coupling_bwd")
+        return op(out, h, grad_out, grad_logdet.float(), passive, shift_first, eps, reverse)
 
 
 def affine_coupling_fwd_fake(
@@ -189,8 +168,9 @@ def affine_coupling_bwd_fake(
     return torch.empty_like(out), torch.empty_like(out), torch.empty_like(h)
 
 
-def register_extension_fakes() -> None:
-    """Register the fake (meta) kernels of the C++ ops; called once after ``flowkernels._C`` loads."""
+@on_extension_load
+def _register_fakes() -> None:
+    """The C++ ops are declared by ``flowkernels._C``, so their fakes can only be registered once it loads."""
     torch.library.register_fake("flowkernels::affine_coupling_fwd")(affine_coupling_fwd_fake)
     torch.library.register_fake("flowkernels::affine_coupling_inv")(affine_coupling_fwd_fake)
     torch.library.register_fake("flowkernels::affine_coupling_bwd")(affine_coupling_bwd_fake)

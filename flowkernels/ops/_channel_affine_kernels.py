@@ -1,20 +1,21 @@
-"""Triton kernels of the fused ActNorm + 1x1 conv (:mod:`flowkernels.ops.actnorm_conv`).
+"""Triton kernels of the per-pixel affine channel map, the op under the fused ActNorm + 1x1 conv
+(:mod:`flowkernels.ops.actnorm_conv`).
 
-Both directions of the layer are the per-pixel affine channel map ``out = matrix @ inp + offset``
-(folded parameters, ``actnorm_conv.fold``); oracles ``reference.channel_affine`` and
-``reference.channel_affine_bwd``. Registered ops (schemas in ``actnorm_conv``'s docstring):
+Both directions of the layer are ``out = matrix @ inp + offset`` with folded parameters
+(``actnorm_conv.fold``); oracles ``reference.channel_affine`` and ``reference.channel_affine_bwd``.
+Registered ops (schemas in ``actnorm_conv``'s docstring):
 
-* ``flowkernels::actnorm_conv_fwd_triton(x, matrix, offset, logdet_term, logdet) -> y``:
+* ``flowkernels::channel_affine_fwd_triton(x, matrix, offset, logdet_term, logdet) -> y``:
   ``y[b, :, p] = matrix @ x[b, :, p] + offset``, ``logdet[b] += logdet_term`` in place.
-* ``flowkernels::actnorm_conv_bwd_triton(out, grad_out, matrix, matrix_inv, inv_offset)
+* ``flowkernels::channel_affine_bwd_triton(out, grad_out, matrix, matrix_inv, inv_offset)
   -> (inp, grad_inp, grad_matrix, grad_offset)``: one pass over the pixels rebuilding
   ``inp = matrix_inv @ out + inv_offset``, ``grad_inp = matrix^T @ grad_out`` and the fp32
   reductions ``grad_matrix = sum_{b,p} grad_out inp^T``, ``grad_offset = sum_{b,p} grad_out``.
 
 Layouts: every kernel takes the batch, channel and pixel strides of every tensor, so one kernel
-serves dense NCHW and dense channels_last (and a mix of them between arguments). Inside a sample
-the pixel ``p = h * W + w`` is addressed as ``p * stride_w``, which is exact whenever
-``stride_h == W * stride_w``, true of both dense layouts (:func:`_bcp_strides` checks it). Triton
+serves NCHW and channels_last (and a mix of them between arguments). Inside a sample the pixel
+``p = row * W + col`` is addressed as ``p * stride_w``, exact whenever ``stride_h == W * stride_w``
+(the layout rule of :mod:`flowkernels._layout`; ``require_pixel_strides`` checks it). Triton
 specialises integer arguments equal to 1, so the unit stride (pixels in NCHW, channels in
 channels_last) is a compile-time constant and the compiler makes that tile axis the fastest one:
 loads and stores are coalesced along the memory order of each layout.
@@ -24,10 +25,11 @@ over channel blocks of 16 to 64 (``tl.dot`` needs every block dim >= 16; padded 
 masked to zero), with a K loop over input-channel blocks, so any C works (tested 3 to 192). The
 backward's pixel reduction ``grad_out inp^T`` uses "tf32x3" instead (see _GRAD_MATRIX_PRECISION).
 
-Measured on an H200 (torch 2.11, triton 3.6), B16 C12 80x80, CUDA-graph replay: forward 6.3 us
-NCHW / 12.6 us channels_last (a same-size copy: 4.4 us); backward 36 us NCHW / 52 us
-channels_last with L2 warm (61 / 88 us with IEEE for grad_matrix). The backward is not yet at
-the bandwidth target: its grad_matrix dot and the layout conversions around it dominate.
+Measured on an H200 (torch 2.11, triton 3.6; benchmarks/results/nvidia-h200-2026-11-26-dev), B16
+C12 80x80, CUDA-graph replay: forward 6.3 us NCHW / 12.6 us channels_last (a same-size copy:
+4.4 us); backward 36 us NCHW / 52 us channels_last with L2 warm (61 / 88 us with IEEE for
+grad_matrix). The backward is not yet at the bandwidth target: its grad_matrix dot and the layout
+conversions around it dominate.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._triton_utils import bcp_strides, launcher, poison
-from .actnorm_conv import actnorm_conv_bwd_fake, actnorm_conv_fwd_fake
+from .._layout import require_pixel_strides
+from ._triton_utils import launcher, poison, pow2_block
+from .actnorm_conv import channel_affine_bwd_fake, channel_affine_fwd_fake
 
 # Channel blocks: powers of two in [16, 64]. 16 is tl.dot's minimum; 64 caps the fp32 tiles
 # (a 64 x 64 partial grad_matrix plus two 64 x BLOCK_P operands) at what 8 warps hold in
@@ -74,7 +77,7 @@ _GRAD_MATRIX_PRECISION = "tf32x3"
 
 
 @triton.jit
-def _actnorm_conv_fwd_kernel(
+def _channel_affine_fwd_kernel(
     x_ptr,
     matrix_ptr,
     offset_ptr,
@@ -140,7 +143,7 @@ def _actnorm_conv_fwd_kernel(
 
 
 @triton.jit
-def _actnorm_conv_bwd_kernel(
+def _channel_affine_bwd_kernel(
     out_ptr,
     grad_out_ptr,
     matrix_ptr,
@@ -298,15 +301,7 @@ def _actnorm_conv_bwd_kernel(
         tl.store(grad_offset_part_ptr + q.to(tl.int64) * C + ci, grad_offset, mask=ci_ok)
 
 
-def _pow2_block(c: int) -> int:
-    """Smallest power of two >= c within [_MIN_BLOCK_C, _MAX_BLOCK_C]."""
-    block = _MIN_BLOCK_C
-    while block < c and block < _MAX_BLOCK_C:
-        block *= 2
-    return block
-
-
-def _check_channel_map(x: Tensor, matrix: Tensor, vector: Tensor, names: tuple[str, str]) -> None:
+def _check_channel_affine(x: Tensor, matrix: Tensor, vector: Tensor, names: tuple[str, str]) -> None:
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D (B, C, H, W) flow tensor, got shape {tuple(x.shape)}")
     c = x.shape[1]
@@ -319,22 +314,24 @@ def _check_channel_map(x: Tensor, matrix: Tensor, vector: Tensor, names: tuple[s
             raise TypeError(f"{name}: expected torch.float32, got {t.dtype}")
 
 
-@triton_op("flowkernels::actnorm_conv_fwd_triton", mutates_args={"logdet"})
-def _actnorm_conv_fwd_triton(x: Tensor, matrix: Tensor, offset: Tensor, logdet_term: Tensor, logdet: Tensor) -> Tensor:
+@triton_op("flowkernels::channel_affine_fwd_triton", mutates_args={"logdet"})
+def _channel_affine_fwd_triton(
+    x: Tensor, matrix: Tensor, offset: Tensor, logdet_term: Tensor, logdet: Tensor
+) -> Tensor:
     """``y = matrix @ x + offset`` per pixel, ``logdet += logdet_term``; one kernel launch.
 
-    x: (B, C, H, W) float32, dense NCHW or channels_last; matrix (C, C), offset (C,) float32;
+    x: (B, C, H, W) float32, NCHW or channels_last (or a channel slice); matrix (C, C), offset (C,) float32;
     logdet_term: 0-dim float32; logdet: (B,) float32, updated in place. y keeps x's layout.
     """
-    _check_channel_map(x, matrix, offset, ("matrix", "offset"))
+    _check_channel_affine(x, matrix, offset, ("matrix", "offset"))
     batch, c, height, width = x.shape
     hw = height * width
     y = torch.empty_like(x)
     poison(y)
-    block_c = _pow2_block(c)
+    block_c = pow2_block(c, _MIN_BLOCK_C, _MAX_BLOCK_C)
     block_p = _FWD_TILE // block_c
     grid = (triton.cdiv(hw, block_p), batch, triton.cdiv(c, block_c))
-    launcher(_actnorm_conv_fwd_kernel)[grid](
+    launcher(_channel_affine_fwd_kernel)[grid](
         x,
         matrix,
         offset,
@@ -343,8 +340,8 @@ def _actnorm_conv_fwd_triton(x: Tensor, matrix: Tensor, offset: Tensor, logdet_t
         y,
         c,
         hw,
-        *bcp_strides("x", x),
-        *bcp_strides("y", y),
+        *require_pixel_strides("x", x),
+        *require_pixel_strides("y", y),
         matrix.stride(0),
         matrix.stride(1),
         offset.stride(0),
@@ -357,23 +354,23 @@ def _actnorm_conv_fwd_triton(x: Tensor, matrix: Tensor, offset: Tensor, logdet_t
     return y
 
 
-@triton_op("flowkernels::actnorm_conv_bwd_triton", mutates_args={})
-def _actnorm_conv_bwd_triton(
+@triton_op("flowkernels::channel_affine_bwd_triton", mutates_args={})
+def _channel_affine_bwd_triton(
     out: Tensor, grad_out: Tensor, matrix: Tensor, matrix_inv: Tensor, inv_offset: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward with recompute from the output: ``(inp, grad_inp, grad_matrix, grad_offset)``.
 
-    out, grad_out: (B, C, H, W) float32, dense NCHW or channels_last (independently); matrix,
+    out, grad_out: (B, C, H, W) float32, NCHW or channels_last (independently); matrix,
     matrix_inv (C, C) and inv_offset (C,) float32. inp and grad_inp keep out's layout;
     grad_matrix (C, C) and grad_offset (C,) are float32 sums of per-program partials.
     """
-    _check_channel_map(out, matrix, inv_offset, ("matrix", "inv_offset"))
-    _check_channel_map(out, matrix_inv, inv_offset, ("matrix_inv", "inv_offset"))
+    _check_channel_affine(out, matrix, inv_offset, ("matrix", "inv_offset"))
+    _check_channel_affine(out, matrix_inv, inv_offset, ("matrix_inv", "inv_offset"))
     if grad_out.shape != out.shape:
         raise ValueError(f"grad_out: expected shape {tuple(out.shape)}, got {tuple(grad_out.shape)}")
     batch, c, height, width = out.shape
     hw = height * width
-    block_c = _pow2_block(c)
+    block_c = pow2_block(c, _MIN_BLOCK_C, _MAX_BLOCK_C)
     block_p = _BWD_TILE // block_c
     n_pblocks = triton.cdiv(hw, block_p)
     n_tiles = batch * n_pblocks
@@ -384,7 +381,7 @@ def _actnorm_conv_bwd_triton(
     grad_matrix_part = out.new_empty((n_prog, c, c), dtype=torch.float32)
     grad_offset_part = out.new_empty((n_prog, c), dtype=torch.float32)
     poison(inp, grad_inp, grad_matrix_part, grad_offset_part)
-    launcher(_actnorm_conv_bwd_kernel)[(n_prog, n_cblocks, n_cblocks)](
+    launcher(_channel_affine_bwd_kernel)[(n_prog, n_cblocks, n_cblocks)](
         out,
         grad_out,
         matrix,
@@ -398,10 +395,10 @@ def _actnorm_conv_bwd_triton(
         hw,
         n_pblocks,
         n_tiles,
-        *bcp_strides("out", out),
-        *bcp_strides("grad_out", grad_out),
-        *bcp_strides("inp", inp),
-        *bcp_strides("grad_inp", grad_inp),
+        *require_pixel_strides("out", out),
+        *require_pixel_strides("grad_out", grad_out),
+        *require_pixel_strides("inp", inp),
+        *require_pixel_strides("grad_inp", grad_inp),
         matrix.stride(0),
         matrix.stride(1),
         matrix_inv.stride(0),
@@ -417,10 +414,10 @@ def _actnorm_conv_bwd_triton(
     return inp, grad_inp, grad_matrix_part.sum(dim=0), grad_offset_part.sum(dim=0)
 
 
-if not isinstance(_actnorm_conv_fwd_kernel, triton.runtime.JITFunction):
+if not isinstance(_channel_affine_fwd_kernel, triton.runtime.JITFunction):
     # Under TRITON_INTERPRET=1 the launcher bodies cannot run on FakeTensors (the interpreter
     # copies tensor storage to the host), so the fake that triton_op derives from them is
     # replaced by the C++ ops' fakes, which give the same output metadata. Compiled Triton
     # keeps the derived fake (what torch.compile traces on GPU).
-    _actnorm_conv_fwd_triton.register_fake(actnorm_conv_fwd_fake)
-    _actnorm_conv_bwd_triton.register_fake(actnorm_conv_bwd_fake)
+    _channel_affine_fwd_triton.register_fake(channel_affine_fwd_fake)
+    _channel_affine_bwd_triton.register_fake(channel_affine_bwd_fake)
