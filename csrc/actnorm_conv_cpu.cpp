@@ -14,8 +14,6 @@
 // the thread count. The accumulator memory is bounded (kMaxChunks x C x (C + 1) doubles).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -23,8 +21,9 @@
 #include <tuple>
 #include <vector>
 
+#include "actnorm_conv_host.h"
+#include "cpu_common.h"
 #include "cpu_vec.h"
-#include "flow_checks.h"
 
 namespace flowkernels {
 namespace {
@@ -36,22 +35,6 @@ constexpr int64_t kMaxChunks = 64;
 inline int64_t tile_pixels(int64_t channels) {
   return std::max<int64_t>(64, std::min<int64_t>(256, (16384 / std::max<int64_t>(channels, 1)) / 16 * 16));
 }
-
-struct TaskGrid {
-  int64_t tile;
-  int64_t tiles_per_sample;
-  int64_t count;
-  int64_t grain;  // tasks per parallel chunk (task_grain of the tile's elements)
-
-  TaskGrid(const PixelGeometry& g)
-      : tile(tile_pixels(g.channels)),
-        tiles_per_sample((g.pixels + tile - 1) / tile),
-        count(g.batch * tiles_per_sample),
-        grain(task_grain(std::min(g.pixels, tile) * g.channels)) {}
-
-  int64_t sample(int64_t task) const { return task / tiles_per_sample; }
-  int64_t first_pixel(int64_t task) const { return (task % tiles_per_sample) * tile; }
-};
 
 // A (C, C) or (C,) float32 parameter read through its strides into a dense row-major copy.
 std::vector<float> dense_matrix(const at::Tensor& m, bool transpose) {
@@ -78,34 +61,34 @@ std::vector<float> dense_vector(const at::Tensor& v) {
 
 // tile[c * ld + (p - p0)] = t[b, c, p] for p in [p0, p0 + n): one strided read per element, the
 // writes along the tile row (vectorised: contiguous for NCHW, gathers for channels_last).
-FK_CPU_CLONES void gather(const float* t, PixelStrides s, int64_t b, int64_t p0, int64_t n, int64_t channels,
-                          float* tile, int64_t ld) {
+FK_CPU_CLONES void gather(FlowView<const float> t, int64_t b, int64_t p0, int64_t n, int64_t channels, float* tile,
+                          int64_t ld) {
   for (int64_t c = 0; c < channels; ++c) {
-    const float* src = t + s.at(b, c, p0);
+    const float* src = t.ptr(b, c, p0);
     float* dst = tile + c * ld;
-    if (s.p == 1) {
+    if (t.s.p == 1) {
       std::memcpy(dst, src, n * sizeof(float));
       continue;
     }
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k) {
-      dst[k] = src[k * s.p];
+      dst[k] = src[k * t.s.p];
     }
   }
 }
 
 FK_CPU_CLONES void scatter(const float* tile, int64_t ld, int64_t channels, int64_t b, int64_t p0, int64_t n,
-                           float* t, PixelStrides s) {
+                           FlowView<float> t) {
   for (int64_t c = 0; c < channels; ++c) {
     const float* src = tile + c * ld;
-    float* dst = t + s.at(b, c, p0);
-    if (s.p == 1) {
+    float* dst = t.ptr(b, c, p0);
+    if (t.s.p == 1) {
       std::memcpy(dst, src, n * sizeof(float));
       continue;
     }
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k) {
-      dst[k * s.p] = src[k];
+      dst[k * t.s.p] = src[k];
     }
   }
 }
@@ -197,43 +180,31 @@ FK_CPU_CLONES void gram_tile(const float* g, const float* in, const float* ones,
 
 at::Tensor actnorm_conv_fwd_cpu(const at::Tensor& x, const at::Tensor& matrix, const at::Tensor& offset,
                                 const at::Tensor& logdet_term, at::Tensor& logdet) {
-  check_map_inputs(x, "x", matrix, "matrix", offset, "offset");
-  check_device_type(x, "x", c10::DeviceType::CPU);
-  check_logdet_term(logdet_term, x);
-  check_logdet(logdet, x, "x");
-  pixel_strides(x, "x");
-  at::Tensor y = at::empty_like(x);
-  maybe_poison(y);
-
-  const PixelGeometry g = geometry(x);
+  const ChannelAffineIO io = channel_affine_prologue(x, matrix, offset, logdet_term, logdet, kCpuTarget);
+  const PixelGeometry& g = io.g;
   float* ld = logdet.data_ptr<float>();
   const float term = *logdet_term.data_ptr<float>();
   for (int64_t b = 0; b < g.batch; ++b) {
     ld[b] += term;
   }
   if (x.numel() == 0) {
-    return y;
+    return io.y.tensor;
   }
   const std::vector<float> m = dense_matrix(matrix, false);
   const std::vector<float> off = dense_vector(offset);
-  const PixelStrides xs = pixel_strides(x, "x");
-  const PixelStrides ys = pixel_strides(y, "y");
-  const float* x_ptr = x.data_ptr<float>();
-  float* y_ptr = y.data_ptr<float>();
-  const TaskGrid tasks(g);
+  const TaskGrid tasks(g, tile_pixels(g.channels));
   const int64_t c = g.channels;
 
   at::parallel_for(0, tasks.count, tasks.grain, [&](int64_t begin, int64_t end) {
     std::vector<float> in_tile(c * tasks.tile), out_tile(c * tasks.tile);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = tasks.sample(task), p0 = tasks.first_pixel(task);
-      const int64_t n = std::min(tasks.tile, g.pixels - p0);
-      gather(x_ptr, xs, b, p0, n, c, in_tile.data(), tasks.tile);
+      const int64_t b = tasks.sample(task), p0 = tasks.first_pixel(task), n = tasks.pixels_in(task);
+      gather(io.x, b, p0, n, c, in_tile.data(), tasks.tile);
       map_tile(m.data(), off.data(), in_tile.data(), out_tile.data(), c, n, tasks.tile);
-      scatter(out_tile.data(), tasks.tile, c, b, p0, n, y_ptr, ys);
+      scatter(out_tile.data(), tasks.tile, c, b, p0, n, io.y.view);
     }
   });
-  return y;
+  return io.y.tensor;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cpu(const at::Tensor& out,
@@ -241,21 +212,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cpu(
                                                                                 const at::Tensor& matrix,
                                                                                 const at::Tensor& matrix_inv,
                                                                                 const at::Tensor& inv_offset) {
-  check_map_bwd_inputs(out, grad_out, matrix, matrix_inv, inv_offset);
-  check_device_type(out, "out", c10::DeviceType::CPU);
-  const int64_t c = out.size(1);
-
-  at::Tensor inp = at::empty_like(out);
-  at::Tensor grad_inp = at::empty_like(out);
-  at::Tensor grad_matrix = at::empty({c, c}, out.options());
-  at::Tensor grad_offset = at::empty({c}, out.options());
-  maybe_poison(inp);
-  maybe_poison(grad_inp);
-  maybe_poison(grad_matrix);
-  maybe_poison(grad_offset);
-
-  const PixelGeometry g = geometry(out);
-  const TaskGrid tasks(g);
+  const ChannelAffineBwdIO io = channel_affine_bwd_prologue(out, grad_out, matrix, matrix_inv, inv_offset, kCpuTarget);
+  const PixelGeometry& g = io.g;
+  const int64_t c = g.channels;
+  const TaskGrid tasks(g, tile_pixels(c));
   // G = [grad_matrix | grad_offset], C x (C + 1), per chunk of tasks.
   const int64_t cols = c + 1;
   const int64_t chunks = std::max<int64_t>(1, std::min(tasks.count, kMaxChunks));
@@ -265,14 +225,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cpu(
     const std::vector<float> m_inv = dense_matrix(matrix_inv, false);
     const std::vector<float> m_t = dense_matrix(matrix, true);
     const std::vector<float> inv_off = dense_vector(inv_offset);
-    const PixelStrides os = pixel_strides(out, "out");
-    const PixelStrides gs = pixel_strides(grad_out, "grad_out");
-    const PixelStrides is = pixel_strides(inp, "inp");
-    const PixelStrides gis = pixel_strides(grad_inp, "grad_inp");
-    const float* o_ptr = out.data_ptr<float>();
-    const float* g_ptr = grad_out.data_ptr<float>();
-    float* i_ptr = inp.data_ptr<float>();
-    float* gi_ptr = grad_inp.data_ptr<float>();
 
     // Grain in chunks: the chunk sums are fixed by the shape, only their scheduling varies.
     const int64_t chunk_grain = task_grain(tasks.count / chunks * std::min(g.pixels, tasks.tile) * c);
@@ -283,14 +235,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cpu(
         double* a = acc.data() + chunk * c * cols;
         const int64_t t0 = chunk * tasks.count / chunks, t1 = (chunk + 1) * tasks.count / chunks;
         for (int64_t task = t0; task < t1; ++task) {
-          const int64_t b = tasks.sample(task), p0 = tasks.first_pixel(task);
-          const int64_t n = std::min(tasks.tile, g.pixels - p0);
-          gather(o_ptr, os, b, p0, n, c, o_tile.data(), ld);
-          gather(g_ptr, gs, b, p0, n, c, g_tile.data(), ld);
+          const int64_t b = tasks.sample(task), p0 = tasks.first_pixel(task), n = tasks.pixels_in(task);
+          gather(io.out, b, p0, n, c, o_tile.data(), ld);
+          gather(io.grad_out, b, p0, n, c, g_tile.data(), ld);
           map_tile(m_inv.data(), inv_off.data(), o_tile.data(), i_tile.data(), c, n, ld);
           map_tile(m_t.data(), nullptr, g_tile.data(), gi_tile.data(), c, n, ld);
-          scatter(i_tile.data(), ld, c, b, p0, n, i_ptr, is);
-          scatter(gi_tile.data(), ld, c, b, p0, n, gi_ptr, gis);
+          scatter(i_tile.data(), ld, c, b, p0, n, io.inp.view);
+          scatter(gi_tile.data(), ld, c, b, p0, n, io.grad_inp.view);
           gram_tile(g_tile.data(), i_tile.data(), ones.data(), c, n, ld, a);
         }
       }
@@ -298,8 +249,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cpu(
   }
 
   // Chunks in order: the same sums for any thread count.
-  float* gm = grad_matrix.data_ptr<float>();
-  float* go = grad_offset.data_ptr<float>();
+  float* gm = io.grad_matrix.data_ptr<float>();
+  float* go = io.grad_offset.data_ptr<float>();
   for (int64_t i = 0; i < c; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
       double sum = 0.0;
@@ -313,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cpu(
       }
     }
   }
-  return {inp, grad_inp, grad_matrix, grad_offset};
+  return io.results();
 }
 
 }  // namespace

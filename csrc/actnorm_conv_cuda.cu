@@ -1,21 +1,22 @@
-// CUDA entry points of flowkernels::actnorm_conv_{fwd,bwd}: input checks, CUDAGuard, the current
-// stream, output allocation (empty_like keeps the memory format), the choice of kernel variant
-// (switches below) and C10_CUDA_KERNEL_LAUNCH_CHECK after every launch. The kernels and their
-// launch configuration are described in kernels/actnorm_conv_kernels.cuh.
+// CUDA entry points of flowkernels::actnorm_conv_{fwd,bwd}: the prologue shared with the CPU entry
+// points (actnorm_conv_host.h: input checks, views, poisoned outputs), CUDAGuard, the current
+// stream, the choice of kernel variant (small_layout and the switches below) and
+// C10_CUDA_KERNEL_LAUNCH_CHECK after every launch. The kernels and their launch configuration are
+// described in kernels/actnorm_conv_kernels.cuh.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <limits>
 #include <tuple>
 #include <type_traits>
 
-#include "flow_checks.h"
+#include "actnorm_conv_host.h"
 #include "kernels/actnorm_conv_kernels.cuh"
 
 namespace flowkernels {
@@ -24,11 +25,9 @@ namespace {
 using kernels::ceil_div;
 using kernels::MatrixView;
 
-void check_grid(const PixelGeometry& g, const char* name) {
-  TORCH_CHECK(g.batch <= 65535, name, ": the CUDA kernels take at most 65535 samples, got ", g.batch);
-  TORCH_CHECK(g.pixels <= std::numeric_limits<int32_t>::max(), name,
-              ": the CUDA kernels take at most 2^31 - 1 pixels per sample, got ", g.pixels);
-}
+// Grid dimension y (small C) or z (GEMM) holds the samples, x the pixels in blocks.
+constexpr KernelTarget kCudaTarget{
+    c10::DeviceType::CUDA, GridLimits{.samples = 65535, .pixels = std::numeric_limits<int32_t>::max()}};
 
 MatrixView matrix_view(const at::Tensor& m, bool transpose = false) {
   return transpose ? MatrixView{m.data_ptr<float>(), m.stride(1), m.stride(0)}
@@ -54,12 +53,12 @@ void cmax_switch(int64_t channels, F&& f) {
   }
 }
 
-// The fastest small-C layout that every (pointer, strides) pair of the call allows.
-int small_layout(std::initializer_list<std::pair<const void*, PixelStrides>> tensors, const PixelGeometry& g) {
+// The fastest small-C layout that every tensor of the call allows.
+int small_layout(std::initializer_list<FlowAddress> tensors, const PixelGeometry& g) {
   for (int layout : {kernels::kPlanarVec, kernels::kChannelVec}) {
     bool ok = true;
-    for (const auto& t : tensors) {
-      ok = ok && kernels::map_layout_ok(layout, t.first, t.second, g);
+    for (const FlowAddress& t : tensors) {
+      ok = ok && kernels::map_layout_ok(layout, t, g);
     }
     if (ok) {
       return layout;
@@ -81,12 +80,12 @@ void layout_switch(int layout, F&& f) {
 }
 
 // out = matrix @ in + offset on the current stream (the small-C kernel or the tiled GEMM).
-void launch_channel_map(const kernels::ChannelMapParams& prm, const PixelGeometry& g, int layout,
-                        cudaStream_t stream) {
+void launch_channel_affine(const kernels::ChannelAffineParams& prm, const PixelGeometry& g, int layout,
+                           cudaStream_t stream) {
   if (g.channels > kernels::kMaxSmallChannels) {
     const dim3 grid(ceil_div(g.pixels, kernels::kTileN), ceil_div(g.channels, kernels::kTileM), g.batch);
-    FK_BOOL_SWITCH(prm.in_s.c == 1, kChannelsFast, [&] {
-      kernels::channel_map_gemm_kernel<kChannelsFast><<<grid, kernels::kGemmThreads, 0, stream>>>(prm);
+    FK_BOOL_SWITCH(prm.in.s.c == 1, kChannelsFast, [&] {
+      kernels::channel_affine_gemm_kernel<kChannelsFast><<<grid, kernels::kGemmThreads, 0, stream>>>(prm);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return;
@@ -98,7 +97,7 @@ void launch_channel_map(const kernels::ChannelMapParams& prm, const PixelGeometr
       if constexpr (kLayout != kernels::kPlanarVec || kCMax <= 16) {
         constexpr int kPix = kernels::kMapThreads * kernels::SmallMapConfig<kLayout>::kVec;
         const dim3 grid(ceil_div(g.pixels, kPix), g.batch);
-        kernels::channel_map_small_kernel<kCMax, kLayout><<<grid, kernels::kMapThreads, 0, stream>>>(prm);
+        kernels::channel_affine_small_kernel<kCMax, kLayout><<<grid, kernels::kMapThreads, 0, stream>>>(prm);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
         TORCH_CHECK(false, "internal: the planar float4 layout takes at most 16 channels, got ", g.channels);
@@ -109,42 +108,31 @@ void launch_channel_map(const kernels::ChannelMapParams& prm, const PixelGeometr
 
 at::Tensor actnorm_conv_fwd_cuda(const at::Tensor& x, const at::Tensor& matrix, const at::Tensor& offset,
                                  const at::Tensor& logdet_term, at::Tensor& logdet) {
-  check_map_inputs(x, "x", matrix, "matrix", offset, "offset");
-  check_device_type(x, "x", c10::DeviceType::CUDA);
-  check_logdet_term(logdet_term, x);
-  check_logdet(logdet, x, "x");
-  const PixelStrides xs = pixel_strides(x, "x");
-  const PixelGeometry g = geometry(x);
-  check_grid(g, "x");
-
+  const ChannelAffineIO io = channel_affine_prologue(x, matrix, offset, logdet_term, logdet, kCudaTarget);
+  const PixelGeometry& g = io.g;
+  if (g.batch == 0) {
+    return io.y.tensor;
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor y = at::empty_like(x);
-  maybe_poison(y);
-  if (g.batch == 0) {
-    return y;
-  }
-  const PixelStrides ys = pixel_strides(y, "y");
-  kernels::ChannelMapParams prm{x.data_ptr<float>(),
-                                xs,
-                                y.data_ptr<float>(),
-                                ys,
-                                matrix_view(matrix),
-                                offset.data_ptr<float>(),
-                                offset.stride(0),
-                                logdet_term.data_ptr<float>(),
-                                logdet.data_ptr<float>(),
-                                g.pixels,
-                                static_cast<int>(g.channels)};
+  kernels::ChannelAffineParams prm{.in = io.x,
+                                   .out = io.y.view,
+                                   .matrix = matrix_view(matrix),
+                                   .offset = offset.data_ptr<float>(),
+                                   .offset_stride = offset.stride(0),
+                                   .logdet_term = logdet_term.data_ptr<float>(),
+                                   .logdet = logdet.data_ptr<float>(),
+                                   .pixels = g.pixels,
+                                   .channels = static_cast<int>(g.channels)};
   if (g.pixels == 0) {
     // No pixels: only the log-det term. One block per sample adds it; the map writes nothing.
     const PixelGeometry one{g.batch, g.channels, 1};
     prm.pixels = 0;
-    launch_channel_map(prm, one, kernels::kGeneric, stream);
-    return y;
+    launch_channel_affine(prm, one, kernels::kGeneric, stream);
+    return io.y.tensor;
   }
-  launch_channel_map(prm, g, small_layout({{x.data_ptr(), xs}, {y.data_ptr(), ys}}, g), stream);
-  return y;
+  launch_channel_affine(prm, g, small_layout({io.x, io.y.view}, g), stream);
+  return io.y.tensor;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cuda(const at::Tensor& out,
@@ -152,53 +140,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cuda
                                                                                  const at::Tensor& matrix,
                                                                                  const at::Tensor& matrix_inv,
                                                                                  const at::Tensor& inv_offset) {
-  check_map_bwd_inputs(out, grad_out, matrix, matrix_inv, inv_offset);
-  check_device_type(out, "out", c10::DeviceType::CUDA);
-  const PixelStrides os = pixel_strides(out, "out");
-  const PixelStrides gs = pixel_strides(grad_out, "grad_out");
-  const PixelGeometry g = geometry(out);
-  check_grid(g, "out");
+  const ChannelAffineBwdIO io = channel_affine_bwd_prologue(out, grad_out, matrix, matrix_inv, inv_offset, kCudaTarget);
+  const PixelGeometry& g = io.g;
   const int64_t c = g.channels;
-
+  if (out.numel() == 0) {
+    io.grad_matrix.zero_();
+    io.grad_offset.zero_();
+    return io.results();
+  }
   const c10::cuda::CUDAGuard guard(out.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor inp = at::empty_like(out);
-  at::Tensor grad_inp = at::empty_like(out);
   const auto f32 = out.options().dtype(at::kFloat);
-  at::Tensor grad_matrix = at::empty({c, c}, f32);
-  at::Tensor grad_offset = at::empty({c}, f32);
-  maybe_poison(inp);
-  maybe_poison(grad_inp);
-  maybe_poison(grad_matrix);
-  maybe_poison(grad_offset);
-  if (out.numel() == 0) {
-    grad_matrix.zero_();
-    grad_offset.zero_();
-    return {inp, grad_inp, grad_matrix, grad_offset};
-  }
-  const PixelStrides is = pixel_strides(inp, "inp");
-  const PixelStrides gis = pixel_strides(grad_inp, "grad_inp");
   const int64_t entries = c * (c + 1);
   at::Tensor partials;
 
   if (c <= kernels::kMaxSmallChannels) {
-    const int layout = small_layout(
-        {{out.data_ptr(), os}, {grad_out.data_ptr(), gs}, {inp.data_ptr(), is}, {grad_inp.data_ptr(), gis}}, g);
-    kernels::ChannelMapBwdParams prm{out.data_ptr<float>(),
-                                     os,
-                                     grad_out.data_ptr<float>(),
-                                     gs,
-                                     inp.data_ptr<float>(),
-                                     is,
-                                     grad_inp.data_ptr<float>(),
-                                     gis,
-                                     matrix_view(matrix_inv),
-                                     inv_offset.data_ptr<float>(),
-                                     inv_offset.stride(0),
-                                     matrix_view(matrix),
-                                     nullptr,
-                                     g.pixels,
-                                     static_cast<int>(c)};
+    const int layout = small_layout({io.out, io.grad_out, io.inp.view, io.grad_inp.view}, g);
+    kernels::ChannelAffineBwdParams prm{.out = io.out,
+                                        .grad_out = io.grad_out,
+                                        .inp = io.inp.view,
+                                        .grad_inp = io.grad_inp.view,
+                                        .matrix_inv = matrix_view(matrix_inv),
+                                        .inv_offset = inv_offset.data_ptr<float>(),
+                                        .inv_offset_stride = inv_offset.stride(0),
+                                        .matrix = matrix_view(matrix),
+                                        .partials = nullptr,  // sized by the grid below
+                                        .pixels = g.pixels,
+                                        .channels = static_cast<int>(c)};
     cmax_switch(c, [&](auto cmax) {
       constexpr int kCMax = decltype(cmax)::value;
       layout_switch(layout, [&](auto layout_tag) {
@@ -208,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cuda
           const dim3 grid(ceil_div(g.pixels, Cfg::kBwdPixels), g.batch);
           partials = at::empty({static_cast<int64_t>(grid.x) * grid.y, entries}, f32);
           prm.partials = partials.data_ptr<float>();
-          kernels::channel_map_bwd_small_kernel<kCMax, kLayout><<<grid, Cfg::kBwdThreads, 0, stream>>>(prm);
+          kernels::channel_affine_bwd_small_kernel<kCMax, kLayout><<<grid, Cfg::kBwdThreads, 0, stream>>>(prm);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         } else {
           TORCH_CHECK(false, "internal: the planar float4 layout takes at most 16 channels, got ", c);
@@ -217,30 +185,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cuda
     });
   } else {
     // inp = matrix_inv @ out + inv_offset; grad_inp = matrix^T @ grad_out (transpose by strides).
-    kernels::ChannelMapParams to_inp{out.data_ptr<float>(),
-                                     os,
-                                     inp.data_ptr<float>(),
-                                     is,
-                                     matrix_view(matrix_inv),
-                                     inv_offset.data_ptr<float>(),
-                                     inv_offset.stride(0),
-                                     nullptr,
-                                     nullptr,
-                                     g.pixels,
-                                     static_cast<int>(c)};
-    launch_channel_map(to_inp, g, kernels::kGeneric, stream);
-    kernels::ChannelMapParams to_grad{grad_out.data_ptr<float>(),
-                                      gs,
-                                      grad_inp.data_ptr<float>(),
-                                      gis,
-                                      matrix_view(matrix, /*transpose=*/true),
-                                      nullptr,
-                                      0,
-                                      nullptr,
-                                      nullptr,
-                                      g.pixels,
-                                      static_cast<int>(c)};
-    launch_channel_map(to_grad, g, kernels::kGeneric, stream);
+    const kernels::ChannelAffineParams to_inp{.in = io.out,
+                                              .out = io.inp.view,
+                                              .matrix = matrix_view(matrix_inv),
+                                              .offset = inv_offset.data_ptr<float>(),
+                                              .offset_stride = inv_offset.stride(0),
+                                              .logdet_term = nullptr,
+                                              .logdet = nullptr,
+                                              .pixels = g.pixels,
+                                              .channels = static_cast<int>(c)};
+    launch_channel_affine(to_inp, g, kernels::kGeneric, stream);
+    const kernels::ChannelAffineParams to_grad{.in = io.grad_out,
+                                               .out = io.grad_inp.view,
+                                               .matrix = matrix_view(matrix, /*transpose=*/true),
+                                               .offset = nullptr,
+                                               .offset_stride = 0,
+                                               .logdet_term = nullptr,
+                                               .logdet = nullptr,
+                                               .pixels = g.pixels,
+                                               .channels = static_cast<int>(c)};
+    launch_channel_affine(to_grad, g, kernels::kGeneric, stream);
 
     // Pixel chunks: about 512 blocks in all (~4 per SM), at least 256 pixels per chunk. The
     // split depends on the shape only, so the sums are the same on every run and card.
@@ -252,10 +216,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cuda
     const int64_t chunks = ceil_div(total, chunk);
     TORCH_CHECK(chunks <= 65535, "out: too many pixels (", total, ") for the gradient reduction grid");
     partials = at::empty({chunks, entries}, f32);
-    kernels::GramParams gp{grad_out.data_ptr<float>(), gs, inp.data_ptr<float>(), is, partials.data_ptr<float>(),
-                           g.pixels, total, chunk, static_cast<int>(c)};
+    const kernels::GramParams gp{.grad_out = io.grad_out,
+                                 .inp = io.inp.view,
+                                 .partials = partials.data_ptr<float>(),
+                                 .pixels = g.pixels,
+                                 .total = total,
+                                 .chunk = chunk,
+                                 .channels = static_cast<int>(c)};
     const dim3 grid(ceil_div(c, kernels::kTileM), ceil_div(c + 1, kernels::kTileN), chunks);
-    FK_BOOL_SWITCH(gs.c == 1 && is.c == 1, kChannelsFast, [&] {
+    FK_BOOL_SWITCH(io.grad_out.s.c == 1 && io.inp.view.s.c == 1, kChannelsFast, [&] {
       kernels::gram_partial_kernel<kChannelsFast><<<grid, kernels::kGemmThreads, 0, stream>>>(gp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -263,10 +232,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cuda
 
   const dim3 block(kernels::kReduceCols, kernels::kReduceRows);
   kernels::gram_reduce_kernel<<<ceil_div(entries, kernels::kReduceCols), block, 0, stream>>>(
-      partials.data_ptr<float>(), partials.size(0), static_cast<int>(c), grad_matrix.data_ptr<float>(),
-      grad_offset.data_ptr<float>());
+      partials.data_ptr<float>(), partials.size(0), static_cast<int>(c), io.grad_matrix.data_ptr<float>(),
+      io.grad_offset.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {inp, grad_inp, grad_matrix, grad_offset};
+  return io.results();
 }
 
 }  // namespace

@@ -11,18 +11,17 @@
 // afterwards, so the log-det does not depend on the thread count.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "affine_coupling_host.h"
+#include "cpu_common.h"
 #include "cpu_vec.h"
-#include "flow_checks.h"
 #include "kernels/coupling_math.h"
 
 namespace flowkernels {
@@ -31,20 +30,6 @@ namespace {
 // Pixels per task: a row buffer is 2 KiB, a channels_last block of 12 channels 24 KiB (L1/L2), and
 // a level-1 batch (16 x 6400 pixels) gives ~200 tasks to balance over the threads.
 constexpr int64_t kPixelBlock = 512;
-
-struct TaskGrid {
-  int64_t blocks_per_sample;
-  int64_t count;
-  int64_t grain;  // tasks per parallel chunk (task_grain)
-
-  TaskGrid(const PixelGeometry& g)
-      : blocks_per_sample((g.pixels + kPixelBlock - 1) / kPixelBlock),
-        count(g.batch * blocks_per_sample),
-        grain(task_grain(std::min(g.pixels, kPixelBlock) * g.channels)) {}
-
-  int64_t sample(int64_t task) const { return task / blocks_per_sample; }
-  int64_t first_pixel(int64_t task) const { return (task % blocks_per_sample) * kPixelBlock; }
-};
 
 // n values at `stride` as a float row: the memory itself when it already is one, else `buf`.
 template <typename T>
@@ -154,16 +139,12 @@ FK_CPU_CLONES void bwd_row(const float* o, const float* g, const float* t, const
 // ---- tasks ----
 
 template <typename HT>
-void coupling_apply(const at::Tensor& in, const at::Tensor& h, at::Tensor& out, at::Tensor& logdet, int64_t passive,
-                    bool shift_first, float eps, bool inverse) {
-  const PixelGeometry g = geometry(in);
-  const PixelStrides is = pixel_strides(in, inverse ? "y" : "x");
-  const PixelStrides hs = pixel_strides(h, "h");
-  const PixelStrides os = pixel_strides(out, "output");
-  const float* in_ptr = in.data_ptr<float>();
-  const HT* h_ptr = h.data_ptr<HT>();
-  float* out_ptr = out.data_ptr<float>();
-  const TaskGrid tasks(g);
+void coupling_apply(const CouplingApplyIO<HT>& io, float* logdet, int64_t passive, bool shift_first, float eps,
+                    bool inverse) {
+  const FlowView<const float>& in = io.in;
+  const FlowView<const HT>& h = io.h;
+  const FlowView<float>& out = io.out.view;
+  const TaskGrid tasks(io.g, kPixelBlock);
   std::vector<double> partial(tasks.count, 0.0);
 
   at::parallel_for(0, tasks.count, tasks.grain, [&](int64_t begin, int64_t end) {
@@ -173,59 +154,49 @@ void coupling_apply(const at::Tensor& in, const at::Tensor& h, at::Tensor& out, 
     float* br = bt + kPixelBlock;
     float* by = br + kPixelBlock;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = tasks.sample(task), p0 = tasks.first_pixel(task);
-      const int64_t n = std::min(kPixelBlock, g.pixels - p0);
+      const int64_t b = tasks.sample(task), p0 = tasks.first_pixel(task), n = tasks.pixels_in(task);
       double ld = 0.0;
-      for (int64_t c = 0; c < g.channels; ++c) {
-        const float* src = in_ptr + is.at(b, c, p0);
-        float* dst = out_ptr + os.at(b, c, p0);
+      for (int64_t c = 0; c < io.g.channels; ++c) {
+        const float* src = in.ptr(b, c, p0);
+        float* dst = out.ptr(b, c, p0);
         if (c < passive) {
-          copy_row(src, is.p, dst, os.p, n);
+          copy_row(src, in.s.p, dst, out.s.p, n);
           continue;
         }
         const int64_t a = c - passive;
-        const float* x = load_row(src, is.p, n, bx);
-        const float* t = load_row(h_ptr + hs.at(b, 2 * a, p0), hs.p, n, bt);
-        const float* raw = load_row(h_ptr + hs.at(b, 2 * a + 1, p0), hs.p, n, br);
-        float* y = out_row(dst, os.p, by);
+        const float* x = load_row(src, in.s.p, n, bx);
+        const float* t = load_row(h.ptr(b, 2 * a, p0), h.s.p, n, bt);
+        const float* raw = load_row(h.ptr(b, 2 * a + 1, p0), h.s.p, n, br);
+        float* y = out_row(dst, out.s.p, by);
         ld += static_cast<double>(apply_row(x, t, raw, y, n, eps, shift_first, inverse));
-        store_row(y, dst, os.p, n);
+        store_row(y, dst, out.s.p, n);
       }
       partial[task] = ld;
     }
   });
 
   // Fixed-order reduction of the task partials: deterministic for any thread count.
-  float* ld_ptr = logdet.data_ptr<float>();
-  for (int64_t b = 0; b < g.batch; ++b) {
+  for (int64_t b = 0; b < io.g.batch; ++b) {
     double sum = 0.0;
-    for (int64_t k = 0; k < tasks.blocks_per_sample; ++k) {
-      sum += partial[b * tasks.blocks_per_sample + k];
+    for (int64_t k = 0; k < tasks.tiles_per_sample; ++k) {
+      sum += partial[b * tasks.tiles_per_sample + k];
     }
-    ld_ptr[b] += static_cast<float>(inverse ? -sum : sum);
+    logdet[b] += static_cast<float>(inverse ? -sum : sum);
   }
 }
 
 template <typename HT>
-void coupling_bwd(const at::Tensor& out, const at::Tensor& h, const at::Tensor& grad_out,
-                  const at::Tensor& grad_logdet, at::Tensor& inp, at::Tensor& grad_inp, at::Tensor& grad_h,
-                  int64_t passive, bool shift_first, float eps, bool reverse) {
-  const PixelGeometry g = geometry(out);
-  const PixelStrides os = pixel_strides(out, "out");
-  const PixelStrides hs = pixel_strides(h, "h");
-  const PixelStrides gs = pixel_strides(grad_out, "grad_out");
-  const PixelStrides is = pixel_strides(inp, "inp");
-  const PixelStrides gis = pixel_strides(grad_inp, "grad_inp");
-  const PixelStrides ghs = pixel_strides(grad_h, "grad_h");
-  const float* o_ptr = out.data_ptr<float>();
-  const HT* h_ptr = h.data_ptr<HT>();
-  const float* g_ptr = grad_out.data_ptr<float>();
+void coupling_bwd(const CouplingBwdIO<HT>& io, const at::Tensor& grad_logdet, int64_t passive, bool shift_first,
+                  float eps, bool reverse) {
+  const FlowView<const float>& out = io.out;
+  const FlowView<const HT>& h = io.h;
+  const FlowView<const float>& grad_out = io.grad_out;
+  const FlowView<float>& inp = io.inp.view;
+  const FlowView<float>& grad_inp = io.grad_inp.view;
+  const FlowView<HT>& grad_h = io.grad_h.view;
   const float* gl_ptr = grad_logdet.data_ptr<float>();
   const int64_t gl_stride = grad_logdet.stride(0);
-  float* i_ptr = inp.data_ptr<float>();
-  float* gi_ptr = grad_inp.data_ptr<float>();
-  HT* gh_ptr = grad_h.data_ptr<HT>();
-  const TaskGrid tasks(g);
+  const TaskGrid tasks(io.g, kPixelBlock);
 
   at::parallel_for(0, tasks.count, tasks.grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(8 * kPixelBlock);
@@ -234,108 +205,70 @@ void coupling_bwd(const at::Tensor& out, const at::Tensor& h, const at::Tensor& 
       rows[r] = buf.data() + r * kPixelBlock;
     }
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = tasks.sample(task), p0 = tasks.first_pixel(task);
-      const int64_t n = std::min(kPixelBlock, g.pixels - p0);
+      const int64_t b = tasks.sample(task), p0 = tasks.first_pixel(task), n = tasks.pixels_in(task);
       const float gl = gl_ptr[b * gl_stride];
-      for (int64_t c = 0; c < g.channels; ++c) {
-        const float* o_src = o_ptr + os.at(b, c, p0);
-        const float* g_src = g_ptr + gs.at(b, c, p0);
-        float* i_dst = i_ptr + is.at(b, c, p0);
-        float* gi_dst = gi_ptr + gis.at(b, c, p0);
+      for (int64_t c = 0; c < io.g.channels; ++c) {
+        const float* o_src = out.ptr(b, c, p0);
+        const float* g_src = grad_out.ptr(b, c, p0);
+        float* i_dst = inp.ptr(b, c, p0);
+        float* gi_dst = grad_inp.ptr(b, c, p0);
         if (c < passive) {
           // Passive channels: unchanged, and only the direct gradient (the subnet path is the caller's).
-          copy_row(o_src, os.p, i_dst, is.p, n);
-          copy_row(g_src, gs.p, gi_dst, gis.p, n);
+          copy_row(o_src, out.s.p, i_dst, inp.s.p, n);
+          copy_row(g_src, grad_out.s.p, gi_dst, grad_inp.s.p, n);
           continue;
         }
         const int64_t a = c - passive;
-        HT* gt_dst = gh_ptr + ghs.at(b, 2 * a, p0);
-        HT* gr_dst = gh_ptr + ghs.at(b, 2 * a + 1, p0);
-        const BwdRows res{out_row(i_dst, is.p, rows[4]), out_row(gi_dst, gis.p, rows[5]),
-                          out_row(gt_dst, ghs.p, rows[6]), out_row(gr_dst, ghs.p, rows[7])};
-        bwd_row(load_row(o_src, os.p, n, rows[0]), load_row(g_src, gs.p, n, rows[1]),
-                load_row(h_ptr + hs.at(b, 2 * a, p0), hs.p, n, rows[2]),
-                load_row(h_ptr + hs.at(b, 2 * a + 1, p0), hs.p, n, rows[3]), gl, eps, res, n, shift_first, reverse);
-        store_row(res.inp, i_dst, is.p, n);
-        store_row(res.grad_inp, gi_dst, gis.p, n);
-        store_row(res.grad_shift, gt_dst, ghs.p, n);
-        store_row(res.grad_raw, gr_dst, ghs.p, n);
+        HT* gt_dst = grad_h.ptr(b, 2 * a, p0);
+        HT* gr_dst = grad_h.ptr(b, 2 * a + 1, p0);
+        const BwdRows res{out_row(i_dst, inp.s.p, rows[4]), out_row(gi_dst, grad_inp.s.p, rows[5]),
+                          out_row(gt_dst, grad_h.s.p, rows[6]), out_row(gr_dst, grad_h.s.p, rows[7])};
+        bwd_row(load_row(o_src, out.s.p, n, rows[0]), load_row(g_src, grad_out.s.p, n, rows[1]),
+                load_row(h.ptr(b, 2 * a, p0), h.s.p, n, rows[2]), load_row(h.ptr(b, 2 * a + 1, p0), h.s.p, n, rows[3]),
+                gl, eps, res, n, shift_first, reverse);
+        store_row(res.inp, i_dst, inp.s.p, n);
+        store_row(res.grad_inp, gi_dst, grad_inp.s.p, n);
+        store_row(res.grad_shift, gt_dst, grad_h.s.p, n);
+        store_row(res.grad_raw, gr_dst, grad_h.s.p, n);
       }
     }
   });
 }
 
-// Runtime (dtype, flags) -> template instantiation, once per call in the launcher (STYLE.md 13).
-template <typename F>
-void dispatch_h(const at::Tensor& h, F&& f) {
-  if (h.scalar_type() == at::kBFloat16) {
-    f(c10::BFloat16{});
-  } else {
-    f(float{});
-  }
-}
-
-at::Tensor coupling_apply_cpu(const at::Tensor& in, const at::Tensor& h, at::Tensor& logdet, int64_t passive,
-                              bool shift_first, double eps, bool inverse) {
-  const char* name = inverse ? "y" : "x";
-  check_coupling_inputs(in, name, h, passive);
-  check_device_type(in, name, c10::DeviceType::CPU);
-  check_logdet(logdet, in, name);
-  pixel_strides(in, name);
-  pixel_strides(h, "h");
-  at::Tensor out = at::empty_like(in);
-  maybe_poison(out);
-  if (in.numel() == 0) {
-    return out;
-  }
-  const float e = static_cast<float>(eps);
-  dispatch_h(h, [&](auto h_tag) {
-    coupling_apply<decltype(h_tag)>(in, h, out, logdet, passive, shift_first, e, inverse);
+// affine_coupling_fwd (kInverse false, in = x) and affine_coupling_inv (kInverse true, in = y).
+template <bool kInverse>
+at::Tensor affine_coupling_apply_cpu(const at::Tensor& in, const at::Tensor& h, at::Tensor& logdet, int64_t passive,
+                                     bool shift_first, double eps) {
+  return dispatch_h<c10::BFloat16>(h, [&](auto h_tag) {
+    using HT = decltype(h_tag);
+    const char* name = kInverse ? "y" : "x";
+    const CouplingApplyIO<HT> io = coupling_apply_prologue<HT>(in, name, h, logdet, passive, kCpuTarget);
+    if (in.numel() > 0) {
+      coupling_apply(io, logdet.data_ptr<float>(), passive, shift_first, static_cast<float>(eps), kInverse);
+    }
+    return io.out.tensor;
   });
-  return out;
-}
-
-at::Tensor affine_coupling_fwd_cpu(const at::Tensor& x, const at::Tensor& h, at::Tensor& logdet, int64_t passive,
-                                   bool shift_first, double eps) {
-  return coupling_apply_cpu(x, h, logdet, passive, shift_first, eps, /*inverse=*/false);
-}
-
-at::Tensor affine_coupling_inv_cpu(const at::Tensor& y, const at::Tensor& h, at::Tensor& logdet, int64_t passive,
-                                   bool shift_first, double eps) {
-  return coupling_apply_cpu(y, h, logdet, passive, shift_first, eps, /*inverse=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_bwd_cpu(const at::Tensor& out, const at::Tensor& h,
                                                                        const at::Tensor& grad_out,
                                                                        const at::Tensor& grad_logdet, int64_t passive,
                                                                        bool shift_first, double eps, bool reverse) {
-  check_coupling_bwd_inputs(out, h, grad_out, grad_logdet, passive);
-  check_device_type(out, "out", c10::DeviceType::CPU);
-  pixel_strides(out, "out");
-  pixel_strides(h, "h");
-  pixel_strides(grad_out, "grad_out");
-  at::Tensor inp = at::empty_like(out);
-  at::Tensor grad_inp = at::empty_like(out);
-  at::Tensor grad_h = at::empty_like(h);
-  maybe_poison(inp);
-  maybe_poison(grad_inp);
-  maybe_poison(grad_h);
-  if (out.numel() == 0) {
-    return {inp, grad_inp, grad_h};
-  }
-  const float e = static_cast<float>(eps);
-  dispatch_h(h, [&](auto h_tag) {
-    coupling_bwd<decltype(h_tag)>(out, h, grad_out, grad_logdet, inp, grad_inp, grad_h, passive, shift_first, e,
-                                  reverse);
+  return dispatch_h<c10::BFloat16>(h, [&](auto h_tag) {
+    using HT = decltype(h_tag);
+    const CouplingBwdIO<HT> io = coupling_bwd_prologue<HT>(out, h, grad_out, grad_logdet, passive, kCpuTarget);
+    if (out.numel() > 0) {
+      coupling_bwd(io, grad_logdet, passive, shift_first, static_cast<float>(eps), reverse);
+    }
+    return io.results();
   });
-  return {inp, grad_inp, grad_h};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flowkernels, CPU, m) {
-  m.impl("affine_coupling_fwd", &affine_coupling_fwd_cpu);
-  m.impl("affine_coupling_inv", &affine_coupling_inv_cpu);
+  m.impl("affine_coupling_fwd", &affine_coupling_apply_cpu</*kInverse=*/false>);
+  m.impl("affine_coupling_inv", &affine_coupling_apply_cpu</*kInverse=*/true>);
   m.impl("affine_coupling_bwd", &affine_coupling_bwd_cpu);
 }
 

@@ -50,11 +50,9 @@ struct MatrixView {
   FK_HOST_DEVICE float at(int64_t i, int64_t j) const { return ptr[i * row + j * col]; }
 };
 
-struct ChannelMapParams {
-  const float* in;
-  PixelStrides in_s;
-  float* out;
-  PixelStrides out_s;
+struct ChannelAffineParams {
+  FlowView<const float> in;
+  FlowView<float> out;
   MatrixView matrix;
   const float* offset;  // may be null (no offset)
   int64_t offset_stride;
@@ -64,15 +62,11 @@ struct ChannelMapParams {
   int channels;
 };
 
-struct ChannelMapBwdParams {
-  const float* out;
-  PixelStrides out_s;
-  const float* grad_out;
-  PixelStrides go_s;
-  float* inp;
-  PixelStrides inp_s;
-  float* grad_inp;
-  PixelStrides gi_s;
+struct ChannelAffineBwdParams {
+  FlowView<const float> out;
+  FlowView<const float> grad_out;
+  FlowView<float> inp;
+  FlowView<float> grad_inp;
   MatrixView matrix_inv;
   const float* inv_offset;
   int64_t inv_offset_stride;
@@ -83,10 +77,8 @@ struct ChannelMapBwdParams {
 };
 
 struct GramParams {
-  const float* grad_out;
-  PixelStrides go_s;
-  const float* inp;
-  PixelStrides in_s;
+  FlowView<const float> grad_out;
+  FlowView<const float> inp;
   float* partials;  // (chunks, C * (C + 1))
   int64_t pixels;
   int64_t total;  // B * P: the pixels of all samples, flattened as n = b * P + p
@@ -156,19 +148,19 @@ __device__ __forceinline__ void map_rows4(const float* m_s, const float* off_s, 
 
 // x[j][k] for the thread's pixels (zero for j >= C). kPlanarVec: pixels p0..p0+3; else pixel p0.
 template <int kCMax, int kLayout, int V>
-__device__ __forceinline__ void load_pixels(const float* t, const PixelStrides& s, int64_t b, int64_t p0, int channels,
+__device__ __forceinline__ void load_pixels(const FlowView<const float>& t, int64_t b, int64_t p0, int channels,
                                             float (&x)[kCMax][V]) {
   if constexpr (kLayout == kPlanarVec) {
 #pragma unroll
     for (int j = 0; j < kCMax; ++j) {
       if (j < channels) {
-        load4(t + s.at(b, j, p0), x[j]);
+        load4(t.ptr(b, j, p0), x[j]);
       } else {
         x[j][0] = x[j][1] = x[j][2] = x[j][3] = 0.0f;
       }
     }
   } else if constexpr (kLayout == kChannelVec) {
-    const float* src = t + s.at(b, 0, p0);
+    const float* src = t.ptr(b, 0, p0);
 #pragma unroll
     for (int j4 = 0; j4 < kCMax / 4; ++j4) {
       float q[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -183,19 +175,19 @@ __device__ __forceinline__ void load_pixels(const float* t, const PixelStrides& 
   } else {
 #pragma unroll
     for (int j = 0; j < kCMax; ++j) {
-      x[j][0] = j < channels ? t[s.at(b, j, p0)] : 0.0f;
+      x[j][0] = j < channels ? *t.ptr(b, j, p0) : 0.0f;
     }
   }
 }
 
 // Stores rows 4 i4 .. 4 i4 + 3 (those < C) of the thread's pixels.
 template <int kLayout, int V>
-__device__ __forceinline__ void store_rows4(float* t, const PixelStrides& s, int64_t b, int64_t p0, int channels,
-                                            int i4, const float (&y)[4][V]) {
+__device__ __forceinline__ void store_rows4(const FlowView<float>& t, int64_t b, int64_t p0, int channels, int i4,
+                                            const float (&y)[4][V]) {
   if constexpr (kLayout == kChannelVec) {
     if (4 * i4 < channels) {  // C % 4 == 0
       const float q[4] = {y[0][0], y[1][0], y[2][0], y[3][0]};
-      store4(t + s.at(b, 4 * i4, p0), q);
+      store4(t.ptr(b, 4 * i4, p0), q);
     }
   } else {
 #pragma unroll
@@ -203,18 +195,30 @@ __device__ __forceinline__ void store_rows4(float* t, const PixelStrides& s, int
       const int i = 4 * i4 + r;
       if (i < channels) {
         if constexpr (kLayout == kPlanarVec) {
-          store4(t + s.at(b, i, p0), y[r]);
+          store4(t.ptr(b, i, p0), y[r]);
         } else {
-          t[s.at(b, i, p0)] = y[r][0];
+          *t.ptr(b, i, p0) = y[r][0];
         }
       }
     }
   }
 }
 
+// acc[r][q] += a[r] * x[q]: the rank-1 update of a 4x4 register tile, the inner step of the
+// GEMM-like loops (the Gram tiles of the small-C backward, the large-C map and Gram kernels).
+__device__ __forceinline__ void fma_4x4(const float (&a)[4], const float (&x)[4], float (&acc)[4][4]) {
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      acc[r][q] = fmaf(a[r], x[q], acc[r][q]);
+    }
+  }
+}
+
 // Small-C forward map; grid (ceil(P / (kMapThreads * V)), B).
 template <int kCMax, int kLayout>
-__global__ void __launch_bounds__(kMapThreads) channel_map_small_kernel(const ChannelMapParams prm) {
+__global__ void __launch_bounds__(kMapThreads) channel_affine_small_kernel(const ChannelAffineParams prm) {
   static_assert(kCMax % 4 == 0, "kCMax must be a multiple of 4");
   static_assert(kLayout != kPlanarVec || kCMax <= 16, "kPlanarVec keeps 4 x kCMax inputs in registers");
   constexpr int V = SmallMapConfig<kLayout>::kVec;
@@ -232,13 +236,13 @@ __global__ void __launch_bounds__(kMapThreads) channel_map_small_kernel(const Ch
     return;
   }
   float x[kCMax][V];
-  load_pixels<kCMax, kLayout, V>(prm.in, prm.in_s, b, p0, prm.channels, x);
+  load_pixels<kCMax, kLayout, V>(prm.in, b, p0, prm.channels, x);
 #pragma unroll
   for (int i4 = 0; i4 < kCMax / 4; ++i4) {
     if (4 * i4 < prm.channels) {
       float y[4][V];
       map_rows4<kCMax, V>(m_s, off_s, x, i4, y);
-      store_rows4<kLayout, V>(prm.out, prm.out_s, b, p0, prm.channels, i4, y);
+      store_rows4<kLayout, V>(prm.out, b, p0, prm.channels, i4, y);
     }
   }
 }
@@ -246,7 +250,7 @@ __global__ void __launch_bounds__(kMapThreads) channel_map_small_kernel(const Ch
 // Small-C fused backward; grid (ceil(P / kBwdPixels), B); partial row blockIdx.y * gridDim.x + blockIdx.x.
 template <int kCMax, int kLayout>
 __global__ void __launch_bounds__(SmallMapConfig<kLayout>::kBwdThreads)
-    channel_map_bwd_small_kernel(const ChannelMapBwdParams prm) {
+    channel_affine_bwd_small_kernel(const ChannelAffineBwdParams prm) {
   static_assert(kCMax % 4 == 0, "kCMax must be a multiple of 4");
   static_assert(kLayout != kPlanarVec || kCMax <= 16, "kPlanarVec keeps 8 x kCMax values in registers");
   using Cfg = SmallMapConfig<kLayout>;
@@ -275,8 +279,8 @@ __global__ void __launch_bounds__(SmallMapConfig<kLayout>::kBwdThreads)
   float o[kCMax][V];
   float g[kCMax][V];
   if (valid) {
-    load_pixels<kCMax, kLayout, V>(prm.out, prm.out_s, b, p0, channels, o);
-    load_pixels<kCMax, kLayout, V>(prm.grad_out, prm.go_s, b, p0, channels, g);
+    load_pixels<kCMax, kLayout, V>(prm.out, b, p0, channels, o);
+    load_pixels<kCMax, kLayout, V>(prm.grad_out, b, p0, channels, g);
   } else {
 #pragma unroll
     for (int j = 0; j < kCMax; ++j) {
@@ -306,7 +310,7 @@ __global__ void __launch_bounds__(SmallMapConfig<kLayout>::kBwdThreads)
       }
     }
     if (valid) {
-      store_rows4<kLayout, V>(prm.inp, prm.inp_s, b, p0, channels, i4, y);
+      store_rows4<kLayout, V>(prm.inp, b, p0, channels, i4, y);
     }
   }
 #pragma unroll
@@ -314,7 +318,7 @@ __global__ void __launch_bounds__(SmallMapConfig<kLayout>::kBwdThreads)
     if (valid && 4 * i4 < channels) {
       float y[4][V];
       map_rows4<kCMax, V>(mt_s, zero_s, g, i4, y);
-      store_rows4<kLayout, V>(prm.grad_inp, prm.gi_s, b, p0, channels, i4, y);
+      store_rows4<kLayout, V>(prm.grad_inp, b, p0, channels, i4, y);
     }
   }
   __syncthreads();
@@ -340,13 +344,7 @@ __global__ void __launch_bounds__(SmallMapConfig<kLayout>::kBwdThreads)
         const int j = j0 + r;
         x[r] = j < channels ? in_s[j * kLd + p] : (j == channels ? 1.0f : 0.0f);
       }
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          acc[r][q] = fmaf(a[r], x[q], acc[r][q]);
-        }
-      }
+      fma_4x4(a, x, acc);
     }
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
@@ -371,7 +369,7 @@ __global__ void __launch_bounds__(SmallMapConfig<kLayout>::kBwdThreads)
 
 // Large-C map, tiled FP32 GEMM; grid (ceil(P / kTileN), ceil(C / kTileM), B).
 template <bool kChannelsFast>
-__global__ void __launch_bounds__(kGemmThreads) channel_map_gemm_kernel(const ChannelMapParams prm) {
+__global__ void __launch_bounds__(kGemmThreads) channel_affine_gemm_kernel(const ChannelAffineParams prm) {
   __shared__ float a_s[kTileK][kTileM + 1];
   __shared__ float x_s[kTileK][kTileN + 1];
   const int tid = threadIdx.x;
@@ -406,7 +404,7 @@ __global__ void __launch_bounds__(kGemmThreads) channel_map_gemm_kernel(const Ch
       const int pp = kChannelsFast ? e / kTileK : e % kTileN;
       const int k = k0 + kk;
       const int64_t p = p0 + pp;
-      x_s[kk][pp] = (k < channels && p < prm.pixels) ? prm.in[prm.in_s.at(b, k, p)] : 0.0f;
+      x_s[kk][pp] = (k < channels && p < prm.pixels) ? *prm.in.ptr(b, k, p) : 0.0f;
     }
     __syncthreads();
 #pragma unroll
@@ -417,13 +415,7 @@ __global__ void __launch_bounds__(kGemmThreads) channel_map_gemm_kernel(const Ch
         a[r] = a_s[kk][ci(r)];
         x[r] = x_s[kk][pi(r)];
       }
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          acc[r][q] = fmaf(a[r], x[q], acc[r][q]);
-        }
-      }
+      fma_4x4(a, x, acc);
     }
     __syncthreads();
   }
@@ -436,7 +428,7 @@ __global__ void __launch_bounds__(kGemmThreads) channel_map_gemm_kernel(const Ch
       for (int q = 0; q < 4; ++q) {
         const int64_t p = p0 + pi(q);
         if (p < prm.pixels) {
-          prm.out[prm.out_s.at(b, i, p)] = acc[r][q] + off;
+          *prm.out.ptr(b, i, p) = acc[r][q] + off;
         }
       }
     }
@@ -473,8 +465,8 @@ __global__ void __launch_bounds__(kGemmThreads) gram_partial_kernel(const GramPa
         const int64_t p = n - b * prm.pixels;
         const int i = i0 + ii;
         const int j = j0 + ii;
-        gv = i < channels ? prm.grad_out[prm.go_s.at(b, i, p)] : 0.0f;
-        xv = j < channels ? prm.inp[prm.in_s.at(b, j, p)] : (j == channels ? 1.0f : 0.0f);
+        gv = i < channels ? *prm.grad_out.ptr(b, i, p) : 0.0f;
+        xv = j < channels ? *prm.inp.ptr(b, j, p) : (j == channels ? 1.0f : 0.0f);
       }
       g_s[kk][ii] = gv;
       x_s[kk][ii] = xv;
@@ -488,13 +480,7 @@ __global__ void __launch_bounds__(kGemmThreads) gram_partial_kernel(const GramPa
         a[r] = g_s[kk][ty + 16 * r];
         x[r] = x_s[kk][tx + 16 * r];
       }
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          acc[r][q] = fmaf(a[r], x[q], acc[r][q]);
-        }
-      }
+      fma_4x4(a, x, acc);
     }
     __syncthreads();
   }
@@ -553,15 +539,16 @@ inline int small_cmax(int64_t channels) {
 
 constexpr int64_t kMaxSmallChannels = 32;
 
-// Can every tensor (pointer, strides) of one call take the given small-C layout?
-inline bool map_layout_ok(int layout, const void* ptr, const PixelStrides& s, const PixelGeometry& g) {
+// Can a tensor of the call take the given small-C layout?
+inline bool map_layout_ok(int layout, const FlowAddress& t, const PixelGeometry& g) {
+  const PixelStrides& s = t.s;
   const bool batch_ok = s.b % 4 == 0 || g.batch == 1;
   if (layout == kPlanarVec) {
     return small_cmax(g.channels) <= 16 && s.p == 1 && g.pixels % 4 == 0 && s.c % 4 == 0 && batch_ok &&
-           aligned(ptr, 16);
+           aligned(t.data, 16);
   }
   if (layout == kChannelVec) {
-    return s.c == 1 && g.channels % 4 == 0 && s.p % 4 == 0 && batch_ok && aligned(ptr, 16);
+    return s.c == 1 && g.channels % 4 == 0 && s.p % 4 == 0 && batch_ok && aligned(t.data, 16);
   }
   return true;
 }

@@ -38,12 +38,9 @@ constexpr int kFinalizeThreads = 128;
 
 template <typename HT>
 struct CouplingApplyParams {
-  const float* in;  // x (forward) or y (inverse)
-  PixelStrides in_s;
-  const HT* h;
-  PixelStrides h_s;
-  float* out;
-  PixelStrides out_s;
+  FlowView<const float> in;  // x (forward) or y (inverse)
+  FlowView<const HT> h;
+  FlowView<float> out;
   float* partials;  // (B, parts) block sums of log s
   int64_t pixels;
   int channels;
@@ -53,20 +50,14 @@ struct CouplingApplyParams {
 
 template <typename HT>
 struct CouplingBwdParams {
-  const float* out;
-  PixelStrides out_s;
-  const HT* h;
-  PixelStrides h_s;
-  const float* grad_out;
-  PixelStrides go_s;
+  FlowView<const float> out;
+  FlowView<const HT> h;
+  FlowView<const float> grad_out;
   const float* grad_logdet;
   int64_t gl_stride;
-  float* inp;
-  PixelStrides inp_s;
-  float* grad_inp;
-  PixelStrides gi_s;
-  HT* grad_h;
-  PixelStrides gh_s;
+  FlowView<float> inp;
+  FlowView<float> grad_inp;
+  FlowView<HT> grad_h;
   int64_t pixels;
   int channels;
   int passive;
@@ -78,6 +69,22 @@ __device__ __forceinline__ float coupling_apply_element(float v, float t, float 
   const CouplingScale sc = coupling_scale(raw, eps);
   ld += logf(sc.s);
   return kInverse ? coupling_inverse<kShiftFirst>(v, t, sc.s) : coupling_forward<kShiftFirst>(v, t, sc.s);
+}
+
+// The shift and raw scale of active channel a (rows 2a and 2a + 1 of h) at pixels p0 .. p0 + V - 1
+// of sample b: one 4-element vector access each for V = 4, else scalars.
+template <int V, typename HT>
+__device__ __forceinline__ void load_shift_raw(const FlowView<const HT>& h, int64_t b, int a, int64_t p0, float (&t)[V],
+                                               float (&raw)[V]) {
+  const HT* hs = h.ptr(b, 2 * a, p0);
+  const HT* hr = hs + h.s.c;
+  if constexpr (V == 4) {
+    load4(hs, t);
+    load4(hr, raw);
+  } else {
+    t[0] = to_float(*hs);
+    raw[0] = to_float(*hr);
+  }
 }
 
 // grid (ceil(P / (kCouplingThreads * V)), C, B); partial slot (c - passive) * gridDim.x + blockIdx.x
@@ -92,7 +99,7 @@ __global__ void __launch_bounds__(kCouplingThreads) coupling_apply_planar_kernel
   const bool active = c >= prm.passive;  // uniform over the block
   float ld = 0.0f;
   if (p0 < prm.pixels) {  // kVec: P % 4 == 0, so all V pixels are in range
-    const float* src = prm.in + prm.in_s.at(b, c, p0);
+    const float* src = prm.in.ptr(b, c, p0);
     float v[V];
     if constexpr (kVec) {
       load4(src, v);
@@ -100,23 +107,14 @@ __global__ void __launch_bounds__(kCouplingThreads) coupling_apply_planar_kernel
       v[0] = *src;
     }
     if (active) {
-      const int a = c - prm.passive;
-      const HT* hs = prm.h + prm.h_s.at(b, 2 * a, p0);
-      const HT* hr = hs + prm.h_s.c;
       float t[V], raw[V];
-      if constexpr (kVec) {
-        load4(hs, t);
-        load4(hr, raw);
-      } else {
-        t[0] = to_float(*hs);
-        raw[0] = to_float(*hr);
-      }
+      load_shift_raw<V>(prm.h, b, c - prm.passive, p0, t, raw);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         v[k] = coupling_apply_element<kShiftFirst, kInverse>(v[k], t[k], raw[k], prm.eps, ld);
       }
     }
-    float* dst = prm.out + prm.out_s.at(b, c, p0);
+    float* dst = prm.out.ptr(b, c, p0);
     if constexpr (kVec) {
       store4(dst, v);
     } else {
@@ -145,14 +143,14 @@ __global__ void __launch_bounds__(kCouplingThreads)
   float ld = 0.0f;
   if (e0 < plane) {
     float v[4];
-    load4(prm.in + b * prm.in_s.b + e0, v);
+    load4(prm.in.sample(b) + e0, v);
     int64_t p = e0 / prm.channels;
     int c = static_cast<int>(e0 - p * prm.channels);
-    const HT* h_b = prm.h + b * prm.h_s.b;
+    const HT* h_b = prm.h.sample(b);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       if (c >= prm.passive) {
-        const float2 th = load2(h_b + p * prm.h_s.p + 2 * (c - prm.passive));
+        const float2 th = load2(h_b + p * prm.h.s.p + 2 * (c - prm.passive));
         v[k] = coupling_apply_element<kShiftFirst, kInverse>(v[k], th.x, th.y, prm.eps, ld);
       }
       if (++c == prm.channels) {
@@ -160,7 +158,7 @@ __global__ void __launch_bounds__(kCouplingThreads)
         ++p;
       }
     }
-    store4(prm.out + b * prm.out_s.b + e0, v);
+    store4(prm.out.sample(b) + e0, v);
   }
   const float total = block_sum<kCouplingThreads>(ld, scratch);
   if (threadIdx.x == 0) {
@@ -195,10 +193,10 @@ __global__ void __launch_bounds__(kCouplingThreads) coupling_bwd_planar_kernel(c
     return;
   }
   float o[V], g[V];
-  const float* o_src = prm.out + prm.out_s.at(b, c, p0);
-  const float* g_src = prm.grad_out + prm.go_s.at(b, c, p0);
-  float* i_dst = prm.inp + prm.inp_s.at(b, c, p0);
-  float* gi_dst = prm.grad_inp + prm.gi_s.at(b, c, p0);
+  const float* o_src = prm.out.ptr(b, c, p0);
+  const float* g_src = prm.grad_out.ptr(b, c, p0);
+  float* i_dst = prm.inp.ptr(b, c, p0);
+  float* gi_dst = prm.grad_inp.ptr(b, c, p0);
   if constexpr (kVec) {
     load4(o_src, o);
     load4(g_src, g);
@@ -218,18 +216,10 @@ __global__ void __launch_bounds__(kCouplingThreads) coupling_bwd_planar_kernel(c
     return;
   }
   const int a = c - prm.passive;
-  const HT* hs = prm.h + prm.h_s.at(b, 2 * a, p0);
-  const HT* hr = hs + prm.h_s.c;
-  HT* ghs = prm.grad_h + prm.gh_s.at(b, 2 * a, p0);
-  HT* ghr = ghs + prm.gh_s.c;
   float t[V], raw[V];
-  if constexpr (kVec) {
-    load4(hs, t);
-    load4(hr, raw);
-  } else {
-    t[0] = to_float(*hs);
-    raw[0] = to_float(*hr);
-  }
+  load_shift_raw<V>(prm.h, b, a, p0, t, raw);
+  HT* ghs = prm.grad_h.ptr(b, 2 * a, p0);
+  HT* ghr = ghs + prm.grad_h.s.c;
   const float gl = prm.grad_logdet[b * prm.gl_stride];
   float inp[V], gi[V], gt[V], gr[V];
 #pragma unroll
@@ -264,11 +254,11 @@ __global__ void __launch_bounds__(kCouplingThreads) coupling_bwd_interleaved_ker
     return;
   }
   float o[4], g[4];
-  load4(prm.out + b * prm.out_s.b + e0, o);
-  load4(prm.grad_out + b * prm.go_s.b + e0, g);
+  load4(prm.out.sample(b) + e0, o);
+  load4(prm.grad_out.sample(b) + e0, g);
   const float gl = prm.grad_logdet[b * prm.gl_stride];
-  const HT* h_b = prm.h + b * prm.h_s.b;
-  HT* gh_b = prm.grad_h + b * prm.gh_s.b;
+  const HT* h_b = prm.h.sample(b);
+  HT* gh_b = prm.grad_h.sample(b);
   int64_t p = e0 / prm.channels;
   int c = static_cast<int>(e0 - p * prm.channels);
   float inp[4], gi[4];
@@ -276,9 +266,9 @@ __global__ void __launch_bounds__(kCouplingThreads) coupling_bwd_interleaved_ker
   for (int k = 0; k < 4; ++k) {
     if (c >= prm.passive) {
       const int a = c - prm.passive;
-      const float2 th = load2(h_b + p * prm.h_s.p + 2 * a);
+      const float2 th = load2(h_b + p * prm.h.s.p + 2 * a);
       const CouplingGrads r = coupling_backward<kShiftFirst, kReverse>(o[k], g[k], th.x, th.y, gl, prm.eps);
-      store2(gh_b + p * prm.gh_s.p + 2 * a, r.grad_shift, r.grad_raw);
+      store2(gh_b + p * prm.grad_h.s.p + 2 * a, r.grad_shift, r.grad_raw);
       inp[k] = r.inp;
       gi[k] = r.grad_inp;
     } else {
@@ -290,27 +280,30 @@ __global__ void __launch_bounds__(kCouplingThreads) coupling_bwd_interleaved_ker
       ++p;
     }
   }
-  store4(prm.inp + b * prm.inp_s.b + e0, inp);
-  store4(prm.grad_inp + b * prm.gi_s.b + e0, gi);
+  store4(prm.inp.sample(b) + e0, inp);
+  store4(prm.grad_inp.sample(b) + e0, gi);
 }
 
 // ---- host-side layout tests (torch-free) ----
 
 // 4 unit-stride pixels per access: float4 of float32 tensors, 4 elements of h.
-inline bool planar_vec_ok(const void* ptr, const PixelStrides& s, const PixelGeometry& g, int elem_bytes) {
+inline bool planar_vec_ok(const FlowAddress& t, const PixelGeometry& g, int elem_bytes) {
+  const PixelStrides& s = t.s;
   return s.p == 1 && g.pixels % 4 == 0 && s.c % 4 == 0 && (s.b % 4 == 0 || g.batch == 1) &&
-         aligned(ptr, 4 * elem_bytes);
+         aligned(t.data, 4 * elem_bytes);
 }
 
 // A float32 tensor whose sample plane is dense channels_last, read 4 elements at a time.
-inline bool interleaved_vec_ok(const void* ptr, const PixelStrides& s, const PixelGeometry& g) {
+inline bool interleaved_vec_ok(const FlowAddress& t, const PixelGeometry& g) {
+  const PixelStrides& s = t.s;
   return s.c == 1 && s.p == g.channels && (g.pixels * g.channels) % 4 == 0 && (s.b % 4 == 0 || g.batch == 1) &&
-         aligned(ptr, 16);
+         aligned(t.data, 16);
 }
 
 // h (or grad_h) read as adjacent (shift, raw) pairs.
-inline bool pair_ok(const void* ptr, const PixelStrides& s, const PixelGeometry& g, int elem_bytes) {
-  return s.c == 1 && s.p % 2 == 0 && (s.b % 2 == 0 || g.batch == 1) && aligned(ptr, 2 * elem_bytes);
+inline bool pair_ok(const FlowAddress& t, const PixelGeometry& g, int elem_bytes) {
+  const PixelStrides& s = t.s;
+  return s.c == 1 && s.p % 2 == 0 && (s.b % 2 == 0 || g.batch == 1) && aligned(t.data, 2 * elem_bytes);
 }
 
 }  // namespace kernels
