@@ -18,7 +18,8 @@ autograd unit of DESIGN.md section 3. Those sequences are *not* registered submo
 steps are already registered under ``layers``, which fixes the key layout): they live in a plain
 list and share the step objects, so ``.to()``, ``load_state_dict`` and optimisers act on the same
 parameters, and :meth:`FlowUpsamplerNet.train` passes the train/eval flag on to them (a
-FlowSequence initialises ActNorms only while its own ``training`` flag is set).
+FlowSequence in training mode refuses uninitialised ActNorms; :meth:`SRFlow.initialize_actnorms`
+initialises them explicitly).
 Squeeze and Split2d run outside the units with ordinary autograd (no subnet activations).
 """
 
