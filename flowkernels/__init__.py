@@ -10,6 +10,7 @@ from . import ops, reference
 from .dispatch import (
     BACKENDS,
     BackendUnavailableError,
+    check_backend_available,
     get_backend,
     select_backend,
     set_backend,
@@ -53,6 +54,7 @@ __all__ = [
     "InvertibleModule",
     "Split2d",
     "Squeeze",
+    "check_backend_available",
     "get_backend",
     "initialize_actnorms",
     "make_subnet",

@@ -40,6 +40,7 @@ __all__ = [
     "validate_backend",
     "select_backend",
     "refusals",
+    "check_backend_available",
 ]
 
 BACKENDS = ("cuda", "triton", "reference")
@@ -130,6 +131,18 @@ def refusals(backend: str, x: Tensor, h: Tensor | None = None) -> list[str]:
         if reason is not None:
             why.append(reason)
     return why
+
+
+def check_backend_available(backend: str | None, device: torch.device | str) -> None:
+    """Raise :class:`BackendUnavailableError` now, naming every reason, if ``backend`` cannot run
+    float32 flow state on ``device`` (a preflight for applications: check before writing output
+    files, not at the first forward). ``"auto"`` and None always have a backend (the reference)."""
+    name = validate_backend(backend, allow_none=True)
+    if name in (None, "auto"):
+        return
+    why = refusals(name, torch.empty(1, 2, 1, 1, device=device))
+    if why:
+        raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: " + "; ".join(why))
 
 
 def _describe(x: Tensor, h: Tensor | None) -> str:

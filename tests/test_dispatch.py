@@ -109,3 +109,16 @@ def test_environment_variable_sets_the_initial_default():
     )
     with pytest.raises(subprocess.CalledProcessError):
         _python("import flowkernels", FLOWKERNELS_BACKEND="nope")
+
+
+def test_check_backend_available_is_a_preflight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Applications check a backend against a device before writing anything: the reference and
+    "auto" always run; a backend with reasons raises BackendUnavailableError naming them."""
+    fk.check_backend_available("reference", "cpu")
+    fk.check_backend_available("auto", "cpu")
+    fk.check_backend_available(None, "cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(fk.BackendUnavailableError, match=r"backend 'triton' cannot run on cpu: .*TRITON_INTERPRET"):
+        fk.check_backend_available("triton", "cpu")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        fk.check_backend_available("gpu", "cpu")
