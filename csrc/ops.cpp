@@ -1,6 +1,6 @@
 // Schemas of the flowkernels ops, declared once. Each backend file registers its own
-// implementation with TORCH_LIBRARY_IMPL (actnorm_conv_cpu.cpp, affine_coupling_cpu.cpp,
-// actnorm_conv_cuda.cu, affine_coupling_cuda.cu); fake (meta) implementations are registered
+// implementation with TORCH_LIBRARY_IMPL (channel_affine_cpu.cpp, affine_coupling_cpu.cpp,
+// channel_affine_cuda.cu, affine_coupling_cuda.cu); fake (meta) implementations are registered
 // from Python, each op module's beside its wrappers once this extension loads
 // (flowkernels/ops/*.py, @on_extension_load). Semantics: the module docstrings of
 // flowkernels/ops/actnorm_conv.py (channel_affine, oracle reference.channel_affine) and

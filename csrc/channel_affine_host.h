@@ -1,6 +1,6 @@
-// Host prologues of flowkernels::actnorm_conv_{fwd,bwd}, the per-pixel channel affine map
+// Host prologues of flowkernels::channel_affine_{fwd,bwd}, the per-pixel channel affine map
 // out = matrix @ inp + offset (oracle: reference.channel_affine{,_bwd}), shared by the CPU and CUDA
-// entry points (actnorm_conv_cpu.cpp, actnorm_conv_cuda.cu): the input checks, the views of the
+// entry points (channel_affine_cpu.cpp, channel_affine_cuda.cu): the input checks, the views of the
 // inputs and the freshly allocated (poisoned) outputs.
 #pragma once
 
@@ -13,7 +13,7 @@
 
 namespace flowkernels {
 
-// Inputs of out = matrix @ x + offset (actnorm_conv_fwd, and the inverse map of actnorm_conv_bwd):
+// Inputs of out = matrix @ x + offset (channel_affine_fwd, and the inverse map of channel_affine_bwd):
 // x a 4-D float32 flow state, matrix (C, C), offset (C,), float32.
 inline void check_channel_affine_inputs(const at::Tensor& x, const char* x_name, const at::Tensor& matrix,
                                         const char* m_name, const at::Tensor& offset, const char* off_name) {
@@ -23,7 +23,7 @@ inline void check_channel_affine_inputs(const at::Tensor& x, const char* x_name,
   check_param(offset, off_name, {c}, x, x_name);
 }
 
-// Inputs of actnorm_conv_bwd: out, grad_out (same shape), the forward matrix and the inverse map
+// Inputs of channel_affine_bwd: out, grad_out (same shape), the forward matrix and the inverse map
 // (matrix_inv, inv_offset).
 inline void check_channel_affine_bwd_inputs(const at::Tensor& out, const at::Tensor& grad_out,
                                             const at::Tensor& matrix, const at::Tensor& matrix_inv,
@@ -43,7 +43,7 @@ inline void check_logdet_term(const at::Tensor& term, const at::Tensor& x) {
   check_same_device(term, "logdet_term", x, "x");
 }
 
-// actnorm_conv_fwd: y = matrix @ x + offset.
+// channel_affine_fwd: y = matrix @ x + offset.
 struct ChannelAffineIO {
   PixelGeometry g;
   FlowView<const float> x;
@@ -63,7 +63,7 @@ inline ChannelAffineIO channel_affine_prologue(const at::Tensor& x, const at::Te
   return {.g = g, .x = x_view, .y = new_output_like<float>(x, "y")};
 }
 
-// actnorm_conv_bwd: the rebuilt input, its gradient and the parameter gradients.
+// channel_affine_bwd: the rebuilt input, its gradient and the parameter gradients.
 struct ChannelAffineBwdIO {
   PixelGeometry g;
   FlowView<const float> out;

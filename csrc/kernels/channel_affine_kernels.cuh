@@ -1,6 +1,6 @@
 // Torch-free CUDA kernels of the fused ActNorm + 1x1 conv, i.e. the per-pixel channel map
 // out[b, :, p] = A @ in[b, :, p] + a (A, a folded in flowkernels/ops/actnorm_conv.py). The host
-// entry points (actnorm_conv_cuda.cu) check the inputs, pick the variant and launch.
+// entry points (channel_affine_cuda.cu) check the inputs, pick the variant and launch.
 //
 // Small C (<= 32; SRFlow levels 1-2 have 12 and 24 channels): memory-bound (C/4 FLOP per byte),
 // one thread computes whole pixels with the matrix in shared memory, zero-padded to kCMax x kCMax

@@ -1,8 +1,8 @@
-// CUDA entry points of flowkernels::actnorm_conv_{fwd,bwd}: the prologue shared with the CPU entry
-// points (actnorm_conv_host.h: input checks, views, poisoned outputs), CUDAGuard, the current
+// CUDA entry points of flowkernels::channel_affine_{fwd,bwd}: the prologue shared with the CPU entry
+// points (channel_affine_host.h: input checks, views, poisoned outputs), CUDAGuard, the current
 // stream, the choice of kernel variant (small_layout and the switches below) and
 // C10_CUDA_KERNEL_LAUNCH_CHECK after every launch. The kernels and their launch configuration are
-// described in kernels/actnorm_conv_kernels.cuh.
+// described in kernels/channel_affine_kernels.cuh.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -16,8 +16,8 @@
 #include <tuple>
 #include <type_traits>
 
-#include "actnorm_conv_host.h"
-#include "kernels/actnorm_conv_kernels.cuh"
+#include "channel_affine_host.h"
+#include "kernels/channel_affine_kernels.cuh"
 
 namespace flowkernels {
 namespace {
@@ -106,7 +106,7 @@ void launch_channel_affine(const kernels::ChannelAffineParams& prm, const PixelG
   });
 }
 
-at::Tensor actnorm_conv_fwd_cuda(const at::Tensor& x, const at::Tensor& matrix, const at::Tensor& offset,
+at::Tensor channel_affine_fwd_cuda(const at::Tensor& x, const at::Tensor& matrix, const at::Tensor& offset,
                                  const at::Tensor& logdet_term, at::Tensor& logdet) {
   const ChannelAffineIO io = channel_affine_prologue(x, matrix, offset, logdet_term, logdet, kCudaTarget);
   const PixelGeometry& g = io.g;
@@ -135,7 +135,7 @@ at::Tensor actnorm_conv_fwd_cuda(const at::Tensor& x, const at::Tensor& matrix, 
   return io.y.tensor;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cuda(const at::Tensor& out,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_affine_bwd_cuda(const at::Tensor& out,
                                                                                  const at::Tensor& grad_out,
                                                                                  const at::Tensor& matrix,
                                                                                  const at::Tensor& matrix_inv,
@@ -241,8 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cuda
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flowkernels, CUDA, m) {
-  m.impl("channel_affine_fwd", &actnorm_conv_fwd_cuda);
-  m.impl("channel_affine_bwd", &actnorm_conv_bwd_cuda);
+  m.impl("channel_affine_fwd", &channel_affine_fwd_cuda);
+  m.impl("channel_affine_bwd", &channel_affine_bwd_cuda);
 }
 
 }  // namespace flowkernels

@@ -1,4 +1,4 @@
-// C++ CPU kernels of flowkernels::actnorm_conv_{fwd,bwd}: the per-pixel affine channel map
+// C++ CPU kernels of flowkernels::channel_affine_{fwd,bwd}: the per-pixel affine channel map
 // out = matrix @ inp + offset (schemas: ops.cpp; oracle: reference.channel_affine{,_bwd}).
 //
 // Work is split into tasks of (sample, tile of pixels). A task gathers its C x n tile into a
@@ -21,7 +21,7 @@
 #include <tuple>
 #include <vector>
 
-#include "actnorm_conv_host.h"
+#include "channel_affine_host.h"
 #include "cpu_common.h"
 #include "cpu_vec.h"
 
@@ -178,7 +178,7 @@ FK_CPU_CLONES void gram_tile(const float* g, const float* in, const float* ones,
   }
 }
 
-at::Tensor actnorm_conv_fwd_cpu(const at::Tensor& x, const at::Tensor& matrix, const at::Tensor& offset,
+at::Tensor channel_affine_fwd_cpu(const at::Tensor& x, const at::Tensor& matrix, const at::Tensor& offset,
                                 const at::Tensor& logdet_term, at::Tensor& logdet) {
   const ChannelAffineIO io = channel_affine_prologue(x, matrix, offset, logdet_term, logdet, kCpuTarget);
   const PixelGeometry& g = io.g;
@@ -207,7 +207,7 @@ at::Tensor actnorm_conv_fwd_cpu(const at::Tensor& x, const at::Tensor& matrix, c
   return io.y.tensor;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cpu(const at::Tensor& out,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_affine_bwd_cpu(const at::Tensor& out,
                                                                                 const at::Tensor& grad_out,
                                                                                 const at::Tensor& matrix,
                                                                                 const at::Tensor& matrix_inv,
@@ -270,8 +270,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_conv_bwd_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flowkernels, CPU, m) {
-  m.impl("channel_affine_fwd", &actnorm_conv_fwd_cpu);
-  m.impl("channel_affine_bwd", &actnorm_conv_bwd_cpu);
+  m.impl("channel_affine_fwd", &channel_affine_fwd_cpu);
+  m.impl("channel_affine_bwd", &channel_affine_bwd_cpu);
 }
 
 }  // namespace flowkernels
