@@ -198,3 +198,12 @@ def test_constructor_errors():
         fk.FlowSequence([torch.nn.Conv2d(1, 1, 1)])
     with pytest.raises(ValueError, match="keep_every"):
         fk.FlowSequence([fk.FlowStep(4)], keep_every=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_input_dtype_must_match_the_parameters(backend: str) -> None:
+    """A float64 input to a float32 layer is named as such on every backend (not a dtype error
+    from inside a matrix product, nor a backend refusal)."""
+    step = fk.FlowStep(4, fk.CondAffineCoupling(4, 6, 8), backend=backend).eval()
+    with pytest.raises(TypeError, match=r"expected torch.float32 to match the parameters of FlowStep, got .*float64"):
+        step(torch.randn(1, 4, 3, 3, dtype=torch.float64), torch.randn(1, 6, 3, 3))

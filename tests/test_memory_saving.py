@@ -101,14 +101,54 @@ def test_unconditional_sequence_and_frozen_parameters():
     assert all(p.grad is None for p in saving.steps[2].parameters())
 
 
-def test_second_backward_raises_clear_error():
+def test_second_backward_with_retain_graph_gives_the_same_gradients():
+    """The backward depends only on the saved output and the parameters, so with retain_graph it
+    can run again (a Jacobian by repeated backward); without retain_graph PyTorch itself reports
+    the freed graph, with the right advice."""
     seq = fk.FlowSequence(srflow_level(4, C, COND))
     x, cond, _, _ = _inputs()
     z, ld = seq(x.requires_grad_(True), cond)
-    loss = z.sum() + ld.sum()
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="already backpropagated"):
-        loss.backward()
+    loss = z.square().sum() + ld.sum()
+    wrt = [x, *seq.parameters()]
+    first = torch.autograd.grad(loss, wrt, retain_graph=True)
+    second = torch.autograd.grad(loss, wrt)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        torch.autograd.grad(loss, wrt)
+
+
+def test_parameters_changed_between_forward_and_backward_are_refused():
+    """The backward rebuilds activations with the parameters' current values: a change in place
+    after the forward (an optimizer step too early) would give silently wrong gradients."""
+    seq = fk.FlowSequence(srflow_level(4, C, COND))
+    x, cond, _, _ = _inputs()
+    z, ld = seq(x.requires_grad_(True), cond)
+    with torch.no_grad():
+        seq.steps[2].actnorm.bias.add_(0.1)
+    with pytest.raises(RuntimeError, match=r"1 parameter\(s\) .* modified in place after the forward"):
+        (z.sum() + ld.sum()).backward()
+
+
+def test_squeeze_inside_a_memory_saving_sequence():
+    """Squeeze (no parameters, zero log-det) works as a step of the unit: gradients equal plain
+    autograd's."""
+    x, _, _, cot_ld = _inputs()
+    cot = torch.randn(2, 4 * C, HW // 2, HW // 2)
+    saving = fk.FlowSequence([randomize_(fk.FlowStep(C)), fk.Squeeze(2), randomize_(fk.FlowStep(4 * C))])
+    plain = copy.deepcopy(saving)
+    plain.memory_saving = False
+    grads = []
+    for seq in (saving, plain):
+        xr = x.clone().requires_grad_(True)
+        z, ld = seq(xr)
+        grads.append(torch.autograd.grad((z * cot).sum() + (ld * cot_ld).sum(), [xr, *seq.parameters()]))
+    for got, want in zip(*grads):
+        assert rel_err(got, want) <= REL_TOL["grad"]
+
+
+def test_split2d_is_refused_as_a_sequence_step():
+    with pytest.raises(TypeError, match=r"steps\[1\]: a Split2d cannot be a step of a FlowSequence.*split.encode"):
+        fk.FlowSequence([fk.FlowStep(C), fk.Split2d(C)])
 
 
 def _saved_bytes(seq: fk.FlowSequence, x: torch.Tensor, cond: torch.Tensor) -> int:

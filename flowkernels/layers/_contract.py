@@ -22,6 +22,7 @@ __all__ = [
     "RecomputableStep",
     "StepGrads",
     "check_cond",
+    "check_dtype_matches",
     "check_finite",
     "check_flow_input",
     "check_initialized",
@@ -123,6 +124,18 @@ def check_flow_input(x: Tensor, channels: int | None = None) -> None:
         raise TypeError(f"x: expected torch.float32 (the flow state is float32; float64 for checks), got {x.dtype}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"x: expected {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+
+
+def check_dtype_matches(module: nn.Module, x: Tensor) -> None:
+    """The flow state must have the dtype of the module's parameters (float32, or float64 for a
+    module converted with ``.double()`` on the reference backend): a mismatch would otherwise
+    surface as a dtype error deep inside a matrix product."""
+    param = next(module.parameters(), None)
+    if param is not None and x.dtype != param.dtype:
+        raise TypeError(
+            f"x: expected {param.dtype} to match the parameters of {type(module).__name__}, got {x.dtype}; "
+            f"convert the input (x.to({param.dtype})) or the module (.to({x.dtype}))"
+        )
 
 
 def check_finite(name: str, t: Tensor) -> None:

@@ -56,23 +56,19 @@ class _InvertibleBackprop(torch.autograd.Function):
         ctx.plan = plan
         ctx.autocast = autocast
         ctx.kept_at = tuple(kept_at)
-        ctx.used = False
+        # The backward rebuilds activations with the parameters as they are THEN: record their
+        # versions so that a change in between (an optimizer step) is refused, not silently wrong.
+        if not torch.compiler.is_compiling():
+            ctx.saved_params = params
+            ctx.param_versions = tuple(p._version for p in params)
         ctx.save_for_backward(y, cond, *kept)
         return y, buf
 
     @staticmethod
     def backward(ctx, grad_y: Tensor | None, grad_logdet: Tensor | None):  # noqa: ANN001, ANN205
         plan: _Plan = ctx.plan
-        # A second backward through the same graph is refused (DESIGN.md section 3). Under
-        # torch.compile the backward is traced once, so no per-call flag can be kept there.
         if not torch.compiler.is_compiling():
-            if ctx.used:
-                raise RuntimeError(
-                    "FlowSequence (memory_saving=True) was already backpropagated: its backward rebuilds "
-                    "activations from the output once and cannot run twice (retain_graph is not supported); "
-                    "run the forward again"
-                )
-            ctx.used = True
+            _check_unchanged(ctx)
         y, cond, *kept = ctx.saved_tensors
         kept_inputs = dict(zip(ctx.kept_at, kept))
         grad_y = torch.zeros_like(y) if grad_y is None else grad_y
@@ -90,6 +86,24 @@ class _InvertibleBackprop(torch.autograd.Function):
                 grads[i] = res.grad_params
         flat = [g for step_grads in grads for g in step_grads]
         return (None, None, grad_y, grad_logdet, grad_cond, *flat)
+
+
+def _check_unchanged(ctx) -> None:  # noqa: ANN001
+    """Refuse a backward whose rebuild would use other parameters than the forward did.
+
+    The backward depends only on the saved output (and kept inputs) and the parameters, so with
+    ``retain_graph=True`` it can run again and gives the same gradients; without it, PyTorch
+    frees the saved output after the first backward and reports that itself, with the right
+    advice. What it cannot catch is a parameter changed in place between forward and backward:
+    the activations would be rebuilt with the new values.
+    """
+    changed = [i for i, (p, version) in enumerate(zip(ctx.saved_params, ctx.param_versions)) if p._version != version]
+    if changed:
+        raise RuntimeError(
+            f"FlowSequence (memory_saving=True): {len(changed)} parameter(s) (first: #{changed[0]}) were modified in "
+            "place after the forward (e.g. by optimizer.step()), and the backward rebuilds activations from them; "
+            "run the backward before changing parameters, or run the forward again"
+        )
 
 
 def invertible_backprop(

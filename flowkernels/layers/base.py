@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from ..dispatch import select_backend
 from ._contract import (
     StepGrads,
+    check_dtype_matches,
     check_finite,
     check_flow_input,
     check_initialized,
@@ -114,6 +115,7 @@ class InvertibleModule(nn.Module):
 
     def _call(self, x: Tensor, cond: Tensor | None, logdet: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
         self._check_input(x, cond)
+        check_dtype_matches(self, x)
         if torch.compiler.is_compiling():
             # No NaN/Inf scan (a data-dependent branch) and no mode change in a traced region;
             # the initialisation check reads Python bools only, which Dynamo guards on.
@@ -169,7 +171,9 @@ class InvertibleModule(nn.Module):
             ld = torch.zeros_like(grad_logdet)
             y = self._run(leaf, cond_leaf, ld, reverse)
             wrt = [leaf] + ([cond_leaf] if cond_leaf is not None else []) + params
-            grads = torch.autograd.grad((y, ld), wrt, (grad_out, grad_logdet), allow_unused=True)
+            # A layer with a constant log-det (e.g. Squeeze: zero) leaves ld outside the graph.
+            outs, grad_outs = ((y, ld), (grad_out, grad_logdet)) if ld.requires_grad else ((y,), (grad_out,))
+            grads = torch.autograd.grad(outs, wrt, grad_outs, allow_unused=True)
         grad_inp = grads[0] if grads[0] is not None else torch.zeros_like(inp)
         grad_cond = None
         if cond_leaf is not None:

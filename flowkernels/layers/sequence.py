@@ -20,6 +20,7 @@ from ._contract import StepGrads, flat_grads, logdet_buffer
 from ._unit import invertible_backprop
 from .actnorm import initialize_actnorms
 from .base import InvertibleModule
+from .split import Split2d
 
 __all__ = ["FlowSequence", "validate_keep_every"]
 
@@ -57,6 +58,13 @@ class FlowSequence(InvertibleModule):
         for i, step in enumerate(self.steps):
             if not isinstance(step, InvertibleModule):
                 raise TypeError(f"steps[{i}]: expected an InvertibleModule, got {type(step).__name__}")
+            if isinstance(step, Split2d):
+                raise TypeError(
+                    f"steps[{i}]: a Split2d cannot be a step of a FlowSequence: it factors channels out, "
+                    "so the output alone does not determine the input (its inverse needs the eps it returns) "
+                    "and the sequence could not rebuild its activations; apply it between sequences: "
+                    "z, logdet = seq(x, cond, logdet); z1, eps, logdet = split.encode(z, logdet)"
+                )
         self.memory_saving = memory_saving
         self.keep_every = validate_keep_every(keep_every)
 
