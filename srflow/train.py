@@ -461,7 +461,7 @@ class Trainer:
         """The first log line, in the order a run is set up: what, from where, on which data,
         with which optimisation (the learning rates the next step uses), on what hardware."""
         c, d = self.config, self.dist
-        origin = f"resuming {str(resume.files.state)!r} at step {start}" if resume else "from step 0"
+        origin = f"steps {start} to {c.steps}" + (f" (resuming {str(resume.files.state)!r})" if resume else "")
         factor = learning_rate_factor(start, c.steps, c.lr_milestones, c.lr_gamma)
         lr = f"lr {c.lr * factor:g}" + (f" (base {c.lr:g} x {factor:g} by the schedule)" if factor != 1 else "")
         if c.lr_rrdb != c.lr:
@@ -475,7 +475,7 @@ class Trainer:
         else:
             rrdb = f"RRDB frozen until step {self.unfreeze_step}"
         return (
-            f"srflow train: preset {c.preset}, {origin} to {c.steps}; global batch {c.batch} "
+            f"srflow train: preset {c.preset}, {origin}; global batch {c.batch} "
             f"({d.world} rank(s) x {c.batch // d.world}) of {c.crop}x{c.crop} crops from {images} images; "
             f"{lr}, {rrdb}, dequantisation noise {'on' if c.dequantize else 'off'}; device {d.device}, "
             f"backend {c.backend}, memory_saving {c.memory_saving}"
@@ -604,7 +604,10 @@ class Trainer:
         now = config_to_dict(self.config)
         changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in TRAJECTORY_FIELDS if k in saved and saved[k] != now[k]]
         if resume.state.get("world_size", self.dist.world) != self.dist.world:
-            changed.append(f"world size: {resume.state['world_size']} -> {self.dist.world} (same data, other noise)")
+            changed.append(
+                f"world size: {resume.state['world_size']} -> {self.dist.world} "
+                "(same batches and noise, but float32 sums in another order)"
+            )
         if changed:
             self.log(
                 "warning: resuming with settings that differ from the checkpoint's, so the run will not "

@@ -219,7 +219,8 @@ def test_resume_continues_exactly(photos: Path, tmp_path: Path) -> None:
     assert (second.step, second.stopped) == (6, "finished")
     # the banner gives the learning rate step 4 uses, and the RRDB's state from then on
     factor = learning_rate_factor(3, 6, TrainConfig().lr_milestones, TrainConfig().lr_gamma)
-    assert "step-000000003.state.pt' at step 3 to 6;" in messages[0]
+    assert messages[0].startswith("srflow train: preset tiny-4x, steps 3 to 6 (resuming '")
+    assert "step-000000003.state.pt'); global batch 4" in messages[0]
     assert f"lr {1e-3 * factor:g} (base 0.001 x {factor:g} by the schedule)" in messages[0]
     assert "RRDB trainable (unfrozen at step 3)" in messages[0]
     assert straight.losses == first.losses + second.losses
