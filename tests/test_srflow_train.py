@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import flowkernels as fk
-from srflow import SRFlow
+from srflow import SRFlow, dequantize
 from srflow.config import ConfigError, TrainConfig, config_from_dict, config_to_yaml, load_config, resolve_config
 from srflow.official_checkpoint import CheckpointError
 from srflow.train import NonFiniteTrainingError, TrainingObjective, learning_rate_factor, train
@@ -552,6 +552,21 @@ def test_validation_writes_a_sample_grid_and_log(photos: Path, tmp_path: Path) -
 
 
 # ------------------------------------------------------------------------------------ DDP
+
+
+def test_per_sample_noise_does_not_depend_on_the_batch() -> None:
+    """dequantize with one generator per sample: a sample's noise is the same whichever samples
+    share its batch (what lets N ranks draw the noise of one process)."""
+
+    def gens(*seeds: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    hr = torch.rand(3, 3, 8, 8)
+    whole = dequantize(hr, gens(1, 2, 3))
+    parts = torch.cat([dequantize(hr[:1], gens(1)), dequantize(hr[1:], gens(2, 3))])
+    assert torch.equal(whole, parts) and not torch.equal(whole, hr)
+    with pytest.raises(ValueError, match=r"generator: expected one generator per sample \(3\), got 2"):
+        dequantize(hr, gens(1, 2))
 
 
 def test_ddp_two_gloo_ranks_match_one_process(photos: Path, tmp_path: Path) -> None:
