@@ -132,7 +132,10 @@ class NonFiniteTrainingError(RuntimeError):
 def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:
     """Run training as configured (see the module docstring). Under torchrun every rank calls
     this. Raises ConfigError / CheckpointError / FileNotFoundError / ValueError for bad inputs
-    (before anything is written) and NonFiniteTrainingError when the loss keeps diverging."""
+    (data, device, backend, checkpoints: before anything is written) and NonFiniteTrainingError
+    when the loss keeps diverging. A SIGINT or SIGTERM during the steps saves the step it
+    interrupted once that step has finished, then reaches the caller's handlers (with Python's
+    defaults: KeyboardInterrupt, or the end of the process); module docstring, "Interrupts"."""
     return Trainer(config, log).run()
 
 
