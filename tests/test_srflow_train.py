@@ -1,17 +1,19 @@
-"""srflow training: configuration, exact resume, checkpoints, non-finite steps, DDP, convergence.
+"""srflow training: configuration, exact resume, checkpoints, non-finite steps, interrupts, DDP,
+convergence.
 
 Everything runs the ``tiny-4x`` preset on 32x32 crops of scikit-image's bundled photos, a few
 steps at a time, on the CPU. Tolerances used here:
 
-* resume: bitwise (N steps + resume + N steps == 2N steps, weights and Adam state);
-* DDP (2 gloo ranks x 2 samples vs 1 process x 4 samples, memory saving on, dequantisation noise
-  on, RRDB unfrozen half way, 6 steps at the official lr 2.5e-4): the ranks sum their half batches before averaging,
-  so the gradients differ from one process's in float32 rounding. Adam with its default eps
-  1e-8 turns rounding into whole updates where the true gradient is ~0 (right after the
-  data-dependent ActNorm init, d loss / d ActNorm bias = 0 up to rounding, and Adam's first step
-  is g / |g|): measured 6e-4 max weight difference. With adam_eps 1e-3 the updates are smooth
-  functions of the gradients and the weights agree to max |diff| <= 1e-5 (measured 1.2e-6,
-  5e-5 of the total update);
+* resume, also after SIGINT/SIGTERM: bitwise (N steps + resume + N steps == 2N steps, weights
+  and Adam state);
+* DDP (2 gloo ranks x 2 samples vs 1 process x 4 samples, memory saving and dequantisation noise
+  on, RRDB unfrozen half way, 6 steps at the official lr 2.5e-4): the ranks sum their half
+  batches before averaging, so the gradients differ from one process's in float32 rounding.
+  Adam with its default eps 1e-8 turns rounding into whole updates where the true gradient is ~0
+  (right after the data-dependent ActNorm init, d loss / d ActNorm bias = 0 up to rounding, and
+  Adam's first step is g / |g|): measured 6e-4 max weight difference. With adam_eps 1e-3 the
+  updates are smooth functions of the gradients; the measured differences and the bound are at
+  DDP_ATOL;
 * convergence (memory saving + the C++ kernels vs plain autograd on the reference ops, 30
   steps): the loss curves agree within 1e-2 bits/px per step (measured ~2e-4).
 """
