@@ -376,8 +376,8 @@ class SRFlow(nn.Module):
             hr: (B, 3, H, W) float32 in [0, 1]; lr: (B, 3, H/scale, W/scale), even size (or pass
                 ``cond`` from :meth:`condition` instead).
             add_noise: add the dequantisation noise of :func:`dequantize` (drawn from
-                ``generator``: one, or one per sample) and count ``-log(32)`` per pixel (+5 bits/pixel); off by default
-                like the released training code.
+                ``generator``: one, or one per sample) and count ``-log(32)`` per pixel
+                (+5 bits/pixel); off by default like the released training code.
         In training mode the flow's ActNorms must have been initialised (:meth:`initialize_actnorms`
         or a loaded checkpoint); otherwise this raises RuntimeError.
         Differentiable (memory-saving per level); the training loss is ``nll.mean()``.
