@@ -2,7 +2,9 @@
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is NCCL on GPUs and gloo on CPUs, and
 rank ``r`` uses ``cuda:LOCAL_RANK``; a group that already exists (a caller's) is used as it is
-and left open. One process (no ``WORLD_SIZE``) needs no group.
+and left open. One process (no ``WORLD_SIZE``) needs no group. The device is checked before the
+group is joined (and so before a run writes anything): a malformed name, CUDA asked for where
+there is none, or a GPU index past the last GPU raise ConfigError.
 """
 
 from __future__ import annotations
@@ -45,12 +47,12 @@ def setup_distributed(device: str | None) -> Distributed:
     under torchrun only whether it is CUDA counts (each rank takes ``cuda:LOCAL_RANK``).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    requested = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    requested = _checked_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if world == 1:
-        return Distributed(0, 1, torch.device(requested), False)
+        return Distributed(0, 1, requested, False)
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = requested.startswith("cuda")
-    chosen = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    use_cuda = requested.type == "cuda"
+    chosen = _checked_device(f"cuda:{local}", f" (LOCAL_RANK {local} under torchrun)") if use_cuda else requested
     if use_cuda:
         torch.cuda.set_device(chosen)
     owns = not dist.is_initialized()
@@ -59,3 +61,24 @@ def setup_distributed(device: str | None) -> Distributed:
     if dist.get_world_size() != world:
         raise ConfigError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()} ranks")
     return Distributed(dist.get_rank(), world, chosen, owns)
+
+
+def _checked_device(name: str, why: str = "") -> torch.device:
+    """``name`` as a torch.device if training can run there (cpu, or an existing CUDA GPU);
+    ConfigError naming the device, what is available and ``why`` it was chosen otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: expected cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"device: {name!r}{why} needs a CUDA GPU, but this torch {torch.__version__} sees none "
+                f"(built with CUDA {torch.version.cuda}); use cpu"
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device: {name!r}{why} does not exist; this machine has cuda:0 to cuda:{count - 1}")
+    return device

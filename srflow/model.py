@@ -100,13 +100,23 @@ class Conditioning:
         return self.lr_size != self.padded_size
 
 
-def dequantize(hr: Tensor, generator: torch.Generator | None = None, quant: int = QUANT) -> Tensor:
+def dequantize(
+    hr: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None, quant: int = QUANT
+) -> Tensor:
     """``hr + (u - 0.5) / quant`` with ``u ~ U[0, 1)`` drawn by ``torch.rand`` from ``generator``
     (on the generator's device, then moved to hr's; the global RNG when None): the official
-    dequantisation noise. Returns a new tensor."""
-    device = generator.device if generator is not None else hr.device
-    u = torch.rand(hr.shape, generator=generator, device=device, dtype=hr.dtype).to(hr.device)
-    return hr + (u - 0.5) / quant
+    dequantisation noise. ``generator`` may also be a sequence of one generator per sample
+    (sample ``i``'s noise from ``generator[i]``), so that a sample's noise does not depend on
+    which other samples share its batch (distributed training splits a batch across processes).
+    Returns a new tensor."""
+    if generator is None or isinstance(generator, torch.Generator):
+        device = generator.device if generator is not None else hr.device
+        u = torch.rand(hr.shape, generator=generator, device=device, dtype=hr.dtype)
+    else:
+        if len(generator) != hr.shape[0]:
+            raise ValueError(f"generator: expected one generator per sample ({hr.shape[0]}), got {len(generator)}")
+        u = torch.stack([torch.rand(hr.shape[1:], generator=g, device=g.device, dtype=hr.dtype) for g in generator])
+    return hr + (u.to(hr.device) - 0.5) / quant
 
 
 def _check_image(name: str, x: object, device: torch.device | None = None) -> Tensor:
@@ -338,7 +348,7 @@ class SRFlow(nn.Module):
         lr: Tensor | None,
         cond: Conditioning | None,
         add_noise: bool,
-        generator: torch.Generator | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
     ) -> tuple[list[Tensor], Tensor]:
         cond = self._conditioning(lr, cond)
         self._check_pair(hr, cond)
@@ -357,7 +367,7 @@ class SRFlow(nn.Module):
         add_noise: bool = False,
         *,
         cond: Conditioning | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> Tensor:
         """Per-sample negative log-likelihood (B,) in bits per HR pixel (over RGB; / 3 = bits/dim):
         ``-(logdet + log p(z_top)) / (ln 2 * H * W)``.
@@ -366,8 +376,8 @@ class SRFlow(nn.Module):
             hr: (B, 3, H, W) float32 in [0, 1]; lr: (B, 3, H/scale, W/scale), even size (or pass
                 ``cond`` from :meth:`condition` instead).
             add_noise: add the dequantisation noise of :func:`dequantize` (drawn from
-                ``generator``) and count ``-log(32)`` per pixel (+5 bits/pixel); off by default
-                like the released training code.
+                ``generator``: one, or one per sample) and count ``-log(32)`` per pixel
+                (+5 bits/pixel); off by default like the released training code.
         In training mode the flow's ActNorms must have been initialised (:meth:`initialize_actnorms`
         or a loaded checkpoint); otherwise this raises RuntimeError.
         Differentiable (memory-saving per level); the training loss is ``nll.mean()``.
@@ -381,7 +391,7 @@ class SRFlow(nn.Module):
         add_noise: bool = False,
         *,
         cond: Conditioning | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> Tensor:
         """Same as :meth:`nll` (the training forward, e.g. under DistributedDataParallel)."""
         return self.nll(hr, lr, add_noise, cond=cond, generator=generator)
@@ -393,7 +403,7 @@ class SRFlow(nn.Module):
         *,
         cond: Conditioning | None = None,
         add_noise: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         return_nll: bool = False,
     ) -> list[Tensor] | tuple[list[Tensor], Tensor]:
         """The latents of HR images, as the official code returns them.

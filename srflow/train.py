@@ -23,16 +23,18 @@ Paper vs released code, and what :class:`~srflow.config.TrainConfig` does by def
 Exact resume: everything random is a pure function of the seed and the position, never of a
 stateful RNG: the data order (DistributedSampler with ``seed`` and ``set_epoch``), each item's
 crop and flip (``(seed, epoch, index)``, :class:`~srflow.data.HRImageDataset`), the dequantisation
-noise (a generator seeded from ``(seed, step, rank)``) and the learning rate (a function of the
-step). A checkpoint stores the weights, Adam's state and the step (plus the global RNG states,
-restored for completeness), so N steps + resume + N steps give the same parameters as 2N steps
-(bitwise on the CPU). ``stop_after`` pauses a run at a step (as a time-limited job would).
+noise (one generator per sample, seeded from ``(seed, step, the sample's position in the global
+batch)``) and the learning rate (a function of the step). A checkpoint stores the weights,
+Adam's state and the step (plus the global RNG states, restored for completeness), so N steps +
+resume + N steps give the same parameters as 2N steps (bitwise on the CPU). ``stop_after``
+pauses a run at a step (as a time-limited job would).
 
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is NCCL on GPUs and gloo
 on CPUs; ``batch`` is the *global* batch, each rank takes ``batch / world_size`` samples of the
-same global batch a single process would use (DistributedSampler with drop_last), so N ranks
-compute the gradient of the same batch as one process (exactly equal up to float summation
-order when ``dequantize`` is off; with it on, each rank draws its own noise). Rank 0 logs,
+same global batch a single process would use (DistributedSampler with drop_last; rank r holds
+positions r, r + N, r + 2N, ... of it), with the same dequantisation noise (seeded per position,
+above), so N ranks compute the gradient of the same noisy batch as one process, equal up to
+float32 summation order (tests/test_srflow_train.py measures the weights after 6 steps). Rank 0 logs,
 validates and writes checkpoints. ActNorms are initialised explicitly from the first batch
 (the clean HR, outside bf16 autocast) before the first step, with the statistics all-reduced
 across ranks by flowkernels, so every rank starts from the global batch's statistics.
@@ -46,6 +48,25 @@ dropped, optimiser not stepped, the step counter and schedule advance) and count
 checkpoint (those already written are untouched; checkpoints never hold non-finite weights).
 Because the run is deterministic, resuming repeats the divergence: change ``lr``, clipping or
 ``seed`` first.
+
+Interrupts: SIGINT (Ctrl-C) and SIGTERM (what a cluster scheduler sends before it kills a job)
+never stop a step half-way. During the steps the handlers only record the signal; the current
+step finishes, rank 0 writes that step's checkpoint (atomically, like every checkpoint; the
+validation of that step is skipped to stay within a scheduler's grace period) and logs where,
+and the run ends; ``resume='auto'`` then continues exactly. Afterwards the handlers that were
+installed before are restored and the signal is raised again against them, so the process ends
+as it would have without the deferral: Python's default SIGINT handler raises KeyboardInterrupt
+(the CLI exits 130), the default SIGTERM action ends the process (status 143); a caller's own
+handlers get the signal instead. Under DDP a signal may reach only some ranks (``kill`` of one
+process): the all-reduce every step already does (loss and non-finite flag) also carries each
+rank's SIGTERM, SIGINT and time-limit flags, so all ranks stop after the same step at no extra
+collective (SIGTERM wins over SIGINT, and every rank then raises the agreed signal). Repeated
+signals while stopping change nothing (torchrun passes the terminal's Ctrl-C on to workers that
+got it already); SIGKILL, which torchrun and schedulers send after their grace period, remains
+the hard stop. The handlers are installed only around the steps (during setup a signal acts at
+once: there is nothing to save yet), only from the main thread (Python's rule) and never over an
+ignored signal; DataLoader workers ignore both signals, so a terminal's Ctrl-C to the whole
+process group does not kill them under a run that is finishing its step.
 """
 
 from __future__ import annotations
@@ -53,9 +74,11 @@ from __future__ import annotations
 import gc
 import json
 import math
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +103,7 @@ from .training_checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_training_checkpoint,
+    newest_intact_checkpoint,
     prune_checkpoints,
     resolve_checkpoint,
     save_training_checkpoint,
@@ -95,6 +119,10 @@ __all__ = [
 ]
 
 _MIN_EPOCH_BATCHES = 100
+# Why a run stops before its last step, in priority order: each rank votes for them in the
+# step's all-reduce (module docstring, "Interrupts"); the first one with a vote wins.
+_SIGNAL_STOPS = ("SIGTERM", "SIGINT")
+_STOP_REASONS = (*_SIGNAL_STOPS, "max_minutes")
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -104,7 +132,10 @@ class NonFiniteTrainingError(RuntimeError):
 def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:
     """Run training as configured (see the module docstring). Under torchrun every rank calls
     this. Raises ConfigError / CheckpointError / FileNotFoundError / ValueError for bad inputs
-    (before anything is written) and NonFiniteTrainingError when the loss keeps diverging."""
+    (data, device, backend, checkpoints: before anything is written) and NonFiniteTrainingError
+    when the loss keeps diverging. A SIGINT or SIGTERM during the steps saves the step it
+    interrupted once that step has finished, then reaches the caller's handlers (with Python's
+    defaults: KeyboardInterrupt, or the end of the process); module docstring, "Interrupts"."""
     return Trainer(config, log).run()
 
 
@@ -133,7 +164,7 @@ class TrainResult:
     checkpoint: CheckpointFiles | None
     losses: list[tuple[int, float]]  # (1-based step, mean loss in bits/px) of every finite step
     nonfinite_steps: int
-    stopped: str  # "finished", "stop_after", "max_minutes"
+    stopped: str  # "finished", "stop_after", "max_minutes", "SIGTERM", "SIGINT"
     validation: dict[str, float] = field(default_factory=dict)
 
 
@@ -147,7 +178,9 @@ class TrainingObjective(nn.Module):
         self.model = model
         self.dequantize, self.l1_weight, self.bf16 = dequantize, l1_weight, bf16
 
-    def forward(self, hr: Tensor, lr: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, hr: Tensor, lr: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None
+    ) -> tuple[Tensor, Tensor]:
         with torch.autocast(hr.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             cond = self.model.condition(lr)
             nll = self.model.nll(hr, cond=cond, add_noise=self.dequantize, generator=generator)
@@ -170,6 +203,52 @@ class _Batches(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[list[int]]:
         for k in range(self.start, len(self.indices) // self.batch):
             yield self.indices[k * self.batch : (k + 1) * self.batch]
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a terminal's Ctrl-C reaches the whole process group, and a
+    worker it killed would fail the step the main process is finishing (module docstring,
+    "Interrupts"); the DataLoader ends its workers itself."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class _DeferredSignals:
+    """SIGINT/SIGTERM handlers that only record the signal, so that the run stops at a step
+    boundary (module docstring, "Interrupts"). ``with`` installs them and restores the previous
+    handlers; :meth:`deliver` then raises the recorded signal against those."""
+
+    def __init__(self) -> None:
+        self.pending: signal.Signals | None = None  # raised again by deliver(); SIGTERM wins
+        self._previous: dict[signal.Signals, object] = {}
+
+    def __enter__(self) -> _DeferredSignals:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal.signal works only in the main thread: signals act as usual
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            # An ignored signal stays ignored (nohup, background jobs); None is a handler set
+            # outside Python, which signal.signal could not restore.
+            if previous is not signal.SIG_IGN and previous is not None:
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _record(self, signum: int, frame: object) -> None:
+        if self.pending != signal.SIGTERM:
+            self.pending = signal.Signals(signum)
+
+    def deliver(self) -> None:
+        """Raise the recorded signal, if any, against the restored handlers (the default SIGTERM
+        action ends the process at once, so the output streams are flushed first)."""
+        if self.pending is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            signal.raise_signal(self.pending)
 
 
 @dataclass
@@ -216,6 +295,7 @@ class Trainer:
         self.optimizer: torch.optim.Adam | None = None
         self.unfreeze_step = 0  # the RRDB is trainable from this step on
         self.actnorms_pending = True  # the first batch still has to initialise the ActNorms
+        self.signals = _DeferredSignals()
 
     def log(self, message: str) -> None:
         """Rank 0 only: through the progress bar when it is shown (so it is not broken up)."""
@@ -232,22 +312,25 @@ class Trainer:
         group this call created are closed however it ends."""
         self.dist = setup_distributed(self.config.device)
         try:
-            return self._run()
+            result = self._run()
         finally:
             if self.bar is not None:
                 self.bar.close()
             if self.writer is not None:
                 self.writer.close()
             self.dist.close()
+        self.signals.deliver()  # only after a normal end: an exception must not be replaced
+        return result
 
     def _run(self) -> TrainResult:
         run = self._prepare()
-        while run.step < run.end:
-            for hr, lr in self._epoch_loader(run):
-                self._train_step(run, hr, lr)
-                if self._after_step(run):
-                    return self._finish(run)
-        return self._finish(run)
+        with self.signals:
+            while run.step < run.end:
+                for hr, lr in self._epoch_loader(run):
+                    self._train_step(run, hr, lr)
+                    if self._after_step(run):
+                        return self._finish(run)
+            return self._finish(run)
 
     def _prepare(self) -> _RunState:
         """Check the config and the output folder, build the data, the model and the optimiser
@@ -257,6 +340,10 @@ class Trainer:
         d = self.dist
         if c.batch % d.world:
             raise ConfigError(f"batch: the global batch {c.batch} is not divisible by the {d.world} ranks")
+        try:
+            fk.check_backend_available(c.backend, d.device)
+        except fk.BackendUnavailableError as exc:
+            raise ConfigError(str(exc)) from exc  # now, not at the first step after config.yaml
         out = Path(c.out)
         ckpt_dir = out / CHECKPOINT_DIR
         resume = self._find_resume(ckpt_dir)
@@ -272,13 +359,7 @@ class Trainer:
         sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=c.seed, drop_last=True
         )
-        what = f"resuming from {str(resume.files.state)!r} at step {start}" if resume else "starting at step 0"
-        self.log(
-            f"srflow train: preset {c.preset}, {what}, {c.steps} steps, global batch {c.batch} "
-            f"({d.world} rank(s) x {c.batch // d.world}) of {c.crop}x{c.crop} crops from {len(dataset.files)} images, "
-            f"lr {c.lr:g}, device {d.device}, memory_saving {c.memory_saving}, backend {c.backend}, "
-            f"RRDB frozen until step {self.unfreeze_step}, dequantize {c.dequantize}"
-        )
+        self.log(self._banner(resume, start, len(dataset.files)))
         now = time.perf_counter()
         run = _RunState(
             out=out,
@@ -310,13 +391,18 @@ class Trainer:
             batch_sampler=_Batches(run.sampler, per_rank, offset),
             num_workers=c.workers if c.workers is not None else (4 if d.device.type == "cuda" else 0),
             pin_memory=d.device.type == "cuda",
+            worker_init_fn=_ignore_stop_signals,
         )
 
     def _train_step(self, run: _RunState, hr: Tensor, lr: Tensor) -> None:
         """One optimisation step and its loss bookkeeping; raises NonFiniteTrainingError after
         ``max_nonfinite`` non-finite steps in a row."""
-        loss, finite = self._optimize(run.step, hr, lr)
+        loss, finite, stop = self._optimize(run.step, hr, lr, run.t_start)
         run.step += 1
+        if stop is not None:
+            run.stopped = stop
+            if stop in _SIGNAL_STOPS:
+                self.signals.pending = signal.Signals[stop]  # every rank ends as agreed
         if finite:
             run.nonfinite_in_row = 0
             run.losses.append((run.step, loss))
@@ -336,8 +422,9 @@ class Trainer:
             )
 
     def _after_step(self, run: _RunState) -> bool:
-        """Progress, logging, the RRDB unfreeze, validation, checkpoints and the time limit after
-        a step. Returns whether the run stops here (its last step, or out of time)."""
+        """Progress, logging, the RRDB unfreeze, validation and checkpoints after a step. Returns
+        whether the run stops here (its last step, out of time or interrupted: the step's
+        all-reduce agreed on that in :meth:`_train_step`)."""
         c, d = self.config, self.dist
         if self.bar is not None:
             self._update_bar(run.window)
@@ -345,14 +432,13 @@ class Trainer:
             self._log_loss(run)
         if run.step == self.unfreeze_step:
             self._set_rrdb_trainable(run.step)
-        timeout = self._time_is_up(run.t_start)
-        final = run.step == run.end or timeout
-        if c.val_every and d.main and (run.step % c.val_every == 0 or final):
+            self.log(f"step {run.step}: RRDB unfrozen (trained jointly from now on)")
+        final = run.step == run.end or run.stopped != "finished"
+        interrupted = run.stopped in _SIGNAL_STOPS
+        if c.val_every and d.main and not interrupted and (run.step % c.val_every == 0 or final):
             run.validation = self._validate(run)
         if d.main and (run.step % c.save_every == 0 or final):
             run.last_saved = self._save(run)
-        if timeout:
-            run.stopped = "max_minutes"
         return final
 
     def _finish(self, run: _RunState) -> TrainResult:
@@ -361,12 +447,42 @@ class Trainer:
         if self.dist.world > 1:
             dist.barrier()
         where = str(run.last_saved.weights) if run.last_saved else "none"
-        self.log(f"srflow train: {run.stopped} at step {run.step}; checkpoint {where}")
+        if run.stopped in _SIGNAL_STOPS:
+            self.log(
+                f"srflow train: stopped by {run.stopped} after finishing step {run.step}; its checkpoint is "
+                f"saved in {where!r} (resume 'auto' continues from it)"
+            )
+        else:
+            self.log(f"srflow train: {run.stopped} at step {run.step}; checkpoint {where}")
         return TrainResult(
             run.step, run.out, run.last_saved, run.losses, run.nonfinite_total, run.stopped, run.validation
         )
 
     # ---------------------------------------------------------------------------------- setup
+
+    def _banner(self, resume: TrainingCheckpoint | None, start: int, images: int) -> str:
+        """The first log line, in the order a run is set up: what, from where, on which data,
+        with which optimisation (the learning rates the next step uses), on what hardware."""
+        c, d = self.config, self.dist
+        origin = f"steps {start} to {c.steps}" + (f" (resuming {str(resume.files.state)!r})" if resume else "")
+        factor = learning_rate_factor(start, c.steps, c.lr_milestones, c.lr_gamma)
+        lr = f"lr {c.lr * factor:g}" + (f" (base {c.lr:g} x {factor:g} by the schedule)" if factor != 1 else "")
+        if c.lr_rrdb != c.lr:
+            lr += f", RRDB lr {c.lr_rrdb * factor:g}"
+        if self.unfreeze_step == 0:
+            rrdb = "RRDB trainable from the start"
+        elif self.unfreeze_step >= c.steps:
+            rrdb = "RRDB frozen throughout"
+        elif start >= self.unfreeze_step:
+            rrdb = f"RRDB trainable (unfrozen at step {self.unfreeze_step})"
+        else:
+            rrdb = f"RRDB frozen until step {self.unfreeze_step}"
+        return (
+            f"srflow train: preset {c.preset}, {origin}; global batch {c.batch} "
+            f"({d.world} rank(s) x {c.batch // d.world}) of {c.crop}x{c.crop} crops from {images} images; "
+            f"{lr}, {rrdb}, dequantisation noise {'on' if c.dequantize else 'off'}; device {d.device}, "
+            f"backend {c.backend}, memory_saving {c.memory_saving}"
+        )
 
     def _find_resume(self, ckpt_dir: Path) -> TrainingCheckpoint | None:
         """The checkpoint to resume, loaded and verified (None: a fresh run)."""
@@ -382,7 +498,22 @@ class Trainer:
         files = latest_checkpoint(ckpt_dir) if c.resume == "auto" else resolve_checkpoint(c.resume)
         if files is None:
             return None
-        resume = load_training_checkpoint(files, c.preset)
+        try:
+            resume = load_training_checkpoint(files, c.preset)
+        except (CheckpointError, FileNotFoundError) as exc:
+            intact = newest_intact_checkpoint(ckpt_dir, files.step, c.preset) if c.resume == "auto" else None
+            if intact is None:
+                raise
+            # Not a silent fallback to the older checkpoint: the damaged files would also block
+            # the save of their step later (checkpoints are never overwritten), and a damaged
+            # newest checkpoint can mean a failing disk the user should know about.
+            damaged = [e.step for e in existing if e.step > intact.step]
+            raise CheckpointError(
+                f"{exc}; the newest intact checkpoint is {str(intact.state)!r} (step {intact.step}). "
+                f"To continue from it, move the files of the damaged checkpoint(s) {damaged} "
+                f"(step-NNNNNNNNN.safetensors and .state.pt) out of {str(ckpt_dir)!r} and resume 'auto' again, "
+                f"or resume from {str(intact.state)!r} (set resume to that path) into another output folder"
+            ) from exc
         newer = [e.step for e in existing if e.step > resume.step]
         if newer:
             raise ConfigError(
@@ -476,7 +607,10 @@ class Trainer:
         now = config_to_dict(self.config)
         changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in TRAJECTORY_FIELDS if k in saved and saved[k] != now[k]]
         if resume.state.get("world_size", self.dist.world) != self.dist.world:
-            changed.append(f"world size: {resume.state['world_size']} -> {self.dist.world} (same data, other noise)")
+            changed.append(
+                f"world size: {resume.state['world_size']} -> {self.dist.world} "
+                "(same batches and noise, but float32 sums in another order)"
+            )
         if changed:
             self.log(
                 "warning: resuming with settings that differ from the checkpoint's, so the run will not "
@@ -519,8 +653,6 @@ class Trainer:
             self.wrapped = None
             gc.collect()  # release the old reducer and its hooks before the new one registers
             self.wrapped = self._wrap()
-        if changed and step > 0:
-            self.log(f"step {step}: RRDB unfrozen (trained jointly from now on)")
 
     # ---------------------------------------------------------------------------------- steps
 
@@ -528,14 +660,12 @@ class Trainer:
         c = self.config
         return c.lr * learning_rate_factor(step, c.steps, c.lr_milestones, c.lr_gamma)
 
-    def _time_is_up(self, t_start: float) -> bool:
-        c = self.config
-        if c.max_minutes is None:
-            return False
-        up = torch.tensor([float(time.perf_counter() - t_start > 60 * c.max_minutes)], device=self.dist.device)
-        if self.dist.world > 1:
-            dist.all_reduce(up, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        return bool(up.item())
+    def _stop_votes(self, t_start: float) -> list[float]:
+        """This rank's flags for :data:`_STOP_REASONS` (1.0 = stop), summed over the ranks by
+        the step's all-reduce in :meth:`_optimize`; ``t_start`` starts the max_minutes clock."""
+        c, pending = self.config, self.signals.pending
+        time_up = c.max_minutes is not None and time.perf_counter() - t_start > 60 * c.max_minutes
+        return [float(pending == signal.SIGTERM), float(pending == signal.SIGINT), float(time_up)]
 
     def _update_bar(self, window: list[float]) -> None:
         bar, c = self.bar, self.config
@@ -550,15 +680,24 @@ class Trainer:
             postfix["peak_mem"] = f"{torch.cuda.max_memory_allocated(self.dist.device) / 2**30:.2f}GiB"
         bar.set_postfix(postfix, refresh=False)
 
-    def _noise_generator(self, step: int) -> torch.Generator | None:
-        if not self.config.dequantize:
+    def _noise_generators(self, step: int, count: int) -> list[torch.Generator] | None:
+        """The dequantisation noise generators of this rank's ``count`` samples of 0-based step
+        ``step``, one per sample, seeded from its position in the global batch (rank r holds
+        positions r, r + N, r + 2N, ...; see :class:`_Batches`): N ranks draw exactly the noise
+        of one process, whatever N (None when dequantisation is off)."""
+        c, d = self.config, self.dist
+        if not c.dequantize:
             return None
-        gen = torch.Generator(device=self.dist.device)
-        gen.manual_seed(_mix(self.config.seed, step, self.dist.rank))
-        return gen
+        generators = []
+        for j in range(count):
+            gen = torch.Generator(device=d.device)
+            gen.manual_seed(_mix(c.seed, step, d.rank + d.world * j))
+            generators.append(gen)
+        return generators
 
-    def _optimize(self, step: int, hr: Tensor, lr: Tensor) -> tuple[float, bool]:
-        """One optimisation step at 0-based ``step``. Returns (global mean loss, finite)."""
+    def _optimize(self, step: int, hr: Tensor, lr: Tensor, t_start: float) -> tuple[float, bool, str | None]:
+        """One optimisation step at 0-based ``step``. Returns (global mean loss, finite, the stop
+        reason the ranks agreed on or None; ``t_start``: see :meth:`_stop_votes`)."""
         c, d = self.config, self.dist
         fmt = torch.channels_last if c.channels_last else torch.contiguous_format
         hr = hr.to(d.device, non_blocking=True).contiguous(memory_format=fmt)
@@ -572,7 +711,7 @@ class Trainer:
         factor = learning_rate_factor(step, c.steps, c.lr_milestones, c.lr_gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        loss, _ = self.wrapped(hr, lr, self._noise_generator(step))
+        loss, _ = self.wrapped(hr, lr, self._noise_generators(step, hr.shape[0]))
         loss = loss.mean()
         loss.backward()
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -581,20 +720,28 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, math.inf) if params else torch.zeros(())
         detached = loss.detach()
         finite = torch.isfinite(detached) & torch.isfinite(grad_norm.to(detached.device))
-        stats = torch.stack([torch.where(finite, detached, torch.zeros_like(detached)), (~finite).float()])
+        stats = torch.cat(
+            [
+                torch.stack([torch.where(finite, detached, torch.zeros_like(detached)), (~finite).float()]),
+                # Read after the backward, so that a signal during this step stops after it.
+                torch.tensor(self._stop_votes(t_start), dtype=detached.dtype, device=detached.device),
+            ]
+        )
         if d.world > 1:
-            dist.all_reduce(stats)  # the gradients were already averaged; agree on skipping
-        total, bad = stats.tolist()
+            # The gradients were already averaged; this agrees on skipping and on stopping.
+            dist.all_reduce(stats)
+        total, bad, *summed = stats.tolist()
+        stop = next((reason for reason, n in zip(_STOP_REASONS, summed, strict=True) if n), None)
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
-            return float("nan"), False
+            return float("nan"), False, stop
         if c.grad_clip_value is not None:  # HCFlow's order: value, then norm
             torch.nn.utils.clip_grad_value_(params, c.grad_clip_value)
         if c.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, c.grad_clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / d.world, True
+        return total / d.world, True, stop
 
     # ---------------------------------------------------------------------------------- outputs
 

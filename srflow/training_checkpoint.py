@@ -19,6 +19,7 @@ Only :func:`prune_checkpoints` deletes, and only complete checkpoints older than
 
 Reading (:func:`load_training_checkpoint`): the state file, then the weights file, whose SHA-256
 must match the one the state recorded; any failure raises :class:`CheckpointError` naming the file.
+:func:`newest_intact_checkpoint` finds the newest older checkpoint that passes these checks.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
     "checkpoint_files",
     "list_checkpoints",
     "latest_checkpoint",
+    "newest_intact_checkpoint",
     "resolve_checkpoint",
     "save_training_checkpoint",
     "load_training_checkpoint",
@@ -287,6 +289,24 @@ def load_training_checkpoint(files: CheckpointFiles, preset: str | None = None) 
             f"the training state's {state['preset']!r}"
         )
     return TrainingCheckpoint(CheckpointFiles(int(state["step"]), weights_path, files.state), weights, state)
+
+
+def newest_intact_checkpoint(
+    folder: str | os.PathLike, before: int, preset: str | None = None
+) -> CheckpointFiles | None:
+    """The newest complete checkpoint in ``folder`` older than step ``before`` that
+    :func:`load_training_checkpoint` reads and verifies (with ``preset`` if given), or None:
+    where a run can continue when its newest checkpoint is damaged. Reads each candidate whole,
+    newest first, until one passes."""
+    for files in reversed(list_checkpoints(folder)):
+        if files.step >= before:
+            continue
+        try:
+            load_training_checkpoint(files, preset)
+        except (CheckpointError, FileNotFoundError):
+            continue
+        return files
+    return None
 
 
 def prune_checkpoints(folder: str | os.PathLike, keep_last: int) -> list[CheckpointFiles]:

@@ -1,17 +1,19 @@
-"""srflow training: configuration, exact resume, checkpoints, non-finite steps, DDP, convergence.
+"""srflow training: configuration, exact resume, checkpoints, non-finite steps, interrupts, DDP,
+convergence.
 
 Everything runs the ``tiny-4x`` preset on 32x32 crops of scikit-image's bundled photos, a few
 steps at a time, on the CPU. Tolerances used here:
 
-* resume: bitwise (N steps + resume + N steps == 2N steps, weights and Adam state);
-* DDP (2 gloo ranks x 2 samples vs 1 process x 4 samples, memory saving on, RRDB unfrozen half
-  way, 6 steps at the official lr 2.5e-4): the ranks sum their half batches before averaging,
-  so the gradients differ from one process's in float32 rounding. Adam with its default eps
-  1e-8 turns rounding into whole updates where the true gradient is ~0 (right after the
-  data-dependent ActNorm init, d loss / d ActNorm bias = 0 up to rounding, and Adam's first step
-  is g / |g|): measured 6e-4 max weight difference. With adam_eps 1e-3 the updates are smooth
-  functions of the gradients and the weights agree to max |diff| <= 1e-5 (measured 1.2e-6,
-  5e-5 of the total update);
+* resume, also after SIGINT/SIGTERM: bitwise (N steps + resume + N steps == 2N steps, weights
+  and Adam state);
+* DDP (2 gloo ranks x 2 samples vs 1 process x 4 samples, memory saving and dequantisation noise
+  on, RRDB unfrozen half way, 6 steps at the official lr 2.5e-4): the ranks sum their half
+  batches before averaging, so the gradients differ from one process's in float32 rounding.
+  Adam with its default eps 1e-8 turns rounding into whole updates where the true gradient is ~0
+  (right after the data-dependent ActNorm init, d loss / d ActNorm bias = 0 up to rounding, and
+  Adam's first step is g / |g|): measured 6e-4 max weight difference. With adam_eps 1e-3 the
+  updates are smooth functions of the gradients; the measured differences and the bound are at
+  DDP_ATOL;
 * convergence (memory saving + the C++ kernels vs plain autograd on the reference ops, 30
   steps): the loss curves agree within 1e-2 bits/px per step (measured ~2e-4).
 """
@@ -20,6 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +34,8 @@ import pytest
 import torch
 
 import flowkernels as fk
-from srflow import SRFlow
-from srflow.config import ConfigError, TrainConfig, config_from_dict, load_config, resolve_config
+from srflow import SRFlow, dequantize
+from srflow.config import ConfigError, TrainConfig, config_from_dict, config_to_yaml, load_config, resolve_config
 from srflow.official_checkpoint import CheckpointError
 from srflow.train import NonFiniteTrainingError, TrainingObjective, learning_rate_factor, train
 from srflow.training_checkpoint import (
@@ -42,9 +48,11 @@ from srflow.training_checkpoint import (
 
 REPO = Path(__file__).resolve().parents[1]
 # Two gloo ranks against one process: float32 reduction order alone makes the weights differ by
-# 5e-6 to 1.9e-5 after the 6 steps (measured before and after the RRDB conditioning fix), while a
-# DDP wrapper not rebuilt at the RRDB unfreeze differs by ~7e-3. 2e-4 sits 10x above the noise
-# and 35x below the failure it exists to catch.
+# 5e-6 to 1.9e-5 after the 6 steps with dequantisation off (measured before and after the RRDB
+# conditioning fix, and 1.9e-5 again with the per-sample noise generators) and by 4.8e-7 with it
+# on (the default, tested). The failures it exists to catch: a DDP wrapper not rebuilt at the RRDB
+# unfreeze differs by ~7e-3, per-rank instead of per-sample noise (seeded by rank) by 3.8e-3.
+# 2e-4 sits 10x above the noise and 19x below the nearer failure.
 DDP_ATOL = 2e-4
 CONVERGENCE_ATOL_BITS = 1e-2
 
@@ -70,6 +78,18 @@ def tiny(photos: Path, out: Path, **changes: object) -> TrainConfig:
         device="cpu",
     )
     return config.replace(**changes)
+
+
+def tiny_cli(photos: Path, out: Path, *extra: str) -> list[str]:
+    """The ``srflow train`` arguments of the :func:`tiny` run, then ``extra`` (later flags win)."""
+    args = ["train", "--preset", "tiny-4x", "--data", str(photos), "--out", str(out), "--steps", "6", "--batch", "4"]
+    args += ["--crop", "32", "--lr", "1e-3", "--val-every", "0", "--save-every", "100", "--log-every", "100"]
+    return [*args, "--no-progress", "--cache-images", "--device", "cpu", *extra]
+
+
+def subprocess_env(**changes: str) -> dict[str, str]:
+    """This checkout on the path, one thread (as the one_thread fixture gives this process)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **changes}
 
 
 def quiet(msg: str) -> None:
@@ -145,6 +165,31 @@ def test_tensorboard_without_the_package_is_a_clear_error() -> None:
         pytest.skip("tensorboard is installed")
 
 
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"data": "missing"}, FileNotFoundError, r"data folder .*missing' does not exist"),
+        ({"data": "empty"}, ValueError, r"data folder .*empty' holds no"),
+        ({"device": "tpu"}, ConfigError, "device: expected cpu, cuda or cuda:N, got 'tpu'"),
+        ({"device": "cuda:7"}, ConfigError, r"device: 'cuda:7' (needs a CUDA GPU|does not exist)"),
+        ({"backend": "triton"}, ConfigError, "backend 'triton' cannot run on cpu"),
+    ],
+    ids=["missing-data", "empty-data", "bad-device", "absent-gpu", "backend"],
+)
+def test_a_failed_start_leaves_nothing_behind(
+    photos: Path, tmp_path: Path, changes: dict, error: type, match: str
+) -> None:
+    """train() checks the data, the device and the backend before it creates the output folder."""
+    if changes.get("backend") == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 lets the Triton backend run on the CPU")
+    (tmp_path / "empty").mkdir()
+    if "data" in changes:
+        changes = {"data": str(tmp_path / changes["data"])}
+    with pytest.raises(error, match=match):
+        train(tiny(photos, tmp_path / "run", **changes), log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
 def test_learning_rate_schedule_is_the_official_multistep() -> None:
     # 200k iterations: x0.5 at iterations 100k, 150k, 180k, 190k (1-based, stepped before the update)
     factors = {
@@ -171,8 +216,15 @@ def test_resume_continues_exactly(photos: Path, tmp_path: Path) -> None:
     straight = train(tiny(photos, tmp_path / "a", rrdb_freeze_fraction=0.5), log=quiet)
     first = train(tiny(photos, tmp_path / "b", rrdb_freeze_fraction=0.5, stop_after=3), log=quiet)
     assert (first.step, first.stopped) == (3, "stop_after")
-    second = train(tiny(photos, tmp_path / "b", rrdb_freeze_fraction=0.5, resume="auto"), log=quiet)
+    messages: list[str] = []
+    second = train(tiny(photos, tmp_path / "b", rrdb_freeze_fraction=0.5, resume="auto"), log=messages.append)
     assert (second.step, second.stopped) == (6, "finished")
+    # the banner gives the learning rate step 4 uses, and the RRDB's state from then on
+    factor = learning_rate_factor(3, 6, TrainConfig().lr_milestones, TrainConfig().lr_gamma)
+    assert messages[0].startswith("srflow train: preset tiny-4x, steps 3 to 6 (resuming '")
+    assert "step-000000003.state.pt'); global batch 4" in messages[0]
+    assert f"lr {1e-3 * factor:g} (base 0.001 x {factor:g} by the schedule)" in messages[0]
+    assert "RRDB trainable (unfrozen at step 3)" in messages[0]
     assert straight.losses == first.losses + second.losses
     wa, wb = weights_of(straight), weights_of(second)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -194,6 +246,34 @@ def test_resume_from_an_explicit_path_into_a_new_folder(photos: Path, tmp_path: 
         train(tiny(photos, tmp_path / "a", resume=str(older.state)), log=quiet)
     result = train(tiny(photos, tmp_path / "b", resume=str(first.checkpoint.weights), steps=4), log=quiet)
     assert result.step == 4 and result.losses[0][0] == 3
+
+
+def test_resume_auto_names_the_newest_intact_checkpoint(photos: Path, tmp_path: Path) -> None:
+    """A damaged newest checkpoint (and a damaged one before it) is refused, not skipped: the error
+    names it and the newest intact one, and following its advice resumes from that one."""
+    run = tmp_path / "run"
+    train(tiny(photos, run, steps=3, save_every=1, keep_last=3), log=quiet)
+    folder = run / "checkpoints"
+    newest, second, intact = (checkpoint_files(folder, step) for step in (3, 2, 1))
+    newest.weights.write_bytes(newest.weights.read_bytes()[:1000])  # a torn copy
+    second.state.write_bytes(b"not a checkpoint")
+    before = digest(run)
+    with pytest.raises(CheckpointError) as caught:
+        train(tiny(photos, run, steps=5, resume="auto"), log=quiet)
+    message = str(caught.value)
+    assert "\n" not in message and "step-000000003.safetensors': its SHA-256 does not match" in message
+    assert f"the newest intact checkpoint is {str(intact.state)!r} (step 1)" in message
+    assert (
+        f"the damaged checkpoint(s) [2, 3] (step-NNNNNNNNN.safetensors and .state.pt) out of {str(folder)!r}" in message
+    )
+    assert f"or resume from {str(intact.state)!r} (set resume to that path) into another output folder" in message
+    assert digest(run) == before
+    (tmp_path / "damaged").mkdir()
+    for files in (newest, second):
+        for path in (files.weights, files.state):
+            shutil.move(path, tmp_path / "damaged" / path.name)
+    result = train(tiny(photos, run, steps=5, resume="auto"), log=quiet)
+    assert result.step == 5 and [s for s, _ in result.losses] == [2, 3, 4, 5]
 
 
 def test_resume_auto_without_checkpoints_starts_fresh(photos: Path, tmp_path: Path) -> None:
@@ -316,6 +396,7 @@ def test_nonfinite_steps_are_skipped_and_counted(photos: Path, tmp_path: Path, m
     assert result.step == 6 and result.nonfinite_steps == 2
     assert [s for s, _ in result.losses] == [1, 3, 5, 6]
     assert any("step 2: non-finite loss or gradient, step skipped (1 in a row)" in m for m in messages)
+    assert "RRDB trainable from the start" in messages[0]
     state = load_training_checkpoint(result.checkpoint).state
     assert state["nonfinite_total"] == 2
     assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {4.0}  # Adam stepped 4 times
@@ -342,6 +423,102 @@ def test_nonfinite_run_stops_and_keeps_checkpoints(
     assert digest(run / "checkpoints") == before
     for files in list_checkpoints(run / "checkpoints"):
         assert all(torch.isfinite(v).all() for v in read_weights(files.weights)[0].values())
+
+
+# ------------------------------------------------------------------------------------ interrupts
+
+
+def _signal_at(monkeypatch: pytest.MonkeyPatch, sends: dict[int, signal.Signals]) -> None:
+    """Send this process ``sends[n]`` during the n-th training forward (mid-step)."""
+    original = TrainingObjective.forward
+    calls = {"n": 0}
+
+    def forward(self, hr, lr, generator=None):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] in sends:
+            os.kill(os.getpid(), sends[calls["n"]])
+        return original(self, hr, lr, generator)
+
+    monkeypatch.setattr(TrainingObjective, "forward", forward)
+
+
+def test_interrupt_waits_for_the_step_and_hands_the_signal_back(
+    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM in step 3's forward: step 3 finishes and is saved, the caller's own SIGTERM handler
+    is restored and then gets the signal (once); an ignored SIGINT (step 2) stays ignored."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler), signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _signal_at(monkeypatch, {2: signal.SIGINT, 3: signal.SIGTERM})
+        messages: list[str] = []
+        result = train(tiny(photos, tmp_path / "run", log_every=1), log=messages.append)
+        assert signal.getsignal(signal.SIGTERM) is handler and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+    assert (result.step, result.stopped, received) == (3, "SIGTERM", [signal.SIGTERM])
+    assert [s for s, _ in result.losses] == [1, 2, 3]
+    assert [c.step for c in list_checkpoints(tmp_path / "run" / "checkpoints")] == [3]
+    assert load_training_checkpoint(result.checkpoint).step == 3
+    assert messages[-1] == (
+        f"srflow train: stopped by SIGTERM after finishing step 3; its checkpoint is saved in "
+        f"{str(result.checkpoint.weights)!r} (resume 'auto' continues from it)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("sig", "returncode"), [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)], ids=["SIGINT", "SIGTERM"]
+)
+def test_cli_interrupt_saves_the_last_finished_step_and_resumes_exactly(
+    photos: Path, tmp_path: Path, sig: signal.Signals, returncode: int
+) -> None:
+    """``srflow train`` (40 steps, a DataLoader worker) gets SIGINT to its whole process group, as
+    a terminal's Ctrl-C, or SIGTERM to the process, as a scheduler or torchrun sends it, after
+    step 2 is logged: it finishes the step it is in, saves it, says where and exits 130 / by
+    SIGTERM (status 143); resume 'auto' then continues bitwise like an uninterrupted run."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "srflow",
+        *tiny_cli(photos, out, "--steps", "40", "--log-every", "1", "--workers", "1"),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        head = []
+        for line in proc.stderr:  # blocks until step 2 is logged (or the run ends)
+            head.append(line)
+            if line.startswith("step 2:"):
+                break
+        assert proc.poll() is None, "".join(head)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        _, tail = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == returncode, tail[-3000:]
+    said = re.search(rf"stopped by {sig.name} after finishing step (\d+); its checkpoint is saved in '(.+?)'", tail)
+    assert said, tail[-3000:]
+    step = int(said.group(1))
+    assert 2 <= step < 40
+    saved = list_checkpoints(out / "checkpoints")
+    assert [c.step for c in saved] == [step] and str(saved[0].weights) == said.group(2)
+    resumed = train(tiny(photos, out, steps=40, stop_after=step + 2, resume="auto"), log=quiet)
+    straight = train(tiny(photos, tmp_path / "straight", steps=40, stop_after=step + 2), log=quiet)
+    assert resumed.losses == straight.losses[step:]
+    wa, wb = weights_of(straight), weights_of(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 # ------------------------------------------------------------------------------------ options
@@ -379,36 +556,35 @@ def test_validation_writes_a_sample_grid_and_log(photos: Path, tmp_path: Path) -
 # ------------------------------------------------------------------------------------ DDP
 
 
+def test_per_sample_noise_does_not_depend_on_the_batch() -> None:
+    """dequantize with one generator per sample: a sample's noise is the same whichever samples
+    share its batch (what lets N ranks draw the noise of one process)."""
+
+    def gens(*seeds: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    hr = torch.rand(3, 3, 8, 8)
+    whole = dequantize(hr, gens(1, 2, 3))
+    parts = torch.cat([dequantize(hr[:1], gens(1)), dequantize(hr[1:], gens(2, 3))])
+    assert torch.equal(whole, parts) and not torch.equal(whole, hr)
+    with pytest.raises(ValueError, match=r"generator: expected one generator per sample \(3\), got 2"):
+        dequantize(hr, gens(1, 2))
+
+
 def test_ddp_two_gloo_ranks_match_one_process(photos: Path, tmp_path: Path) -> None:
     """``torchrun --nproc-per-node 2 -m srflow train`` (gloo on CPU, 2 samples per rank) gives the
     weights of one process with the global batch of 4, through the RRDB unfreeze at step 3
-    (which rebuilds the DDP wrapper) with memory saving on. Noise off: each rank draws its own."""
+    (which rebuilds the DDP wrapper) with memory saving and the dequantisation noise on (the
+    defaults): each sample's noise depends on its place in the global batch, not on the rank."""
     # lr_rrdb 1e-2: the RRDB moves ~4e-3 in its 3 trainable steps, so a wrapper that did not
     # all-reduce its gradients (not rebuilt at the unfreeze) would differ by ~7e-3 (measured).
-    common = tiny(
-        photos, tmp_path / "single", dequantize=False, rrdb_freeze_fraction=0.5, lr=2.5e-4, lr_rrdb=1e-2, adam_eps=1e-3
-    )
+    common = tiny(photos, tmp_path / "single", rrdb_freeze_fraction=0.5, lr=2.5e-4, lr_rrdb=1e-2, adam_eps=1e-3)
     single = train(common, log=quiet)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "srflow"]
-    cmd += ["train", "--preset", "tiny-4x", "--data", str(photos), "--out", str(out), "--steps", "6", "--batch", "4"]
-    cmd += [
-        "--crop",
-        "32",
-        "--lr",
-        "2.5e-4",
-        "--lr-rrdb",
-        "1e-2",
-        "--adam-eps",
-        "1e-3",
-        "--no-dequantize",
-        "--rrdb-freeze-fraction",
-        "0.5",
-    ]
-    cmd += ["--val-every", "0", "--save-every", "100", "--log-every", "100", "--no-progress", "--cache-images"]
-    cmd += ["--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    cmd += tiny_cli(photos, out, "--lr", "2.5e-4", "--lr-rrdb", "1e-2", "--adam-eps", "1e-3")
+    cmd += ["--rrdb-freeze-fraction", "0.5"]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 rank(s) x 2" in proc.stderr and "step 3: RRDB unfrozen" in proc.stderr
     ddp = read_weights(out / "checkpoints" / "step-000000006.safetensors")[0]
@@ -418,6 +594,58 @@ def test_ddp_two_gloo_ranks_match_one_process(photos: Path, tmp_path: Path) -> N
     init = SRFlow.from_preset("tiny-4x", seed=10).state_dict()
     moved = [k for k in ref if k.startswith("RRDB.RRDB_trunk") and (ref[k] - init[k]).abs().max() > 1e-3]
     assert moved, "the RRDB should have trained after the unfreeze"
+
+
+# One rank of a 2-process gloo run of a config file; rank 1 sends itself SIGTERM in its 3rd forward.
+_RANK_SCRIPT = """
+import os, signal, sys, torch
+from srflow.config import load_config
+from srflow.train import TrainingObjective, train
+
+torch.set_num_threads(1)
+forward, calls = TrainingObjective.forward, []
+
+def signalling_forward(self, *args):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return forward(self, *args)
+
+TrainingObjective.forward = signalling_forward
+train(load_config(sys.argv[1]))
+"""
+
+
+def test_ddp_a_signal_to_one_rank_stops_every_rank_after_the_same_step(photos: Path, tmp_path: Path) -> None:
+    """SIGTERM to rank 1 alone (``kill`` of one process) in step 3: the step's all-reduce tells
+    rank 0, both finish step 3, rank 0 saves it, and both ranks end by SIGTERM."""
+    config = tmp_path / "config.yaml"
+    config.write_text(config_to_yaml(tiny(photos, tmp_path / "run")))
+    with socket.socket() as probe:  # a free port for the rendezvous (torchrun --standalone does the same)
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RANK_SCRIPT, str(config)],
+            env=subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=rank, LOCAL_RANK=rank),
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        for rank in ("0", "1")
+    ]
+    try:
+        logs = [proc.communicate(timeout=240)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [proc.returncode for proc in procs] == [-signal.SIGTERM, -signal.SIGTERM], logs[0][-2000:] + logs[1][-2000:]
+    assert "stopped by SIGTERM after finishing step 3" in logs[0]
+    saved = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [c.step for c in saved] == [3]
+    assert load_training_checkpoint(saved[0]).state["world_size"] == 2
 
 
 # ------------------------------------------------------------------------------------ convergence
