@@ -3,9 +3,9 @@ paired folder), random crops and flips that are a pure function of (seed, epoch,
 a resumed or distributed run sees exactly the batches it would have seen.
 
 Images are read with Pillow. Grayscale, palette and RGBA/LA images are converted to RGB (alpha
-dropped) with one warning listing them; unreadable or truncated files and images smaller than
-the crop raise a ValueError naming the files, all problems at once on one line, before training
-starts.
+dropped) with one warning listing them, and files of other kinds in a folder are skipped with one
+warning naming them; unreadable or truncated files and images smaller than the crop raise a
+ValueError naming the files, all problems at once on one line, before training starts.
 
 Virtual epochs: a small folder is repeated (``repeat``) so that an epoch holds at least one
 global batch; item ``i`` reads file ``i % len(files)`` with its own crop, so repeats differ.

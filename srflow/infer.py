@@ -134,7 +134,7 @@ def expand_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     to be readable; FileNotFoundError or ValueError naming the path otherwise."""
     files: list[Path] = []
     for p in map(Path, paths):
-        files.extend(list_images(p) if p.is_dir() else [check_image_file(p)])
+        files.extend(map(check_image_file, list_images(p)) if p.is_dir() else [check_image_file(p)])
     if not files:
         raise ValueError("no input images given")
     return files
@@ -178,13 +178,13 @@ def sample_images(
     Writes ``<stem>_t<T>_<k>.png`` for each sample and ``<stem>_grid.png`` (the LR upscaled by
     pixel repetition, then the samples: temperatures in order, k = 0..n-1 within each). Temperature
     0 is deterministic (every seed gives the same image), so it gets one sample, ``k = 0``, with a
-    warning when ``n`` > 1. Every argument and image is checked before anything is written.
+    warning when ``n`` > 1. Every argument is checked, and every image's header (PNG: every
+    chunk's CRC), before anything is written.
     Returns the paths written (grids last for each image).
     """
     _check_sampling(model, temperatures, n, seed, min_scale)
     check_output_folder(out)
     files = expand_images(lr_images)
-    images = [load_rgb(path) for path in files]
     if n > 1 and 0 in temperatures:
         warnings.warn(
             f"temperature 0 is deterministic: writing one sample per image for it, not {n} identical ones",
@@ -195,12 +195,12 @@ def sample_images(
     device = next(model.parameters()).device
     written: list[Path] = []
     stems: dict[str, int] = {}
-    for path, lr in zip(files, images):
+    for path in files:
         stem = path.stem
         stems[stem] = stems.get(stem, 0) + 1
         if stems[stem] > 1:
             stem = f"{stem}-{stems[stem]}"
-        lr = lr.to(device)
+        lr = load_rgb(path).to(device)
         cond = model.condition(lr[None])
         row = [nearest_upscale(lr, model.scale).cpu()]
         for t in temperatures:
