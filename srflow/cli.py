@@ -205,17 +205,14 @@ def _preflight(args: argparse.Namespace) -> None:
         return
     fk.check_backend_available(args.backend, device)
     from .data import check_image_file, list_images  # noqa: PLC0415 (Pillow, for the commands that use it)
+    from .infer import expand_images  # noqa: PLC0415 (the inference stack, for the commands that use it)
 
-    if args.command == "sample":
-        from .infer import expand_images  # noqa: PLC0415 (the inference stack, for the commands that use it)
-
-        expand_images(args.images)
-    elif args.command == "transfer":
+    if args.command == "transfer":
         for flag in ("hr", "hr_lr", "lr"):
             if getattr(args, flag) is not None:
                 check_image_file(getattr(args, flag), "--" + flag.replace("_", "-"))
-    else:
-        list_images(args.data)
+    else:  # every image probed (header, PNG CRCs): a broken one is named before the model loads
+        expand_images(args.images if args.command == "sample" else list_images(args.data))
 
 
 def _model(args: argparse.Namespace) -> SRFlow:

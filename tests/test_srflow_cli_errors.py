@@ -255,6 +255,7 @@ BEFORE_MODEL = [
     (EVAL.replace("{data}", "{missing}"), "data folder '{missing}' does not exist"),
     (EVAL.replace("{data}", "{hr_png}"), "data folder '{hr_png}' is a file; expected a folder"),
     (EVAL.replace("{data}", "{empty}"), "data folder '{empty}' holds no .png/.jpg/.jpeg images"),
+    (EVAL.replace("{data}", "{bad_data}"), "broken.png: cannot read the image"),
     (TRAIN.replace("{data}", "{missing}"), "data folder '{missing}' does not exist"),
     (TRAIN.replace("{data}", "{hr_png}"), "data folder '{hr_png}' is a file"),
     (TRAIN.replace("{data}", "{bad_data}"), "broken.png: cannot read the image"),
@@ -282,7 +283,6 @@ BEFORE_MODEL = [
 # checked after the model is built (they need its scale or its weights), still before any write
 AFTER_MODEL = [
     (EVAL + " --crop 12", "crop: expected a positive multiple of 8 (2 x scale 4: the LR must have even sides), got 12"),
-    (EVAL.replace("{data}", "{bad_data}"), "broken.png: cannot read the image"),
     (EVAL + " --lr-data {missing}", "LR folder '{missing}' does not exist"),
     (SAMPLE + " --min-scale 0.00001", "min_scale: expected a value in (0.0001, 1.0001), got 1e-05"),
     (
