@@ -12,6 +12,8 @@ with its options in :mod:`srflow.config` (``TrainConfig``), inference :mod:`srfl
 ``srflow`` command line :mod:`srflow.cli`. Importing runs nothing.
 """
 
+from flowkernels import __version__  # one distribution ships flowkernels and srflow
+
 from .flow import FlowUpsamplerNet
 from .model import QUANT, Conditioning, NonFiniteSampleWarning, SRFlow, dequantize
 from .official_checkpoint import CheckpointError
@@ -28,6 +30,7 @@ __all__ = [
     "RRDBNet",
     "SRFlow",
     "SRFlowPreset",
+    "__version__",
     "dequantize",
     "get_preset",
 ]

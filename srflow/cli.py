@@ -2,9 +2,11 @@
 
 It only parses arguments and calls :func:`srflow.train.train`, the functions of
 :mod:`srflow.infer` and :func:`srflow.demo.run_demo`. Errors in the inputs (configuration, data,
-checkpoints) end with exit code 2 and a one-line ``srflow: error: ...`` message; a training run
-stopped by non-finite losses ends with exit code 3; Ctrl-C with 130. ``--debug`` (or
-``SRFLOW_DEBUG=1``) shows the traceback instead.
+checkpoints, flags) end with exit code 2 and a one-line ``srflow: error: ...`` message, and every
+input that can be checked without running the model is checked before anything is loaded or
+written; a training run stopped by non-finite losses ends with exit code 3; Ctrl-C with 130.
+``--debug`` (or ``SRFLOW_DEBUG=1``) shows the traceback instead. Warnings are printed as one
+``srflow: warning: ...`` line each, once.
 
     srflow train --preset df2k-4x --data DIV2K_train_HR --out runs/df2k4x [--config my.yaml]
     torchrun --nproc-per-node 4 -m srflow train --preset df2k-4x --data ... --batch 16
@@ -17,12 +19,28 @@ stopped by non-finite losses ends with exit code 3; Ctrl-C with 130. ``--debug``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import sys
 import typing
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 
-from .config import ConfigError, TrainConfig, config_from_dict, load_config, option_specs
+import flowkernels as fk
+
+from . import __version__
+from .config import (
+    MAX_SEED,
+    ConfigError,
+    TrainConfig,
+    check_output_folder,
+    config_from_dict,
+    load_config,
+    option_specs,
+    resolve_config,
+    resolve_device,
+)
 from .presets import PRESETS
 
 if typing.TYPE_CHECKING:
@@ -33,6 +51,33 @@ __all__ = ["main", "build_parser"]
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
 EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one ``srflow: error:`` line, like every other error (the
+    usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"srflow: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(kind: type, expected: str, ok: Callable[[typing.Any], bool]) -> Callable[[str], object]:
+    """An argparse type: ``kind(text)`` where ``ok`` holds for it, else an error saying what was
+    expected (argparse names the flag), so that bad values stop before any model is loaded."""
+
+    def convert(text: str) -> object:
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+_COUNT = _checked(int, "a positive integer", lambda v: v >= 1)
+_SEED = _checked(int, "an integer in [0, 2**63)", lambda v: 0 <= v < MAX_SEED)
+_TEMPERATURE = _checked(float, "a finite number >= 0", lambda v: 0 <= v < math.inf)
 
 
 def _none_or(kind: type) -> typing.Callable[[str], object]:
@@ -67,17 +112,27 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def _add_model_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="training checkpoint (.safetensors/.state.pt) or run folder (newest)")
     parser.add_argument("--official", help="official SRFlow .pth (needs --preset)")
-    parser.add_argument("--preset", help="model preset (from the checkpoint's metadata if omitted)")
+    parser.add_argument(
+        "--preset", choices=list(PRESETS), help="model preset (from the checkpoint's metadata if omitted)"
+    )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--backend", default="auto", help="flowkernels backend (default: auto)")
-    parser.add_argument("--min-scale", type=float, default=None, help="floor coupling scales when decoding (NaN fix)")
+    parser.add_argument(
+        "--backend", default="auto", choices=[*fk.BACKENDS, "auto"], help="flowkernels backend (default: auto)"
+    )
+    parser.add_argument(
+        "--min-scale",
+        type=_checked(float, "a number in (0, 1]", lambda v: 0 < v <= 1),
+        default=None,
+        help="floor coupling scales when decoding, in (0, 1] (NaN fix, e.g. 0.1)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``srflow`` (subcommands train, sample, transfer, eval, demo)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="srflow", description="SRFlow super-resolution on flowkernels: train, sample, transfer, evaluate."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -88,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="super-resolve LR images (any size) at a temperature")
     _add_model_source(p)
     p.add_argument("images", nargs="+", help="LR images or folders of them")
-    p.add_argument("--temperature", type=float, nargs="+", default=[0.9], help="temperature(s) [0.9]")
-    p.add_argument("--n", type=int, default=5, help="samples per image and temperature [5]")
-    p.add_argument("--seed", type=int, default=0, help="sample k uses seed + k [0]")
+    p.add_argument(
+        "--temperature", type=_TEMPERATURE, nargs="+", default=[0.9], help="temperature(s) [0.9]; 0 gets one sample"
+    )
+    p.add_argument("--n", type=_COUNT, default=5, help="samples per image and temperature above 0 [5]")
+    p.add_argument("--seed", type=_SEED, default=0, help="sample k uses seed + k [0]")
     p.add_argument("--out", default="srflow-samples", help="output folder [srflow-samples]")
 
     p = sub.add_parser("transfer", help="content transfer / LR-consistent editing: encode an HR, decode with an LR")
@@ -104,31 +161,58 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_source(p)
     p.add_argument("--data", required=True, help="folder of HR images")
     p.add_argument("--lr-data", help="folder of paired LR images (default: bicubic downscale)")
-    p.add_argument("--n", type=int, default=5, help="samples per image [5]")
-    p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature [0.9]")
-    p.add_argument("--seed", type=int, default=0, help="seed of the samples and the NLL noise [0]")
-    p.add_argument("--max-images", type=int, help="only the first N images")
-    p.add_argument("--crop", type=int, help="centre crop of at most this size (default: whole images)")
+    p.add_argument("--n", type=_COUNT, default=5, help="samples per image [5]")
+    p.add_argument("--temperature", type=_TEMPERATURE, default=0.9, help="sampling temperature [0.9]")
+    p.add_argument("--seed", type=_SEED, default=0, help="seed of the samples and the NLL noise [0]")
+    p.add_argument("--max-images", type=_COUNT, help="only the first N images")
+    p.add_argument(
+        "--crop", type=_COUNT, help="centre crop of at most this size, a multiple of 2 x scale (default: whole images)"
+    )
     p.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=True, help="NLL with noise [on]")
     p.add_argument("--bicubic", action="store_true", help="add a bicubic-upscaling baseline row")
     p.add_argument("--out", default="srflow-eval", help="output folder for metrics.csv [srflow-eval]")
 
     p = sub.add_parser("demo", help="train a small model on bundled photos, then sample and evaluate")
     p.add_argument("--out", default="srflow-demo", help="output folder [srflow-demo]")
-    p.add_argument("--minutes", type=float, help="training time budget (default: 2.5 on CPU, 5 on CUDA)")
-    p.add_argument("--steps", type=int, help="training steps (default: by device)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0, help="seed [0]")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores but one)")
+    p.add_argument(
+        "--minutes",
+        type=_checked(float, "a positive number of minutes", lambda v: 0 < v < math.inf),
+        help="training time budget (default: 2.5 on CPU, 5 on CUDA)",
+    )
+    p.add_argument("--steps", type=_COUNT, help="training steps (default: by device)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--seed", type=_SEED, default=0, help="seed [0]")
+    p.add_argument("--threads", type=_COUNT, help="CPU threads (default: all cores but one)")
     return parser
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    """The config file (or the defaults) with the flags given on the command line on top."""
+    """The config file (or the defaults) with the flags given on the command line on top, checked
+    (resolve_config: every field, the output folder, the device and the backend) before training
+    loads anything."""
     config = load_config(args.config) if args.config else TrainConfig()
     names = {spec.name for spec in option_specs()}
     overrides = {k: v for k, v in vars(args).items() if k in names}
-    return config_from_dict(overrides, "command line", base=config)
+    return resolve_config(config_from_dict(overrides, "command line", base=config))
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """The checks of an inference command or the demo that need no model, before one is loaded
+    and before anything is written: the device, the backend on it, the output folder, the inputs."""
+    device = resolve_device(args.device, "--device")
+    check_output_folder(args.out, "--out")
+    if args.command == "demo":
+        return
+    fk.check_backend_available(args.backend, device)
+    from .data import check_image_file, list_images  # noqa: PLC0415 (Pillow, for the commands that use it)
+    from .infer import expand_images  # noqa: PLC0415 (the inference stack, for the commands that use it)
+
+    if args.command == "transfer":
+        for flag in ("hr", "hr_lr", "lr"):
+            if getattr(args, flag) is not None:
+                check_image_file(getattr(args, flag), "--" + flag.replace("_", "-"))
+    else:  # every image probed (header, PNG CRCs): a broken one is named before the model loads
+        expand_images(args.images if args.command == "sample" else list_images(args.data))
 
 
 def _model(args: argparse.Namespace) -> SRFlow:
@@ -138,6 +222,7 @@ def _model(args: argparse.Namespace) -> SRFlow:
         raise ValueError("pass exactly one of --checkpoint (a training checkpoint) and --official (an official .pth)")
     if args.official is not None and args.preset is None:
         raise ValueError(f"--official needs --preset (one of {', '.join(PRESETS)})")
+    _preflight(args)
     from .infer import load_model  # noqa: PLC0415 (the inference stack, for the commands that use it)
 
     return load_model(args.checkpoint, args.official, args.preset, args.device, args.backend)
@@ -145,9 +230,10 @@ def _model(args: argparse.Namespace) -> SRFlow:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
+        config = _train_config(args)
         from .train import train  # noqa: PLC0415 (the training stack, only for this command)
 
-        result = train(_train_config(args))
+        result = train(config)
         where = str(result.checkpoint.weights) if result.checkpoint else "none"
         if os.environ.get("RANK", "0") == "0":
             print(f"trained to step {result.step} ({result.stopped}); checkpoint: {where}")
@@ -185,6 +271,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {result.csv_path}")
         return 0
     if args.command == "demo":
+        _preflight(args)
         from .demo import run_demo  # noqa: PLC0415 (the whole stack, only for this command)
 
         run_demo(
@@ -194,13 +281,31 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown commands
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException | Warning | str) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
     if lines[0].startswith("Caught ") and len(lines) > 1:  # re-raised from a DataLoader worker
         return lines[-1]
     return lines[0] + (" [...]" if len(lines) > 1 else "")
+
+
+@contextlib.contextmanager
+def _warning_lines(prefix: str) -> Iterator[None]:
+    """Show each warning as one ``<prefix>: warning: ...`` line, once per text (not Python's
+    "file:line: Category" with the source line, which repeats when two call sites warn alike).
+    The filters stay as they are: what Python hides stays hidden."""
+    shown: set[str] = set()
+
+    def show(message: Warning | str, *_: object, **__: object) -> None:
+        line = f"{prefix}: warning: {_one_line(message)}"
+        if line not in shown:
+            shown.add(line)
+            print(line, file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -211,18 +316,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .official_checkpoint import CheckpointError  # noqa: PLC0415
     from .train import NonFiniteTrainingError  # noqa: PLC0415
 
-    if args.debug or os.environ.get("SRFLOW_DEBUG") == "1":
-        return _run(args)
     rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     prefix = f"srflow (rank {rank})" if rank is not None else "srflow"
-    try:
-        return _run(args)
-    except NonFiniteTrainingError as exc:
-        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except (ConfigError, CheckpointError, ValueError, TypeError, OSError) as exc:
-        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    with _warning_lines(prefix):
+        if args.debug or os.environ.get("SRFLOW_DEBUG") == "1":
+            return _run(args)
+        try:
+            return _run(args)
+        except NonFiniteTrainingError as exc:
+            print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_NONFINITE
+        except (ConfigError, CheckpointError, ValueError, TypeError, OSError, fk.BackendUnavailableError) as exc:
+            print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print(f"{prefix}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import os
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -21,7 +23,11 @@ from pathlib import Path
 
 from .presets import PRESETS, get_preset
 
+if typing.TYPE_CHECKING:
+    import torch
+
 __all__ = [
+    "MAX_SEED",
     "OFFICIAL_RECIPE",
     "TRAJECTORY_FIELDS",
     "ConfigError",
@@ -31,9 +37,15 @@ __all__ = [
     "config_to_dict",
     "config_to_yaml",
     "load_config",
+    "check_output_folder",
     "option_specs",
     "resolve_config",
+    "resolve_device",
 ]
+
+# Seeds go to torch.Generator.manual_seed, which takes 64-bit values; non-negative 63-bit ones
+# keep seed + k (sample k) and the derived per-item seeds in range.
+MAX_SEED = 2**63
 
 # scale -> (global batch, Adam learning rate) of the official configs
 OFFICIAL_RECIPE = {4: (12, 2.5e-4), 8: (16, 5e-4)}
@@ -190,14 +202,20 @@ def config_from_dict(values: dict, source: str = "config", base: TrainConfig | N
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(values).__name__}")
     specs = {spec.name: spec for spec in option_specs()}
-    changes = {}
-    for key, value in values.items():
+    unknown, guessed = [], 0
+    for key in values:
         name = str(key).replace("-", "_")
         if name not in specs:
             close = difflib.get_close_matches(name, list(specs), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{source}: unknown option {key!r}{hint}; known options: {', '.join(specs)}")
-        changes[name] = _coerce(specs[name], value, source)
+            unknown.append(repr(key) + (f" (did you mean {close[0]!r}?)" if close else ""))
+            guessed += bool(close)
+    if unknown:
+        # the list of every option (long) only where a key has no close match
+        known = f"; known options: {', '.join(specs)}" if guessed < len(unknown) else ""
+        option = "option" if len(unknown) == 1 else "options"
+        raise ConfigError(f"{source}: unknown {option} {', '.join(unknown)}{known}")
+    changes = {str(key).replace("-", "_"): value for key, value in values.items()}
+    changes = {name: _coerce(specs[name], value, source) for name, value in changes.items()}
     return dataclasses.replace(base or TrainConfig(), **changes)
 
 
@@ -206,6 +224,8 @@ def load_config(path: str | os.PathLike, base: TrainConfig | None = None) -> Tra
     import yaml  # noqa: PLC0415 (only needed to read a file)
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; expected a YAML file")
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     try:
@@ -247,14 +267,16 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         if getattr(c, name) < 1:
             problems.append(f"{name}: expected a positive integer, got {getattr(c, name)}")
     m = 2 * preset.scale
-    if c.crop % m:
-        problems.append(
-            f"crop: {c.crop} is not a multiple of {m} (2 x scale {preset.scale}: the LR must have even sides)"
-        )
-    if c.val_crop is not None and (c.val_crop < m):
-        problems.append(f"val_crop: expected at least {m}, got {c.val_crop}")
+    for name in ("crop", "val_crop"):
+        value = getattr(c, name)
+        if value is not None and value >= 1 and value % m:
+            problems.append(
+                f"{name}: {value} is not a multiple of {m} (2 x scale {preset.scale}: the LR must have even sides)"
+            )
+    if c.val_crop is not None and c.val_crop < 1:
+        problems.append(f"val_crop: expected a positive multiple of {m} or none, got {c.val_crop}")
     for name in ("lr", "lr_rrdb", "adam_eps"):
-        if not getattr(c, name) > 0:
+        if not 0 < getattr(c, name) < math.inf:
             problems.append(f"{name}: expected a positive number, got {getattr(c, name)}")
     if not 0 <= c.rrdb_freeze_fraction <= 1:
         problems.append(f"rrdb_freeze_fraction: expected a value in [0, 1], got {c.rrdb_freeze_fraction}")
@@ -265,10 +287,11 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if any(not 0 <= b < 1 for b in c.betas):
         problems.append(f"betas: expected values in [0, 1), got {c.betas}")
     for name in ("grad_clip_value", "grad_clip_norm", "max_minutes"):
-        if getattr(c, name) is not None and not getattr(c, name) > 0:
+        if getattr(c, name) is not None and not 0 < getattr(c, name) < math.inf:
             problems.append(f"{name}: expected a positive number or none, got {getattr(c, name)}")
-    if c.l1_weight < 0 or c.weight_decay < 0:
-        problems.append("l1_weight and weight_decay must be >= 0")
+    for name in ("l1_weight", "weight_decay"):
+        if not 0 <= getattr(c, name) < math.inf:
+            problems.append(f"{name}: expected a number >= 0, got {getattr(c, name)}")
     if c.val_every < 0:
         problems.append(f"val_every: expected >= 0 (0 = never), got {c.val_every}")
     _collect(problems, fk.validate_keep_every, c.keep_every)
@@ -276,11 +299,16 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         problems.append(f"workers: expected >= 0, got {c.workers}")
     if c.stop_after is not None and c.stop_after < 1:
         problems.append(f"stop_after: expected a positive step, got {c.stop_after}")
-    _collect(problems, fk.validate_backend, c.backend)
-    if any(t < 0 for t in c.val_temperatures):
-        problems.append(f"val_temperatures: expected values >= 0, got {c.val_temperatures}")
+    if not 0 <= c.seed < MAX_SEED:
+        problems.append(f"seed: expected an integer in [0, 2**63), got {c.seed}")
+    if any(not 0 <= t < math.inf for t in c.val_temperatures):
+        problems.append(f"val_temperatures: expected finite values >= 0, got {c.val_temperatures}")
     if c.rrdb_weights is not None and c.init_official is not None:
         problems.append("pass at most one of rrdb_weights and init_official (an official checkpoint holds an RRDB)")
+    _collect(problems, check_output_folder, c.out)
+    # The device and the backend are checked here, not at the first forward: by then the output
+    # folder and its config.yaml exist.
+    _collect(problems, lambda device: fk.check_backend_available(c.backend, resolve_device(device)), c.device)
     if problems:
         raise ConfigError("invalid training configuration: " + "; ".join(problems))
     if c.tensorboard:
@@ -295,8 +323,48 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
 
 
 def _collect(problems: list[str], validate: Callable[[typing.Any], object], value: object) -> None:
-    """Run a flowkernels validator (they raise ValueError naming the option) and keep its message."""
+    """Run a validator (they raise ValueError, or BackendUnavailableError, naming the option) and
+    keep its message."""
+    from flowkernels import BackendUnavailableError  # noqa: PLC0415 (torch: see resolve_config)
+
     try:
         validate(value)
-    except ValueError as exc:
+    except (ValueError, BackendUnavailableError) as exc:
         problems.append(str(exc))
+
+
+def resolve_device(device: str | torch.device | None, name: str = "device") -> torch.device:
+    """The device ``device`` names (``cpu``, ``cuda`` or ``cuda:N``; None: CUDA if available, else
+    the CPU), checked against this machine before anything is built or written: ValueError
+    naming ``name``, what was given and what is allowed (and why CUDA is not, where it is not)."""
+    import torch  # noqa: PLC0415 (keeps this module light for the CLI's parser)
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text = str(device)
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", text)
+    if match is None:
+        raise ValueError(f"{name}: expected cpu, cuda or cuda:N, got {text!r}")
+    if text == "cpu":
+        return torch.device("cpu")
+    if torch.version.cuda is None:
+        raise ValueError(f"{name}: got {text!r}, but this torch ({torch.__version__}) is built without CUDA; use cpu")
+    count = torch.cuda.device_count()
+    if int(match.group(1) or 0) >= count:
+        have = f"{count} CUDA device(s) (cuda:0 to cuda:{count - 1})" if count else "no CUDA device is visible"
+        raise ValueError(f"{name}: got {text!r}, but {have}; use cpu" + (" or one of those" if count else ""))
+    return torch.device(text)
+
+
+def check_output_folder(path: str | os.PathLike, name: str = "out") -> None:
+    """Raise ValueError naming ``name`` if ``path`` cannot be (or become) a folder to write into:
+    it is a file, it lies under a file, or the nearest existing folder is not writable. For
+    callers that check every input before they write anything."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} is a file; expected a folder (created if missing)")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        raise ValueError(f"{name}: the folder {str(path)!r} cannot be created: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: cannot write into {str(existing)!r} (no write permission)")

@@ -3,9 +3,9 @@ paired folder), random crops and flips that are a pure function of (seed, epoch,
 a resumed or distributed run sees exactly the batches it would have seen.
 
 Images are read with Pillow. Grayscale, palette and RGBA/LA images are converted to RGB (alpha
-dropped) with one warning listing them; unreadable or truncated files and images smaller than
-the crop raise a ValueError naming the files, all problems at once on one line, before training
-starts.
+dropped) with one warning listing them, and files of other kinds in a folder are skipped with one
+warning naming them; unreadable or truncated files and images smaller than the crop raise a
+ValueError naming the files, all problems at once on one line, before training starts.
 
 Virtual epochs: a small folder is repeated (``repeat``) so that an epoch holds at least one
 global batch; item ``i`` reads file ``i % len(files)`` with its own crop, so repeats differ.
@@ -25,7 +25,9 @@ from .imresize import imresize
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "check_image_file",
     "list_images",
+    "probe_image",
     "load_rgb",
     "save_rgb",
     "quantize",
@@ -35,18 +37,49 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_KINDS = "/".join(IMAGE_SUFFIXES)
 BUNDLED_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
 def list_images(root: str | Path) -> list[Path]:
-    """The PNG/JPEG files directly in ``root``, sorted; clear errors if missing or empty."""
+    """The PNG/JPEG files directly in ``root``, sorted; clear errors if missing, a file or empty.
+    Other files are skipped with one warning naming a few of them (hidden files silently)."""
     root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"data folder {str(root)!r} does not exist")
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {str(root)!r} does not exist or is not a folder")
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        raise ValueError(f"data folder {str(root)!r} is a file; expected a folder of {_KINDS} images")
+    entries = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+    skipped = [p.name for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
     if not files:
-        raise ValueError(f"data folder {str(root)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+        others = f" (only {len(skipped)} other file(s): {_few(skipped)})" if skipped else ""
+        raise ValueError(f"data folder {str(root)!r} holds no {_KINDS} images{others}")
+    if skipped:
+        warnings.warn(
+            f"data folder {str(root)!r}: skipped {len(skipped)} file(s) that are not {_KINDS} images: {_few(skipped)}",
+            stacklevel=2,
+        )
     return files
+
+
+def _few(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def check_image_file(path: str | Path, name: str = "image") -> Path:
+    """``path`` as a Path if it is a readable PNG/JPEG file (header and, for PNG, every chunk's
+    CRC checked without decoding the pixels); otherwise FileNotFoundError or ValueError naming
+    ``name``, what was expected and what is there. For callers that check inputs before writing."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} is a folder; expected a {_KINDS} image file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: {str(path)!r} does not exist")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"{name}: {str(path)!r} is not a {_KINDS} image")
+    probe_image(path)
+    return path
 
 
 def _open(path: Path, warn: bool = True) -> Image.Image:
@@ -70,6 +103,8 @@ def load_rgb(path: str | Path, warn: bool = True) -> Tensor:
     """(3, H, W) float32 in [0, 1] from an image file (converted to RGB, with a warning unless
     ``warn=False``, if it is grayscale, palette or has alpha). ValueError names unreadable files."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"image {str(path)!r} is a folder; expected an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
     return _load_uint8(path, warn).float() / 255.0
@@ -91,7 +126,7 @@ def make_lr(hr: Tensor, scale: int) -> Tensor:
     return quantize(imresize(hr, 1.0 / scale))
 
 
-def _probe(path: Path) -> tuple[int, int, str]:
+def probe_image(path: Path) -> tuple[int, int, str]:
     """(height, width, mode) from the header, after ``Image.verify`` (PNG: every chunk's CRC, so a
     truncated or corrupted file is caught here without decoding the pixels)."""
     try:
@@ -167,7 +202,7 @@ class HRImageDataset(torch.utils.data.Dataset):
         problems, converted = [], []
         for path in self.files:
             try:
-                h, w, mode = _probe(path)
+                h, w, mode = probe_image(path)
             except ValueError as exc:
                 problems.append(str(exc))
                 continue
@@ -182,7 +217,7 @@ class HRImageDataset(torch.utils.data.Dataset):
                     problems.append(f"{path}: no LR image {lr_path}")
                     continue
                 try:
-                    lh, lw, lr_mode = _probe(lr_path)
+                    lh, lw, lr_mode = probe_image(lr_path)
                 except ValueError as exc:
                     problems.append(str(exc))
                     continue

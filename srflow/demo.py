@@ -30,7 +30,7 @@ import torch
 
 import flowkernels as fk
 
-from .config import TrainConfig
+from .config import TrainConfig, resolve_config, resolve_device
 from .data import HRImageDataset, load_rgb, make_lr, save_rgb, write_bundled_photos
 from .infer import EvalResult, evaluate, format_table, sample_images
 from .model import SRFlow
@@ -95,13 +95,25 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo (see the module docstring) and return what it wrote. ``minutes`` caps the
     training time, ``steps`` sets the number of steps (the LR schedule follows it), ``threads``
-    the CPU threads (default: all cores but one; restored afterwards)."""
+    the CPU threads (default: all cores but one; restored afterwards). The arguments are checked
+    (as the training options they become) before anything is written."""
     say = log or (lambda msg: print(msg, flush=True))
     t0 = time.perf_counter()
     out = Path(out)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     settings = _settings(dev)
-    steps = steps if steps is not None else settings["steps"]
+    config = resolve_config(
+        _config(
+            out,
+            dev,
+            settings,
+            steps if steps is not None else settings["steps"],
+            minutes if minutes is not None else settings["minutes"],
+            seed,
+        )
+    )
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads: expected a positive number of CPU threads, got {threads}")
     if threads is None and dev.type == "cpu":
         # Leave one core free: with every core busy, one competing process makes OpenMP's
         # barrier waits stall (measured: a 2-core machine with one other busy process ran 6x fewer
@@ -111,42 +123,17 @@ def run_demo(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(out, dev, settings, steps, minutes, seed, say, t0)
+        return _run(config, out, dev, say, t0)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(
-    out: Path,
-    dev: torch.device,
-    settings: dict,
-    steps: int,
-    minutes: float | None,
-    seed: int,
-    say: Callable[[str], None],
-    t0: float,
-) -> DemoResult:
-    minutes = minutes if minutes is not None else settings["minutes"]
-
-    train_dir, test_dir, test_lr_dir = out / "photos" / "train", out / "photos" / "test", out / "photos" / "test_lr"
-    write_bundled_photos(train_dir, TRAIN_PHOTOS)
-    test_paths = write_bundled_photos(test_dir, TEST_PHOTOS)
-    test_lr_dir.mkdir(parents=True, exist_ok=True)
-    scale = 4
-    lr_paths = []
-    for path in test_paths:
-        hr = load_rgb(path)
-        m = 2 * scale
-        hr = hr[:, : hr.shape[1] - hr.shape[1] % m, : hr.shape[2] - hr.shape[2] % m]
-        lr_path = test_lr_dir / path.name
-        save_rgb(make_lr(hr[None], scale)[0], lr_path)
-        lr_paths.append(lr_path)
-
-    run_dir = out / "run"
-    config = TrainConfig(
-        data=str(train_dir),
-        val_data=str(test_dir),
-        out=str(run_dir),
+def _config(out: Path, dev: torch.device, settings: dict, steps: int, minutes: float, seed: int) -> TrainConfig:
+    photos = out / "photos"
+    return TrainConfig(
+        data=str(photos / "train"),
+        val_data=str(photos / "test"),
+        out=str(out / "run"),
         preset=settings["preset"],
         steps=steps,
         batch=settings["batch"],
@@ -166,6 +153,25 @@ def _run(
         progress=False,
         resume="auto",
     )
+
+
+def _run(config: TrainConfig, out: Path, dev: torch.device, say: Callable[[str], None], t0: float) -> DemoResult:
+    train_dir, test_dir, test_lr_dir = Path(config.data), Path(config.val_data), out / "photos" / "test_lr"
+    write_bundled_photos(train_dir, TRAIN_PHOTOS)
+    test_paths = write_bundled_photos(test_dir, TEST_PHOTOS)
+    test_lr_dir.mkdir(parents=True, exist_ok=True)
+    scale = 4
+    lr_paths = []
+    for path in test_paths:
+        hr = load_rgb(path)
+        m = 2 * scale
+        hr = hr[:, : hr.shape[1] - hr.shape[1] % m, : hr.shape[2] - hr.shape[2] % m]
+        lr_path = test_lr_dir / path.name
+        save_rgb(make_lr(hr[None], scale)[0], lr_path)
+        lr_paths.append(lr_path)
+
+    run_dir = Path(config.out)
+    steps, minutes, seed = config.steps, config.max_minutes, config.seed
     say(
         f"srflow demo: training {config.preset} on {len(TRAIN_PHOTOS)} bundled photos for up to {steps} steps "
         f"or {minutes:g} min on {dev} ({torch.get_num_threads()} CPU thread(s)), memory saving on, backend auto"

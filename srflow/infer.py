@@ -25,8 +25,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import flowkernels as fk
+
 from . import metrics
-from .data import IMAGE_SUFFIXES, HRImageDataset, list_images, load_rgb, make_lr, save_rgb
+from .config import MAX_SEED, check_output_folder, resolve_device
+from .data import HRImageDataset, check_image_file, list_images, load_rgb, make_lr, save_rgb
 from .imresize import imresize
 from .model import NonFiniteSampleWarning, SRFlow
 from .official_checkpoint import CheckpointError, check_state_dict
@@ -35,6 +38,7 @@ from .training_checkpoint import read_weights, resolve_checkpoint
 
 __all__ = [
     "default_device",
+    "expand_images",
     "load_model",
     "make_grid",
     "nearest_upscale",
@@ -49,7 +53,7 @@ __all__ = [
 
 def default_device() -> torch.device:
     """CUDA if available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(None)
 
 
 def load_model(
@@ -65,8 +69,10 @@ def load_model(
     folder (its newest checkpoint); its preset comes from the safetensors metadata, and
     ``preset``, if given, must agree. ``official``: an official SRFlow state_dict (``.pth`` or
     ``.safetensors``), loaded strictly into ``preset`` (required). Raises CheckpointError naming
-    the file on any mismatch.
+    the file on any mismatch. The device and the backend are checked before anything is read.
     """
+    dev = resolve_device(device)
+    fk.check_backend_available(backend, dev)
     if (checkpoint is None) == (official is None):
         raise ValueError(
             "pass exactly one of checkpoint (a training checkpoint) and official (an official .pth), "
@@ -96,7 +102,7 @@ def load_model(
         model = SRFlow.from_preset(name, backend=backend, seed=0)
         check_state_dict(model, weights, f"checkpoint {str(files.weights)!r}", name)
         model.load_state_dict(weights, strict=True)
-    return model.to(torch.device(device) if device is not None else default_device()).eval()
+    return model.to(dev).eval()
 
 
 def nearest_upscale(lr: Tensor, scale: int) -> Tensor:
@@ -123,20 +129,33 @@ def make_grid(rows: Sequence[Sequence[Tensor]], pad: int = 4, fill: float = 1.0)
     return grid
 
 
-def _expand_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+def expand_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files that ``paths`` name (files, and the PNG/JPEG files of folders), each checked
+    to be readable; FileNotFoundError or ValueError naming the path otherwise."""
     files: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            files.extend(list_images(p))
-        elif p.is_file():
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                raise ValueError(f"{p}: not a {'/'.join(IMAGE_SUFFIXES)} image")
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"image {str(p)!r} does not exist")
+        files.extend(map(check_image_file, list_images(p)) if p.is_dir() else [check_image_file(p)])
     if not files:
         raise ValueError("no input images given")
     return files
+
+
+def _check_sampling(model: SRFlow, temperatures: Sequence[float], n: int, seed: int, min_scale: float | None) -> None:
+    """The sampling arguments, all checked before anything is written (SRFlow.sample would refuse a
+    bad temperature only when it comes to it, after the files of the earlier ones)."""
+    if n < 1:
+        raise ValueError(f"n: expected a positive number of samples, got {n}")
+    if not 0 <= seed <= MAX_SEED - n:
+        raise ValueError(f"seed: expected an integer in [0, 2**63 - n] (sample k uses seed + k), got {seed}")
+    bad = [t for t in temperatures if not 0 <= t < math.inf]
+    if bad:
+        raise ValueError(f"temperature: expected finite values >= 0, got {', '.join(map(str, bad))}")
+    _check_min_scale(model, min_scale)
+
+
+def _check_min_scale(model: SRFlow, min_scale: float | None) -> None:
+    if min_scale is not None:
+        fk.validate_scale_floor(min_scale, model.flowUpsamplerNet.couplings()[0].eps)
 
 
 def _clean(sr: Tensor) -> Tensor:
@@ -157,12 +176,20 @@ def sample_images(
     """Super-resolve LR images (files or folders of them), ``n`` samples per temperature.
 
     Writes ``<stem>_t<T>_<k>.png`` for each sample and ``<stem>_grid.png`` (the LR upscaled by
-    pixel repetition, then the samples: temperatures in order, k = 0..n-1 within each). Returns
-    the paths written (grids last for each image).
+    pixel repetition, then the samples: temperatures in order, k = 0..n-1 within each). Temperature
+    0 is deterministic (every seed gives the same image), so it gets one sample, ``k = 0``, with a
+    warning when ``n`` > 1. Every argument is checked, and every image's header (PNG: every
+    chunk's CRC), before anything is written.
+    Returns the paths written (grids last for each image).
     """
-    if n < 1:
-        raise ValueError(f"n: expected a positive number of samples, got {n}")
-    files = _expand_images(lr_images)
+    _check_sampling(model, temperatures, n, seed, min_scale)
+    check_output_folder(out)
+    files = expand_images(lr_images)
+    if n > 1 and 0 in temperatures:
+        warnings.warn(
+            f"temperature 0 is deterministic: writing one sample per image for it, not {n} identical ones",
+            stacklevel=2,
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -177,7 +204,7 @@ def sample_images(
         cond = model.condition(lr[None])
         row = [nearest_upscale(lr, model.scale).cpu()]
         for t in temperatures:
-            for k in range(n):
+            for k in range(1 if t == 0 else n):
                 sr = _clean(model.sample(cond=cond, temperature=t, seed=seed + k, min_scale=min_scale))[0]
                 target = out / f"{stem}_t{float(t):.2f}_{k}.png"
                 save_rgb(sr, target)
@@ -214,8 +241,11 @@ def transfer(
     bicubic downscale) into latents, then decodes those latents with ``target_lr`` (default: the
     same LR, i.e. an LR-consistent version of an edited image). The target LR must have the
     HR's size / scale, since the latents are spatial. Writes ``<hr>_to_<lr>.png`` and a grid
-    [HR | target LR upscaled | result]; prints nothing. Returns the written paths.
+    [HR | target LR upscaled | result]; prints nothing. Everything is checked before anything is
+    written. Returns the written paths.
     """
+    _check_min_scale(model, min_scale)
+    check_output_folder(out)
     device = next(model.parameters()).device
     s = model.scale
     hr = load_rgb(hr_image)
@@ -286,11 +316,18 @@ def evaluate(
     HR images are cropped to multiples of 2 * scale (top-left), or to a centre crop of at most
     ``crop``; LR = ``lr_data``'s image of the same name, or the MATLAB-bicubic downscale.
     Writes ``<out>/metrics.csv`` when ``out`` is given. ``bicubic_baseline`` adds a "bicubic" row
-    (bicubic upscaling of the LR) after the mean.
+    (bicubic upscaling of the LR) after the mean. The arguments are checked before the first image.
     """
-    if n < 1:
-        raise ValueError(f"n: expected a positive number of samples, got {n}")
+    _check_sampling(model, (temperature,), n, seed, min_scale)
     s = model.scale
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images: expected a positive number of images or None, got {max_images}")
+    if crop is not None and (crop < 1 or crop % (2 * s)):
+        raise ValueError(
+            f"crop: expected a positive multiple of {2 * s} (2 x scale {s}: the LR must have even sides), got {crop}"
+        )
+    if out is not None:
+        check_output_folder(out)
     dataset = HRImageDataset(
         data, s, crop=crop, lr_root=lr_data, flips=False, multiple=2 * s, center=crop is not None, max_images=max_images
     )

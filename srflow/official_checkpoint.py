@@ -10,6 +10,7 @@ safetensors. Nothing is ever written back. The same readers serve any plain stat
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,9 +18,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .presets import PRESETS
+
 __all__ = ["CheckpointError", "read_state_dict", "strip_prefix", "check_state_dict"]
 
-_MAX_LISTED = 10
+_MAX_LISTED = 3  # keys listed per kind of mismatch: they are long
 
 
 class CheckpointError(ValueError):
@@ -30,6 +33,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Load a state_dict from ``path`` (``.pth``/``.pt`` via torch.load with weights_only=True,
     ``.safetensors`` via safetensors) onto the CPU. The file is only read."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; expected a state_dict file (.pth, .safetensors)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {str(path)!r}")
     try:
@@ -72,7 +77,8 @@ def _listing(keys: list[str]) -> str:
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str, preset_name: str) -> None:
-    """Raise :class:`CheckpointError` naming every missing key, unexpected key and wrong shape."""
+    """Raise :class:`CheckpointError` counting the missing keys, unexpected keys and wrong shapes
+    (the first few of each named); it leads with the preset the state_dict fits, if another one."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -89,7 +95,32 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source:
     if wrong:
         problems.append(f"{len(wrong)} keys with the wrong shape: {_listing(wrong)}")
     if problems:
+        fits = _fitting_preset(state_dict)
+        lead = f"is a {fits} checkpoint, not {preset_name}" if fits else f"does not match SRFlow preset {preset_name!r}"
         raise CheckpointError(
-            f"{source} does not match SRFlow preset {preset_name!r} "
-            f"({len(state_dict)} keys in the checkpoint, {len(expected)} in the model): " + "; ".join(problems)
+            f"{source} {lead} ({len(state_dict)} keys in the checkpoint, {len(expected)} in the model): "
+            + "; ".join(problems)
         )
+
+
+@functools.cache
+def _preset_shapes(name: str) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Key -> shape of a whole SRFlow of preset ``name`` and of its RRDB alone (built on the meta
+    device: no memory, no initialisation, the global RNG untouched)."""
+    from .model import SRFlow  # noqa: PLC0415 (the model imports this module)
+
+    with torch.device("meta"):
+        model = SRFlow.from_preset(name, seed=0)
+    whole = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return whole, {k: tuple(v.shape) for k, v in model.RRDB.state_dict().items()}
+
+
+def _fitting_preset(state_dict: Mapping[str, Tensor]) -> str | None:
+    """ "<preset> model" or "<preset> RRDB" if a preset's model or RRDB has exactly the keys and
+    shapes of ``state_dict``."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for name in PRESETS:
+        for part, expected in zip(("model", "RRDB"), _preset_shapes(name)):
+            if shapes == expected:
+                return f"{name} {part}"
+    return None
