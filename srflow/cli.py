@@ -4,7 +4,8 @@ It only parses arguments and calls :func:`srflow.train.train`, the functions of
 :mod:`srflow.infer` and :func:`srflow.demo.run_demo`. Errors in the inputs (configuration, data,
 checkpoints, flags) end with exit code 2 and a one-line ``srflow: error: ...`` message, and every
 input that can be checked without running the model is checked before anything is loaded or
-written; a training run stopped by non-finite losses ends with exit code 3; Ctrl-C with 130.
+written; a training run stopped by non-finite losses ends with exit code 3; Ctrl-C (SIGINT) with 130 and
+SIGTERM with 143, after the training library saved the last finished step (it says where).
 ``--debug`` (or ``SRFLOW_DEBUG=1``) shows the traceback instead. Warnings are printed as one
 ``srflow: warning: ...`` line each, once.
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from .config import ConfigError, resolve_device
 
 __all__ = ["Distributed", "setup_distributed"]
 
@@ -64,21 +64,10 @@ def setup_distributed(device: str | None) -> Distributed:
 
 
 def _checked_device(name: str, why: str = "") -> torch.device:
-    """``name`` as a torch.device if training can run there (cpu, or an existing CUDA GPU);
-    ConfigError naming the device, what is available and ``why`` it was chosen otherwise."""
+    """``name`` as a torch.device if training can run there (cpu, or an existing CUDA GPU); the
+    check is :func:`srflow.config.resolve_device`'s, raised as ConfigError with ``why`` the
+    device was chosen."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device: expected cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(
-                f"device: {name!r}{why} needs a CUDA GPU, but this torch {torch.__version__} sees none "
-                f"(built with CUDA {torch.version.cuda}); use cpu"
-            )
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"device: {name!r}{why} does not exist; this machine has cuda:0 to cuda:{count - 1}")
-    return device
+        return resolve_device(name, f"device{why}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

@@ -310,6 +310,8 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train (see the module docstring); the progress bar, TensorBoard writer and a process
         group this call created are closed however it ends."""
+        # Everything checkable is checked before a process group is joined or a file written.
+        self.config = resolve_config(self.config)
         self.dist = setup_distributed(self.config.device)
         try:
             result = self._run()

@@ -128,6 +128,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointFiles:
         if latest is None:
             raise FileNotFoundError(f"checkpoint: no complete training checkpoint (step-*.state.pt) in {str(folder)!r}")
         return latest
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint: no such file {str(path)!r}")
     name = path.name
     if name.endswith(".state.pt"):
         stem = name[: -len(".state.pt")]
@@ -140,10 +142,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointFiles:
         )
     match = re.match(r"^step-(\d+)$", stem)
     step = int(match.group(1)) if match else -1
-    files = CheckpointFiles(step, path.with_name(stem + ".safetensors"), path.with_name(stem + ".state.pt"))
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: no such file {str(path)!r}")
-    return files
+    return CheckpointFiles(step, path.with_name(stem + ".safetensors"), path.with_name(stem + ".state.pt"))
 
 
 def _sha256(path: Path) -> str:

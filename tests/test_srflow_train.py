@@ -171,17 +171,16 @@ def test_tensorboard_without_the_package_is_a_clear_error() -> None:
         ({"data": "missing"}, FileNotFoundError, r"data folder .*missing' does not exist"),
         ({"data": "empty"}, ValueError, r"data folder .*empty' holds no"),
         ({"device": "tpu"}, ConfigError, "device: expected cpu, cuda or cuda:N, got 'tpu'"),
-        ({"device": "cuda:7"}, ConfigError, r"device: 'cuda:7' (needs a CUDA GPU|does not exist)"),
+        ({"device": "cuda:7"}, ConfigError, r"device: got 'cuda:7', but (this torch .* without CUDA|.*CUDA device)"),
         ({"backend": "triton"}, ConfigError, "backend 'triton' cannot run on cpu"),
     ],
     ids=["missing-data", "empty-data", "bad-device", "absent-gpu", "backend"],
 )
 def test_a_failed_start_leaves_nothing_behind(
-    photos: Path, tmp_path: Path, changes: dict, error: type, match: str
+    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: dict, error: type, match: str
 ) -> None:
     """train() checks the data, the device and the backend before it creates the output folder."""
-    if changes.get("backend") == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 lets the Triton backend run on the CPU")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # else the Triton interpreter runs on the CPU
     (tmp_path / "empty").mkdir()
     if "data" in changes:
         changes = {"data": str(tmp_path / changes["data"])}
