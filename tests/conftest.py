@@ -1,4 +1,22 @@
-"""Shared test setup: per-test seeds, poisoned kernel outputs, no TF32, GPU skipping."""
+"""Shared test setup: the environment of the kernels, per-test seeds, no TF32, GPU skipping.
+
+The environment is set here, once, before any test module is imported, and nowhere else:
+
+* ``TRITON_INTERPRET=1``: Triton decides at decoration whether a ``@triton.jit`` function runs
+  compiled or under its interpreter: for its own helpers (the combine functions of ``tl.sum``
+  and friends) when triton is imported, for ours when flowkernels first loads a Triton kernel
+  module. So triton is imported right here, after the variable is set: a test that clears the
+  variable for itself (test_dispatch.py) cannot then be the first to import it and leave
+  compiled helpers that the interpreted kernels cannot call. ``flowkernels.dispatch`` reads the
+  variable at each call, to decide whether the Triton backend can take CPU tensors. Set by
+  default so the Triton kernels run on the CPU; a GPU run exports ``TRITON_INTERPRET=0`` to run
+  them compiled (scripts/gpu_check.sh does; Triton and flowkernels both read "0" as off).
+* ``FLOWKERNELS_POISON_OUTPUTS=1``: kernel launchers fill every output with NaN before launching,
+  so elements a kernel forgets to write show up as NaN in the comparisons (read at launch).
+
+Inner loop: ``pytest -m "not slow"`` leaves out the long tests (54-step checks, DDP, training and
+CLI runs end to end, torch.compile, benchmark smoke runs); ``make test`` runs everything.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +26,11 @@ import zlib
 import pytest
 import torch
 
-# Kernel launchers fill every output with NaN before launching when this is set, so elements a
-# kernel forgets to write show up as NaN in the comparisons (read by flowkernels at launch).
+from flowkernels._loader import triton_reason
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FLOWKERNELS_POISON_OUTPUTS", "1")
+triton_reason()  # imports triton if it is installed (the Triton tests skip, with this reason, if not)
 
 
 @pytest.fixture(autouse=True)

@@ -147,6 +147,7 @@ def _ddp_worker(rank: int, world: int, port: int, flow: fk.FlowSequence, x, cond
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_initialisation_is_all_reduced():
     """Two gloo ranks, each seeing half the batch, end with identical ActNorms equal to one
     process initialised on the whole batch."""

@@ -16,8 +16,7 @@ import torch
 from flowkernels import dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
-# the C++ kernels when the extension is built (it is in CI), else the eager reference alone
-KERNELS = "eager" if dispatch.refusals("cuda", torch.zeros(1, 2, 2, 2)) else "eager,cuda"
+pytestmark = pytest.mark.slow  # each script pays its imports and a warm-up
 
 
 def _run(module: str, *args: str) -> None:
@@ -27,10 +26,12 @@ def _run(module: str, *args: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # the C++ kernels when the extension is built (it is in CI), else the eager reference alone
+    kernels = "eager" if dispatch.refusals("cuda", torch.zeros(1, 2, 2, 2)) else "eager,cuda"
     out = tmp_path_factory.mktemp("bench")
     common = ["--device", "cpu", "--smoke", "--out", str(out)]
-    _run("benchmarks.bench_actnorm_conv", *common, "--providers", KERNELS, "--modes", "fwd,bwd")
-    _run("benchmarks.bench_affine_coupling", *common, "--providers", KERNELS, "--modes", "inv,full")
+    _run("benchmarks.bench_actnorm_conv", *common, "--providers", kernels, "--modes", "fwd,bwd")
+    _run("benchmarks.bench_affine_coupling", *common, "--providers", kernels, "--modes", "inv,full")
     _run("benchmarks.bench_stack", *common, "--providers", "eager,checkpoint,ms-reference", "--modes", "full")
     _run("benchmarks.bench_memory", *common)
     _run("benchmarks.bench_srflow", *common, "--variants", "official,ms-reference-cl", "--steps", "1")

@@ -2,8 +2,8 @@
 FlowStep and a memory-saving FlowSequence trace without graph breaks, forward, inverse and the
 recompute backward (through AOTAutograd), with our ops in the graph and eager results.
 
-The Triton backend's compile tests are in test_triton_compile.py (they need the interpreter
-set up before triton is imported).
+The Triton backend's compile tests are in test_triton_compile.py (under the interpreter only
+Dynamo can run, not AOTAutograd).
 """
 
 from __future__ import annotations
@@ -14,20 +14,19 @@ import pytest
 import torch
 
 import flowkernels as fk
-from flowkernels import dispatch
 from tests.helpers import trained_level
+from tests.kernel_grid import kernel_backend
 from tests.tolerances import REL_TOL, assert_rel_close
 
 C, COND = 12, 5
 
 
-def _backends() -> list:
-    x = torch.zeros(1, C, 2, 2)
-    cuda_reasons = dispatch.refusals("cuda", x)
-    return [
-        "reference",
-        pytest.param("cuda", marks=pytest.mark.skipif(bool(cuda_reasons), reason="; ".join(cuda_reasons))),
-    ]
+@pytest.fixture(params=["reference", "cuda"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The reference, and the C++ kernels (skipped with the reason where they cannot run)."""
+    if request.param != "reference":
+        kernel_backend(request.param, "cpu")
+    return request.param
 
 
 def _capture(graphs: list, inner: str = "aot_eager"):
@@ -47,7 +46,7 @@ def _ops(graphs: list) -> set[str]:
     return {str(n.target) for m in modules for n in m.graph.nodes if "flowkernels" in str(n.target)}
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.slow
 def test_flow_step_inference_compiles_fullgraph(backend: str):
     x, cond = torch.randn(2, C, 6, 6), torch.randn(2, COND, 6, 6)
     seq = trained_level(3, C, COND, x, cond).eval()
@@ -67,7 +66,7 @@ def test_flow_step_inference_compiles_fullgraph(backend: str):
         assert {"flowkernels.channel_affine_fwd", "flowkernels.affine_coupling_inv"} <= _ops(graphs)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.slow
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "inverse"])
 def test_memory_saving_training_compiles_fullgraph(backend: str, reverse: bool):
     """The unit's backward (subnet recompute via torch.func.vjp, bwd kernels) traces under
@@ -92,6 +91,7 @@ def test_memory_saving_training_compiles_fullgraph(backend: str, reverse: bool):
         assert "flowkernels.affine_coupling_bwd" in _ops(graphs)
 
 
+@pytest.mark.slow
 def test_compiling_leaves_eager_behaviour_unchanged():
     """Tracing must not leave layer modes behind (Dynamo replays state changes made inside a
     traced region): a fresh model still refuses to train uninitialised ActNorms, initialises them

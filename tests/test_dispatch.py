@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -36,12 +37,34 @@ def test_reference_never_refuses():
     assert fk.select_backend("reference", x) == "reference"
 
 
-def test_auto_on_cpu_is_extension_or_reference():
-    x = torch.zeros(2, 4, 3, 3)
-    expected = "cuda" if not dispatch.refusals("cuda", x) else "reference"
+def test_auto_priority_table():
+    """The measured speed order (benchmarks/results/); on a CPU the Triton interpreter is a test
+    tool, never chosen automatically."""
+    assert dispatch.AUTO_PRIORITY == {"cuda": ("cuda", "triton", "reference"), "cpu": ("cuda", "reference")}
+
+
+@pytest.mark.parametrize(
+    ("device", "refused", "expected"),
+    [
+        ("cpu", set(), "cuda"),
+        ("cpu", {"cuda"}, "reference"),  # triton, even if it could run, is not a CPU choice
+        ("cuda", set(), "cuda"),
+        ("cuda", {"triton"}, "cuda"),
+        ("cuda", {"cuda"}, "triton"),
+        ("cuda", {"cuda", "triton"}, "reference"),
+    ],
+)
+def test_auto_takes_the_first_backend_that_does_not_refuse(monkeypatch, device, refused, expected):
+    """The walk over AUTO_PRIORITY, with refusals replaced by a chosen set. A stand-in carries
+    the device type, so the CUDA row is checked without a GPU."""
+    monkeypatch.setattr(dispatch, "refusals", lambda backend, x, h=None: ["refused"] if backend in refused else [])
+    x = SimpleNamespace(device=torch.device(device))
     assert fk.select_backend("auto", x) == expected
-    # float64 is refused by every kernel backend, so auto falls to the reference
-    assert fk.select_backend("auto", x.double()) == "reference"
+
+
+def test_auto_falls_back_to_the_reference_for_float64():
+    """float64 is refused by every kernel backend (the real refusals)."""
+    assert fk.select_backend("auto", torch.zeros(2, 4, 3, 3, dtype=torch.float64)) == "reference"
 
 
 def test_named_backend_lists_every_reason(monkeypatch: pytest.MonkeyPatch):

@@ -47,6 +47,7 @@ def _inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "inverse"])
 def test_54_step_gradients_match_plain_autograd(reverse: bool):
     x, cond, cot, cot_ld = _inputs()
@@ -62,6 +63,7 @@ def test_54_step_gradients_match_plain_autograd(reverse: bool):
         assert rel_err(g, w) <= REL_TOL["grad_level"], f"{name}: {rel_err(g, w):.2e} (worst overall {worst:.2e})"
 
 
+@pytest.mark.slow
 def test_54_step_round_trip():
     x, cond, _, _ = _inputs()
     seq = trained_level(54, C, COND, x, cond).eval()
@@ -73,6 +75,7 @@ def test_54_step_round_trip():
     assert ld2.abs().max().item() <= 1e-3 * ld.abs().max().item()
 
 
+@pytest.mark.slow
 def test_keep_every_restarts_reconstruction():
     x, cond, cot, cot_ld = _inputs()
     saving, plain = _pair(24, x, cond, keep_every=4)
@@ -157,6 +160,7 @@ def _saved_bytes(seq: fk.FlowSequence, x: torch.Tensor, cond: torch.Tensor) -> i
     return fk.saved_tensor_bytes(run, exclude=seq.parameters())[1]
 
 
+@pytest.mark.slow
 def test_saved_memory_is_flat_in_depth():
     """Measured as bytes of tensors saved for backward (parameters excluded), 8 vs 64 steps."""
     x, cond, _, _ = _inputs()
@@ -180,6 +184,7 @@ def _grads_autocast_forward(seq, x, cond, cot, cot_ld, reverse: bool) -> list[to
     return list(torch.autograd.grad(loss, [x, cond, *seq.parameters()]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "inverse"])
 def test_bf16_subnets_recompute_under_the_same_autocast(reverse: bool):
     """The backward (outside autocast) must re-enter the forward's autocast state, or the

@@ -64,6 +64,7 @@ def assert_clean_error(capsys: pytest.CaptureFixture, rc: int, match: str, code:
 # ------------------------------------------------------------------------------------ happy paths
 
 
+@pytest.mark.slow
 def test_train_then_resume_through_the_cli(run: Path, capsys: pytest.CaptureFixture) -> None:
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == [f"step-00000000{s}.{ext}" for s in (2, 4) for ext in ("safetensors", "state.pt")]
@@ -121,6 +122,7 @@ def test_sample_any_lr_size(run: Path, photos: Path, tmp_path: Path, capsys: pyt
     assert not np.array_equal(*t9)
 
 
+@pytest.mark.slow
 def test_sample_through_python_dash_m(run: Path, photos: Path, tmp_path: Path) -> None:
     lr = tmp_path / "lr.png"
     save_rgb(make_lr(load_rgb(photos / "coffee.png")[None, :, :64, :64], 4)[0], lr)
@@ -183,6 +185,7 @@ def test_eval_writes_csv_and_table(run: Path, photos: Path, tmp_path: Path, caps
     assert all(np.isfinite(float(first[c])) for c in ("nll_bits_px", "psnr", "lr_psnr", "psnr_t0"))
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--steps", "3", "--device", "cpu", "--threads", "1"]) == 0

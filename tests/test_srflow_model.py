@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import trained_like_
-from tolerances import REL_TOL, ROUND_TRIP_ABS, assert_rel_close
 
 import flowkernels as fk
 import srflow
 from srflow import SRFlow
+from tests.helpers import trained_like_
+from tests.kernel_grid import kernel_backend
+from tests.tolerances import ROUND_TRIP_ABS, assert_rel_close
 
 DATA = Path(__file__).parent / "data"
 OFFICIAL = {  # preset -> (TSV of the official state_dict, parameter count of the official model)
@@ -205,10 +206,11 @@ def test_conditioning_features_match_direct_computation() -> None:
 # ---------------------------------------------------------------------------------------- round trips
 
 
+@pytest.mark.slow
 def test_round_trip_real_image_full_depth() -> None:
     """encode -> decode through the 54 steps of the official 4x flow, trained-like weights, a
-    48x48 crop of astronaut: max |error| within ROUND_TRIP_ABS["sequence_54"] (1e-3); measured
-    about 1e-5 (in the report)."""
+    48x48 crop of astronaut: max |error| within ROUND_TRIP_ABS["sequence_54"] (its measured noise
+    and failures are in tests/tolerances.py)."""
     hr, lr = image_pair(48, 4, batch=2)
     model = trained_srflow_(SRFlow.from_preset(DEEP_4X, backend="reference"), scale=0.01).eval()
     with torch.no_grad():
@@ -264,6 +266,7 @@ def _check_memory_saving_gradients(preset: srflow.SRFlowPreset, keep_every: int 
     assert len(rrdb) == len(base.rrdb_parameters()) and all(bool(g.abs().sum() > 0) for g in rrdb)
 
 
+@pytest.mark.slow
 def test_memory_saving_gradients_match_plain_autograd() -> None:
     """NLL gradients of every flow and RRDB parameter (RRDB trainable) through the memory-saving
     levels agree with stored-activation autograd within REL_TOL["grad_level"] (1e-4, per tensor):
@@ -272,6 +275,7 @@ def test_memory_saving_gradients_match_plain_autograd() -> None:
     _check_memory_saving_gradients(dataclasses.replace(DEEP_4X, K=4))
 
 
+@pytest.mark.slow
 def test_memory_saving_gradients_full_depth_keep_every() -> None:
     """The same through all 54 steps, keeping every 3rd step input (the drift bound of
     DESIGN.md section 3). Measured worst tensor below 2e-6 over 10 seeds.
@@ -320,6 +324,7 @@ def test_rrdb_trainable_switch_and_unused_parameters() -> None:
 # ---------------------------------------------------------------------------------------- NLL
 
 
+@pytest.mark.slow
 def test_nll_matches_brute_force_jacobian() -> None:
     """nll = -(log|det d(eps, z_top)/d hr| + log N(eps, z_top; 0, I)) / (ln 2 * H * W): the
     change-of-variables formula in the latents encode returns, with a float64 slogdet of the
@@ -555,8 +560,10 @@ def test_backend_and_memory_saving_reach_every_step() -> None:
 
 
 def test_auto_backend_matches_reference() -> None:
-    """backend="auto" (the C++ kernels on a CPU when flowkernels._C is built, else the reference):
-    NLL, memory-saving gradients and the round trip agree with the reference backend."""
+    """backend="auto" (the C++ kernels on a CPU): NLL, memory-saving gradients and the round trip
+    agree with the reference backend. Skipped where flowkernels._C cannot run: auto would be the
+    reference itself."""
+    kernel_backend("cuda", "cpu")
     base = trained_tiny(4, rrdb_trainable=True).train()
     hr, lr = image_pair(32, 4, batch=2)
     ref = copy.deepcopy(base)
@@ -596,8 +603,8 @@ def test_from_official_safetensors(tmp_path: Path) -> None:
     safetensors_torch = pytest.importorskip("safetensors.torch")
     source = trained_tiny(8)
     path = tmp_path / "model.safetensors"
-    # .contiguous(): flowkernels' InvConv1x1 weights come out of QR column-major (see the report)
-    safetensors_torch.save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    # safetensors refuses non-contiguous tensors: every state_dict tensor must be contiguous
+    safetensors_torch.save_file(source.state_dict(), str(path))
     model = SRFlow.from_official(path, "tiny-8x")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
 
@@ -724,7 +731,3 @@ def test_preset_validation() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         srflow.PRESETS["df2k-4x"].K = 4  # type: ignore[misc]
     assert srflow.PRESETS["df2k-4x"].cond_channels == 320 and srflow.PRESETS["df2k-8x"].L == 4
-
-
-def test_tolerance_table_has_the_keys_used_here() -> None:
-    assert {"forward", "grad_level", "logdet_jacobian"} <= REL_TOL.keys() and "sequence_54" in ROUND_TRIP_ABS

@@ -116,7 +116,7 @@ def _config(scale: str, backend: str, memory_saving: bool, device: str, marks=()
 # interpreter on 4x only (about 10 s a configuration); on a GPU the CUDA and Triton kernels.
 CONFIGS = [
     *(_config(s, b, ms, "cpu") for s in SCALES for b in ("reference", "cuda") for ms in (True, False)),
-    *(_config("4x", "triton", ms, "cpu") for ms in (True, False)),
+    *(_config("4x", "triton", ms, "cpu", marks=pytest.mark.slow) for ms in (True, False)),
     *(_config(s, b, True, "cuda", marks=pytest.mark.gpu) for s in SCALES for b in ("cuda", "triton")),
 ]
 

@@ -570,6 +570,7 @@ def test_per_sample_noise_does_not_depend_on_the_batch() -> None:
         dequantize(hr, gens(1, 2))
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_ranks_match_one_process(photos: Path, tmp_path: Path) -> None:
     """``torchrun --nproc-per-node 2 -m srflow train`` (gloo on CPU, 2 samples per rank) gives the
     weights of one process with the global batch of 4, through the RRDB unfreeze at step 3
@@ -655,6 +656,7 @@ def _cpp_kernels_built() -> bool:
     return fk.select_backend("auto", x) == "cuda"
 
 
+@pytest.mark.slow
 def test_memory_saving_with_cpp_kernels_converges_like_plain_reference(photos: Path, tmp_path: Path) -> None:
     if not _cpp_kernels_built():
         pytest.skip("flowkernels._C is not built (python setup.py build_ext --inplace)")

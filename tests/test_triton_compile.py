@@ -11,33 +11,37 @@ checks are therefore ``gpu`` tests.
 
 The op-level tests write a step with the registered ops directly, in the order FlowStep runs
 them; the module-level tests compile FlowStep and a memory-saving FlowSequence themselves
-(the backend must have been loaded eagerly before compiling, as load_triton does above).
+(the backend must have been loaded eagerly before compiling, as the ``triton`` fixture does).
 """
 
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must precede the first import of triton: triton.jit picks the interpreter at decoration.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+import flowkernels as fk
+from flowkernels.ops import fold
+from tests.helpers import cond_step
+from tests.kernel_grid import DEVICES, Kernel, kernel_backend, to_layout
+from tests.tolerances import REL_TOL, ROUND_TRIP_ABS, assert_rel_close
 
-import flowkernels as fk  # noqa: E402
-from flowkernels._loader import load_triton  # noqa: E402
-from flowkernels.ops import fold  # noqa: E402
-from tests.helpers import cond_step  # noqa: E402
-from tests.tolerances import REL_TOL, ROUND_TRIP_ABS, assert_rel_close  # noqa: E402
-
-load_triton("flowkernels.ops._channel_affine_kernels")
-load_triton("flowkernels.ops._affine_coupling_kernels")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.slow  # each test pays a Dynamo trace
 ops = torch.ops.flowkernels
 C, COND = 12, 5
+
+
+@pytest.fixture(params=DEVICES)
+def triton(request: pytest.FixtureRequest) -> Kernel:
+    """The Triton backend, loaded eagerly (Dynamo cannot import it) on each device."""
+    return kernel_backend("triton", request.param)
+
+
+@pytest.fixture
+def triton_cuda() -> Kernel:
+    """The compiled Triton backend, for the Inductor tests (``gpu`` marker)."""
+    return kernel_backend("triton", "cuda")
 
 
 def _dynamo_capture(graphs: list):
@@ -101,16 +105,15 @@ def _recompute_backward(out, grad_out, grad_logdet, h_affine, h_features, cmap):
     return inp, grad_inp, grad_h_affine, grad_h_features, grad_matrix, grad_offset
 
 
-def _step_and_inputs(layout: str = "contiguous"):
-    step = cond_step(C, COND, hidden=8).to(DEVICE).eval()
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.randn(2, C, 5, 3, device=DEVICE).contiguous(memory_format=memory_format)
-    cond = torch.randn(2, COND, 5, 3, device=DEVICE).contiguous(memory_format=memory_format)
+def _step_and_inputs(device: str, channels_last: bool = False):
+    step = cond_step(C, COND, hidden=8).to(device).eval()
+    x = to_layout(torch.randn(2, C, 5, 3, device=device), channels_last)
+    cond = to_layout(torch.randn(2, COND, 5, 3, device=device), channels_last)
     return step, x, cond
 
 
-def _check_forward_inverse(backend_factory) -> None:
-    step, x, cond = _step_and_inputs()
+def _check_forward_inverse(backend_factory, device: str) -> None:
+    step, x, cond = _step_and_inputs(device)
     graphs: list = []
     compiled = torch.compile(_step_forward_inverse, fullgraph=True, backend=backend_factory(graphs))
     with torch.no_grad():
@@ -129,13 +132,13 @@ def _check_forward_inverse(backend_factory) -> None:
     assert back.abs().max().item() <= 1e-5 * logdet.abs().max().item()
 
 
-def _check_backward_chain(backend_factory) -> None:
-    step, out, cond = _step_and_inputs("channels_last")
+def _check_backward_chain(backend_factory, device: str) -> None:
+    step, out, cond = _step_and_inputs(device, channels_last=True)
     with torch.no_grad():
         h_affine = step.affine.fAffine(torch.cat([out[:, : C // 2], cond], dim=1))
         h_features = step.affine.fFeatures(cond)
         cmap = fold(step.invconv.matrix(), step.actnorm.logs, step.actnorm.bias, 15)
-        args = (out, torch.randn_like(out), torch.randn(2, device=DEVICE), h_affine, h_features, cmap)
+        args = (out, torch.randn_like(out), torch.randn(2, device=device), h_affine, h_features, cmap)
         graphs: list = []
         compiled = torch.compile(_recompute_backward, fullgraph=True, backend=backend_factory(graphs))
         got = compiled(*args)
@@ -149,30 +152,30 @@ def _check_backward_chain(backend_factory) -> None:
         assert_rel_close(g, w, "grad")
 
 
-def test_dynamo_fullgraph_step_forward_inverse():
-    _check_forward_inverse(_dynamo_capture)
+def test_dynamo_fullgraph_step_forward_inverse(triton: Kernel):
+    _check_forward_inverse(_dynamo_capture, triton.device)
 
 
-def test_dynamo_fullgraph_recompute_backward():
-    _check_backward_chain(_dynamo_capture)
-
-
-@pytest.mark.gpu
-def test_inductor_fullgraph_step_forward_inverse():
-    _check_forward_inverse(_inductor_capture)
+def test_dynamo_fullgraph_recompute_backward(triton: Kernel):
+    _check_backward_chain(_dynamo_capture, triton.device)
 
 
 @pytest.mark.gpu
-def test_inductor_fullgraph_recompute_backward():
-    _check_backward_chain(_inductor_capture)
+def test_inductor_fullgraph_step_forward_inverse(triton_cuda: Kernel):
+    _check_forward_inverse(_inductor_capture, triton_cuda.device)
 
 
 @pytest.mark.gpu
-def test_inductor_inlines_the_user_kernels():
+def test_inductor_fullgraph_recompute_backward(triton_cuda: Kernel):
+    _check_backward_chain(_inductor_capture, triton_cuda.device)
+
+
+@pytest.mark.gpu
+def test_inductor_inlines_the_user_kernels(triton_cuda: Kernel):
     """Inductor sees through triton_op: its generated code launches our kernels by name."""
     from torch._inductor.utils import run_and_get_code
 
-    step, x, cond = _step_and_inputs()
+    step, x, cond = _step_and_inputs(triton_cuda.device)
     compiled = torch.compile(_step_forward_inverse, fullgraph=True)
     with torch.no_grad():
         _, code = run_and_get_code(compiled, step, x, cond)
@@ -191,8 +194,8 @@ def _module_ops(graphs: list) -> set[str]:
     return {str(n.target) for m in modules for n in m.graph.nodes if str(n.target).startswith("flowkernels.")}
 
 
-def test_dynamo_fullgraph_flow_step_module():
-    step, x, cond = _step_and_inputs()
+def test_dynamo_fullgraph_flow_step_module(triton: Kernel):
+    step, x, cond = _step_and_inputs(triton.device)
     step.backend = "triton"
     graphs: list = []
     compiled = torch.compile(step, fullgraph=True, backend=_dynamo_capture(graphs))
@@ -204,10 +207,10 @@ def test_dynamo_fullgraph_flow_step_module():
     assert_rel_close(logdet, logdet_eager, "forward")
 
 
-def test_dynamo_fullgraph_memory_saving_training():
+def test_dynamo_fullgraph_memory_saving_training(triton: Kernel):
     """A memory-saving FlowSequence with the Triton backend: forward and the recompute
     backward trace as one graph (Dynamo captures the unit with its backward body)."""
-    step, x, cond = _step_and_inputs()
+    step, x, cond = _step_and_inputs(triton.device)
     seq = fk.FlowSequence([step, copy.deepcopy(step)]).train()
     for s in seq.steps:
         s.backend = "triton"
