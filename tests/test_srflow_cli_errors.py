@@ -64,6 +64,13 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def _plain_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU as a user has it: conftest sets TRITON_INTERPRET=1 for the kernel tests, under
+    which the Triton backend would run here and ``--backend triton`` would not be refused."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
 @pytest.fixture
 def ws(inputs: Path, tmp_path: Path) -> Path:
     """A fresh copy of the inputs for one test (the test snapshots it before and after)."""

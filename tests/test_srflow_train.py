@@ -470,6 +470,7 @@ def test_interrupt_waits_for_the_step_and_hands_the_signal_back(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("sig", "returncode"), [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)], ids=["SIGINT", "SIGTERM"]
 )
@@ -616,6 +617,7 @@ train(load_config(sys.argv[1]))
 """
 
 
+@pytest.mark.slow
 def test_ddp_a_signal_to_one_rank_stops_every_rank_after_the_same_step(photos: Path, tmp_path: Path) -> None:
     """SIGTERM to rank 1 alone (``kill`` of one process) in step 3: the step's all-reduce tells
     rank 0, both finish step 3, rank 0 saves it, and both ranks end by SIGTERM."""
