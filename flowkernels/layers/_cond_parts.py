@@ -116,7 +116,9 @@ class PartChunk:
         return grads, grad_cond
 
 
-def plan_chunks(projections: Sequence[Sequence[CondProjection]], cond: Tensor, budget_bytes: int) -> tuple[PartChunk, ...]:
+def plan_chunks(
+    projections: Sequence[Sequence[CondProjection]], cond: Tensor, budget_bytes: int
+) -> tuple[PartChunk, ...]:
     """Group the steps (their projections in application order) into chunks of at most
     ``budget_bytes`` of parts for this ``cond`` (B, Cc, H, W); a step over budget on its own is a
     chunk of one. Steps without projections join the current chunk. Projections with different
