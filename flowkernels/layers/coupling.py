@@ -100,7 +100,9 @@ class Subnet(nn.Sequential):
             return super().forward(x)
         first = self[0]
         if x is not None:
-            part = F.conv2d(x, first.weight[:, : x.shape[1]], padding=first.padding) + part
+            # Sum in the weight's dtype: under bf16 autocast both convolutions come out in bf16,
+            # and a bf16 sum would round a third time where the per-step convolution rounds once.
+            part = F.conv2d(x, first.weight[:, : x.shape[1]], padding=first.padding) + part.to(first.weight.dtype)
         out = first.actnorm(part)
         for layer in self[1:]:
             out = layer(out)
