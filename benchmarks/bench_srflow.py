@@ -108,8 +108,8 @@ def batch_of(model: srflow.SRFlow, batch: int, hr_size: int, device: torch.devic
     return hr.contiguous(memory_format=fmt), lr.contiguous(memory_format=fmt)
 
 
-def measure_training(model, variant: dict, batch: int, hr_size: int, device, steps: int) -> dict:
-    """Median step time, samples/s and peak memory of ``steps`` timed steps after 2 warm-ups."""
+def measure_training(model, variant: dict, batch: int, hr_size: int, device, steps: int, warmup: int = 2) -> dict:
+    """Median step time, samples/s and peak memory of ``steps`` timed steps after ``warmup`` ones."""
     hr, lr = batch_of(model, batch, hr_size, device, variant["channels_last"])
     rss_before = _rss_gib() if device.type == "cpu" else None
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -122,8 +122,8 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
         loss.backward()
         opt.step()
 
-    step()
-    step()
+    for _ in range(warmup):
+        step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
     sync(device)
     if device.type == "cuda":
@@ -218,7 +218,7 @@ def run_variant(name: str, args, device, official_b16_peak: float | None, deadli
                 result["truncated"] = "time budget reached"
                 break
             try:
-                point = measure_training(model, variant, batch, args.hr_size, device, args.steps)
+                point = measure_training(model, variant, batch, args.hr_size, device, args.steps, args.warmup)
             except Exception as exc:  # noqa: BLE001
                 if not is_oom(exc):
                     raise
@@ -271,6 +271,7 @@ def main() -> None:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
     parser.add_argument("--batches", default="16,64", help="batch sizes for time and the memory fit")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per point")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--hr-size", type=int, default=160)
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--sample-batch", type=int, default=16)
