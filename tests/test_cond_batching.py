@@ -11,7 +11,7 @@ import torch
 
 import flowkernels as fk
 from flowkernels.layers._cond_parts import plan_chunks
-from tests.helpers import randomize_, trained_level
+from tests.helpers import level_inputs, randomize_, trained_level
 from tests.tolerances import BF16_ERROR_RATIO, REL_TOL, rel_err
 
 C, COND, HW = 12, 6, 6  # level-1 SRFlow channels, a small conditioning tensor, tiny images
@@ -50,12 +50,7 @@ def _outputs_and_grads(seq: fk.FlowSequence, x, cond, cot, cot_ld, reverse: bool
 
 
 def _inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
-    return (
-        torch.randn(batch, C, HW, HW),
-        torch.randn(batch, COND, HW, HW),
-        torch.randn(batch, C, HW, HW),
-        torch.randn(batch),
-    )
+    return level_inputs(batch, C, COND, HW)
 
 
 def _assert_match(got: list, want: list, names: list[str]) -> None:

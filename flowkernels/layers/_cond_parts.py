@@ -36,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CondProjection", "PartChunk", "plan_chunks", "part_dtype"]
+__all__ = ["CondProjection", "PartChunk", "Parts", "plan_chunks", "part_dtype"]
+
+# What a step with projections is given: one (B, out, H, W) part per projection, or None
+Parts = list[Tensor] | None
 
 
 class CondProjection(NamedTuple):

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..dispatch import select_backend
 from ..ops.affine_coupling import SRFLOW_EPS, affine_coupling_bwd, affine_coupling_fwd, affine_coupling_inv
-from ._cond_parts import CondProjection
+from ._cond_parts import CondProjection, Parts
 from ._contract import StepGrads, check_cond, check_flow_input, flat_grads, flow_precision
 from .actnorm import ActNorm
 from .base import FusedLayer, module_pullback
@@ -233,9 +233,7 @@ class AffineCoupling(FusedLayer):
             return (cond,)
         return (x1 if not self.cond_channels else torch.cat([x1, cond], dim=1),)
 
-    def _run(
-        self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool, parts: list[Tensor] | None = None
-    ) -> Tensor:
+    def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool, parts: Parts = None) -> Tensor:
         return self.apply_stages(x, cond, logdet, reverse, self.kernel_backend(x), parts)
 
     def apply_stages(
@@ -245,7 +243,7 @@ class AffineCoupling(FusedLayer):
         logdet: Tensor,
         reverse: bool,
         backend: str,
-        parts: list[Tensor] | None = None,
+        parts: Parts = None,
     ) -> Tensor:
         """Run the stages (reversed and inverted when ``reverse``), ``logdet`` updated in place.
         ``parts``: the conditioning part of each stage (:meth:`cond_projections` order) or None."""
@@ -270,7 +268,7 @@ class AffineCoupling(FusedLayer):
         grad_logdet: Tensor,
         cond: Tensor | None,
         reverse: bool,
-        parts: list[Tensor] | None = None,
+        parts: Parts = None,
     ) -> StepGrads:
         inp, grad_inp, grad_cond, grads_by_id, grad_parts = self.backward_stages(
             out, grad_out, grad_logdet, cond, reverse, select_backend(self.backend, out), parts
@@ -285,7 +283,7 @@ class AffineCoupling(FusedLayer):
         cond: Tensor | None,
         reverse: bool,
         backend: str,
-        parts: list[Tensor] | None = None,
+        parts: Parts = None,
     ) -> tuple[Tensor, Tensor, Tensor | None, dict[int, Tensor | None], list[Tensor | None] | None]:
         """Backward with recompute through the stages: one subnet evaluation per stage on the
         output's passive channels, then the fused op. Returns (inp, grad_inp, grad_cond,

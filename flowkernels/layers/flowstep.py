@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..dispatch import select_backend
 from ..ops.actnorm_conv import actnorm_conv_bwd, actnorm_conv_fwd, actnorm_conv_inv
-from ._cond_parts import CondProjection
+from ._cond_parts import CondProjection, Parts
 from ._contract import StepGrads, check_cond, check_flow_input, flat_grads, flow_precision, in_plain_mode
 from .actnorm import ActNorm2d
 from .base import FusedLayer
@@ -69,9 +69,7 @@ class FlowStep(FusedLayer):
         """The coupling's (see :meth:`AffineCoupling.cond_projections`); none without one."""
         return self.affine.cond_projections() if self.affine is not None else []
 
-    def _run(
-        self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool, parts: list[Tensor] | None = None
-    ) -> Tensor:
+    def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool, parts: Parts = None) -> Tensor:
         if in_plain_mode():
             return self._run_submodules(x, cond, logdet, reverse)
         backend = self.kernel_backend(x)
@@ -110,7 +108,7 @@ class FlowStep(FusedLayer):
         grad_logdet: Tensor,
         cond: Tensor | None,
         reverse: bool,
-        parts: list[Tensor] | None = None,
+        parts: Parts = None,
     ) -> StepGrads:
         """Fused backward with recompute: the coupling's stages (one subnet evaluation each),
         then one pass of the actnorm+1x1 kernel (or the other way round for ``reverse``)."""
