@@ -76,6 +76,20 @@ def test_batched_equals_per_step(backend: str, memory_saving: bool, reverse: boo
     _assert_match(got, want, ["z", "logdet", "x", "cond", *(n for n, _ in seq.named_parameters())])
 
 
+@pytest.mark.parametrize("backend", _available_backends())
+def test_batched_equals_per_step_channels_last(backend: str):
+    """channels_last flow state and conditioning (the parts and their slices keep that layout)."""
+    *tensors, cot_ld = _inputs()
+    x, cond, cot = (t.contiguous(memory_format=torch.channels_last) for t in tensors)
+    with fk.use_backend(backend):
+        seq = trained_level(6, C, COND, x, cond)
+        batched, per_step = _pair(seq, CHUNKS["several"], False)
+        got = _outputs_and_grads(batched, x, cond, cot, cot_ld, False)
+        want = _outputs_and_grads(per_step, x, cond, cot, cot_ld, False)
+    assert got[0].stride() == want[0].stride()  # the same output layout as the per-step path
+    _assert_match(got, want, ["z", "logdet", "x", "cond", *(n for n, _ in seq.named_parameters())])
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "inverse"])
 def test_batched_no_grad_equals_per_step(reverse: bool):
     """Sampling/encoding without autograd (the path SRFlow's sample and decode take)."""
