@@ -84,7 +84,9 @@ def _checkpoint_steps(model: srflow.SRFlow) -> None:
             )
 
 
-def build(preset: str, variant: dict, device: torch.device, rrdb_trainable: bool) -> srflow.SRFlow:
+def build(
+    preset: str, variant: dict, device: torch.device, rrdb_trainable: bool, chunk_mib: float | None = None
+) -> srflow.SRFlow:
     model = srflow.SRFlow.from_preset(
         preset,
         memory_saving=variant["memory_saving"],
@@ -92,7 +94,8 @@ def build(preset: str, variant: dict, device: torch.device, rrdb_trainable: bool
         rrdb_trainable=rrdb_trainable,
         seed=0,
     ).to(device)
-    model.set_cond_batching(variant["cond_batching"], keep_parts=variant["keep_cond_parts"])
+    chunk = fk.DEFAULT_COND_CHUNK_BYTES if chunk_mib is None else int(chunk_mib * 2**20)
+    model.set_cond_batching(variant["cond_batching"], chunk_bytes=chunk, keep_parts=variant["keep_cond_parts"])
     if variant["checkpoint"]:
         _checkpoint_steps(model)
     if variant["channels_last"]:
@@ -214,9 +217,15 @@ def fit(points: list[dict]) -> dict | None:
 
 def run_variant(name: str, args, device, official_b16_peak: float | None, deadline: float) -> dict:
     variant = parse_variant(name)
-    result: dict = {"variant": name, **variant, "rrdb_trainable": args.rrdb_trainable, "points": []}
+    result: dict = {
+        "variant": name,
+        **variant,
+        "rrdb_trainable": args.rrdb_trainable,
+        "cond_chunk_mib": args.cond_chunk_mib,
+        "points": [],
+    }
     try:
-        model = build(args.preset, variant, device, args.rrdb_trainable)
+        model = build(args.preset, variant, device, args.rrdb_trainable, args.cond_chunk_mib)
         hr, lr = batch_of(model, 2, args.hr_size, device, variant["channels_last"])
         model.initialize_actnorms(hr, lr)
         for batch in args.batches:
@@ -282,6 +291,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--sample-batch", type=int, default=16)
     parser.add_argument("--rrdb-trainable", action="store_true")
+    parser.add_argument(
+        "--cond-chunk-mib", type=float, default=None, help="level batching chunk budget (default: the library's)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU: torch threads per variant (0: default)")
     parser.add_argument("--max-seconds", type=float, default=420.0, help="stop starting new measurements after this")
     args = parser.parse_args()
