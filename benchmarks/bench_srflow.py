@@ -6,23 +6,34 @@ One training step = RRDB conditioning + flow NLL forward + backward + Adam step,
 * ``official``: stored-activation autograd over the reference ops (the official model's maths);
 * ``checkpoint``: the same with torch.utils.checkpoint (non-reentrant) around every flow step,
   what a user can do today;
-* ``ms-<backend>[-bf16][-cl]``: memory-saving flow levels with a flowkernels backend, optionally
-  bf16 autocast of the subnets and channels_last.
+* ``ms-<backend>[-bf16][-cl][-perstep|-keep]``: memory-saving flow levels with a flowkernels
+  backend, optionally bf16 autocast (RRDB and subnets; the flow state stays fp32) and
+  channels_last; level batching of the conditioning convolutions is on (FlowSequence's
+  ``cond_batching``), ``-perstep`` turns it off (every step convolves the RRDB features itself),
+  ``-keep`` keeps the batched parts from forward to backward (``keep_cond_parts``).
 
 For each variant and batch: median step time over timed steps, samples/s and peak memory
-(``max_memory_allocated``, model and optimizer state included). From two batch sizes a linear
+(``max_memory_allocated``, model and optimizer state included; on the CPU each variant runs in
+its own process and reports that process's peak resident set, total and above its RSS before the
+first training step). From two batch sizes a linear
 fit gives GiB per sample, the largest batch within 10/24/80 GiB, and the batch that fits in the
 memory ``official`` needs at batch 16, which is then measured. Sampling: ``sample`` of a batch
 of 40x40 LR at temperature 0.9.
 
     python -m benchmarks.bench_srflow [--preset df2k-4x] [--variants ...] [--smoke] [--out DIR]
+    python -m benchmarks.bench_srflow --device cpu --variants ms-cuda-perstep,ms-cuda,ms-cuda-keep \
+        --batches 4 --hr-size 96 --sample-batch 0        # level batching vs per-step on the CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import multiprocessing
+import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -45,15 +56,21 @@ def parse_variant(name: str) -> dict:
             "checkpoint": parts[0] == "checkpoint",
             "bf16": "bf16" in parts,
             "channels_last": "cl" in parts,
+            "cond_batching": False,
+            "keep_cond_parts": False,
         }
-    if parts[0] != "ms" or len(parts) < 2:
-        raise ValueError(f"variant: expected official, checkpoint or ms-<backend>[-bf16][-cl], got {name!r}")
+    if parts[0] != "ms" or len(parts) < 2 or ("perstep" in parts and "keep" in parts):
+        raise ValueError(
+            f"variant: expected official, checkpoint or ms-<backend>[-bf16][-cl][-perstep|-keep], got {name!r}"
+        )
     return {
         "memory_saving": True,
         "backend": parts[1],
         "checkpoint": False,
         "bf16": "bf16" in parts,
         "channels_last": "cl" in parts,
+        "cond_batching": "perstep" not in parts,
+        "keep_cond_parts": "keep" in parts,
     }
 
 
@@ -67,7 +84,9 @@ def _checkpoint_steps(model: srflow.SRFlow) -> None:
             )
 
 
-def build(preset: str, variant: dict, device: torch.device, rrdb_trainable: bool) -> srflow.SRFlow:
+def build(
+    preset: str, variant: dict, device: torch.device, rrdb_trainable: bool, chunk_mib: float | None = None
+) -> srflow.SRFlow:
     model = srflow.SRFlow.from_preset(
         preset,
         memory_saving=variant["memory_saving"],
@@ -75,6 +94,8 @@ def build(preset: str, variant: dict, device: torch.device, rrdb_trainable: bool
         rrdb_trainable=rrdb_trainable,
         seed=0,
     ).to(device)
+    chunk = fk.DEFAULT_COND_CHUNK_BYTES if chunk_mib is None else int(chunk_mib * 2**20)
+    model.set_cond_batching(variant["cond_batching"], chunk_bytes=chunk, keep_parts=variant["keep_cond_parts"])
     if variant["checkpoint"]:
         _checkpoint_steps(model)
     if variant["channels_last"]:
@@ -90,9 +111,10 @@ def batch_of(model: srflow.SRFlow, batch: int, hr_size: int, device: torch.devic
     return hr.contiguous(memory_format=fmt), lr.contiguous(memory_format=fmt)
 
 
-def measure_training(model, variant: dict, batch: int, hr_size: int, device, steps: int) -> dict:
-    """Median step time, samples/s and peak memory of ``steps`` timed steps after 2 warm-ups."""
+def measure_training(model, variant: dict, batch: int, hr_size: int, device, steps: int, warmup: int = 2) -> dict:
+    """Median step time, samples/s and peak memory of ``steps`` timed steps after ``warmup`` ones."""
     hr, lr = batch_of(model, batch, hr_size, device, variant["channels_last"])
+    rss_before = _rss_gib() if device.type == "cpu" else None
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if variant["bf16"] else contextlib.nullcontext()
 
@@ -103,8 +125,8 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
         loss.backward()
         opt.step()
 
-    step()
-    step()
+    for _ in range(warmup):
+        step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
     sync(device)
     if device.type == "cuda":
@@ -119,7 +141,22 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
     out = {"batch": batch, "ms": ms, "ms_min": min(times), "ms_max": max(times), "samples_per_s": batch / ms * 1e3}
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        out["peak_rss_gib"] = _peak_rss_gib()
+        out["rss_before_gib"] = rss_before
+        out["peak_rss_above_start_gib"] = out["peak_rss_gib"] - rss_before
     return out
+
+
+def _rss_gib() -> float:
+    """This process's current resident set (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak resident set so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def measure_sampling(model, batch: int, lr_size: int, device, reps: int) -> dict:
@@ -139,6 +176,33 @@ def measure_sampling(model, batch: int, lr_size: int, device, reps: int) -> dict
     return {"batch": batch, "lr_size": lr_size, "ms": statistics.median(times), "ms_min": min(times)}
 
 
+def batching_speedups(results: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per batch, the per-step variant's step time over each batched variant's (``X-perstep``
+    against ``X`` and ``X-keep``; > 1: batching is faster), from the medians and from the fastest
+    steps (on a shared machine other load only adds time, so the minimum is the steadier
+    estimate). A variant listed several times (to interleave the runs) counts with all its steps:
+    the median of its medians and the minimum of its minima."""
+    times: dict[tuple[str, int], list[dict]] = {}
+    for res in results:
+        for point in res["points"]:
+            if "ms" in point:
+                times.setdefault((res["variant"], point["batch"]), []).append(point)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (name, batch), per_step in sorted(times.items()):
+        if not name.endswith("-perstep"):
+            continue
+        base = name.removesuffix("-perstep")
+        for batched in (base, f"{base}-keep"):
+            if (batched, batch) not in times:
+                continue
+            other = times[(batched, batch)]
+            out.setdefault(f"{batched} vs {name}", {})[f"batch {batch}"] = {
+                "median": statistics.median(p["ms"] for p in per_step) / statistics.median(p["ms"] for p in other),
+                "min": min(p["ms_min"] for p in per_step) / min(p["ms_min"] for p in other),
+            }
+    return out
+
+
 def fit(points: list[dict]) -> dict | None:
     """Linear fit peak = fixed + per_sample * batch over the measured batches."""
     pts = [(p["batch"], p["peak_gib"]) for p in points if "peak_gib" in p]
@@ -153,9 +217,15 @@ def fit(points: list[dict]) -> dict | None:
 
 def run_variant(name: str, args, device, official_b16_peak: float | None, deadline: float) -> dict:
     variant = parse_variant(name)
-    result: dict = {"variant": name, **variant, "rrdb_trainable": args.rrdb_trainable, "points": []}
+    result: dict = {
+        "variant": name,
+        **variant,
+        "rrdb_trainable": args.rrdb_trainable,
+        "cond_chunk_mib": args.cond_chunk_mib,
+        "points": [],
+    }
     try:
-        model = build(args.preset, variant, device, args.rrdb_trainable)
+        model = build(args.preset, variant, device, args.rrdb_trainable, args.cond_chunk_mib)
         hr, lr = batch_of(model, 2, args.hr_size, device, variant["channels_last"])
         model.initialize_actnorms(hr, lr)
         for batch in args.batches:
@@ -163,7 +233,7 @@ def run_variant(name: str, args, device, official_b16_peak: float | None, deadli
                 result["truncated"] = "time budget reached"
                 break
             try:
-                point = measure_training(model, variant, batch, args.hr_size, device, args.steps)
+                point = measure_training(model, variant, batch, args.hr_size, device, args.steps, args.warmup)
             except Exception as exc:  # noqa: BLE001
                 if not is_oom(exc):
                     raise
@@ -192,6 +262,23 @@ def run_variant(name: str, args, device, official_b16_peak: float | None, deadli
     return result
 
 
+def run_variant_isolated(name: str, args, device, official_b16_peak: float | None, deadline: float) -> dict:
+    """:func:`run_variant`; on the CPU in a fresh process, so its peak RSS is its own."""
+    if device.type != "cpu":
+        return run_variant(name, args, device, official_b16_peak, deadline)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        # time.perf_counter is per process: pass the time left, not the deadline
+        left = deadline - time.perf_counter()
+        return pool.submit(_run_variant_child, name, args, str(device), official_b16_peak, left).result()
+
+
+def _run_variant_child(name: str, args, device: str, official_b16_peak: float | None, left: float) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return run_variant(name, args, torch.device(device), official_b16_peak, time.perf_counter() + left)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
@@ -199,10 +286,15 @@ def main() -> None:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
     parser.add_argument("--batches", default="16,64", help="batch sizes for time and the memory fit")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per point")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--hr-size", type=int, default=160)
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--sample-batch", type=int, default=16)
     parser.add_argument("--rrdb-trainable", action="store_true")
+    parser.add_argument(
+        "--cond-chunk-mib", type=float, default=None, help="level batching chunk budget (default: the library's)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="CPU: torch threads per variant (0: default)")
     parser.add_argument("--max-seconds", type=float, default=420.0, help="stop starting new measurements after this")
     args = parser.parse_args()
     if args.smoke:
@@ -213,11 +305,18 @@ def main() -> None:
     results = []
     official_b16 = None
     for name in args.variants.split(","):
-        res = run_variant(name, args, device, official_b16, deadline)
+        res = run_variant_isolated(name, args, device, official_b16, deadline)
         if name == "official":
             official_b16 = next((p.get("peak_gib") for p in res["points"] if p.get("batch") == 16), None)
         results.append(res)
-    payload = {"env": environment(device), "preset": args.preset, "hr_size": args.hr_size, "results": results}
+    payload = {
+        "env": environment(device),
+        "preset": args.preset,
+        "hr_size": args.hr_size,
+        "command": " ".join(sys.argv),
+        "results": results,
+        "batching_speedup": batching_speedups(results),
+    }
     path = write_json(f"bench_srflow_{args.preset}", payload, args.out)
     print(f"wrote {path}")
 

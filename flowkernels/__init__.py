@@ -18,10 +18,12 @@ from .dispatch import (
     validate_backend,
 )
 from .layers import (
+    DEFAULT_COND_CHUNK_BYTES,
     ActNorm,
     ActNorm2d,
     AffineCoupling,
     CondAffineCoupling,
+    CondProjection,
     Conv2dActNorm,
     Conv2dZeros,
     FlowSequence,
@@ -30,6 +32,7 @@ from .layers import (
     InvertibleModule,
     Split2d,
     Squeeze,
+    Subnet,
     initialize_actnorms,
     make_subnet,
     validate_keep_every,
@@ -41,11 +44,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_COND_CHUNK_BYTES",
     "ActNorm",
     "ActNorm2d",
     "AffineCoupling",
     "BackendUnavailableError",
     "CondAffineCoupling",
+    "CondProjection",
     "Conv2dActNorm",
     "Conv2dZeros",
     "FlowSequence",
@@ -54,6 +59,7 @@ __all__ = [
     "InvertibleModule",
     "Split2d",
     "Squeeze",
+    "Subnet",
     "check_backend_available",
     "get_backend",
     "initialize_actnorms",

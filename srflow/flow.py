@@ -21,6 +21,9 @@ parameters, and :meth:`FlowUpsamplerNet.train` passes the train/eval flag on to 
 FlowSequence in training mode refuses uninitialised ActNorms; :meth:`SRFlow.initialize_actnorms`
 initialises them explicitly).
 Squeeze and Split2d run outside the units with ordinary autograd (no subnet activations).
+Level batching (FlowSequence's ``cond_batching``, on by default; :meth:`FlowUpsamplerNet.set_cond_batching`):
+the RRDB-feature parts of the first convolutions of both subnets of a chunk of a level's steps
+are one convolution, in training, encoding and sampling alike.
 """
 
 from __future__ import annotations
@@ -129,6 +132,15 @@ class FlowUpsamplerNet(nn.Module):
         for level in self._levels:
             level.sequence.memory_saving = bool(memory_saving)
             level.sequence.keep_every = keep_every
+
+    def set_cond_batching(
+        self, enabled: bool, *, chunk_bytes: int = fk.DEFAULT_COND_CHUNK_BYTES, keep_parts: bool = False
+    ) -> None:
+        """Level batching of every level's FlowSequence (:meth:`flowkernels.FlowSequence.set_cond_batching`):
+        the RRDB-feature parts of all subnet first convolutions of a chunk of steps as one
+        convolution (on by default), chunked by ``chunk_bytes``, optionally kept for backward."""
+        for level in self._levels:
+            level.sequence.set_cond_batching(enabled, chunk_bytes=chunk_bytes, keep_parts=keep_parts)
 
     def set_backend(self, backend: str | None) -> None:
         """Set the flowkernels backend of every FlowStep (and its coupling)."""

@@ -259,6 +259,13 @@ class SRFlow(nn.Module):
         """Switch every flow level between the memory-saving unit and plain autograd."""
         self.flowUpsamplerNet.set_memory_saving(memory_saving, keep_every)
 
+    def set_cond_batching(
+        self, enabled: bool, *, chunk_bytes: int = fk.DEFAULT_COND_CHUNK_BYTES, keep_parts: bool = False
+    ) -> None:
+        """Level batching of the flow's conditioning convolutions
+        (:meth:`FlowUpsamplerNet.set_cond_batching`; on by default, ``keep_parts`` off)."""
+        self.flowUpsamplerNet.set_cond_batching(enabled, chunk_bytes=chunk_bytes, keep_parts=keep_parts)
+
     @property
     def backend(self) -> str | None:
         return self._backend

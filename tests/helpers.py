@@ -70,3 +70,13 @@ def trained_level(depth: int, channels: int, cond_channels: int, x: torch.Tensor
     steps = [fk.FlowStep(channels) for _ in range(2)]
     steps += [fk.FlowStep(channels, fk.CondAffineCoupling(channels, cond_channels, 16)) for _ in range(depth - 2)]
     return trained_like_(fk.FlowSequence(steps, **kw), x, cond)
+
+
+def level_inputs(batch: int, channels: int, cond_channels: int, hw: int) -> tuple[torch.Tensor, ...]:
+    """(x, cond, cotangent of z, cotangent of logdet) for a level of ``channels`` at hw x hw."""
+    return (
+        torch.randn(batch, channels, hw, hw),
+        torch.randn(batch, cond_channels, hw, hw),
+        torch.randn(batch, channels, hw, hw),
+        torch.randn(batch),
+    )

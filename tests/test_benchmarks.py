@@ -34,7 +34,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _run("benchmarks.bench_affine_coupling", *common, "--providers", kernels, "--modes", "inv,full")
     _run("benchmarks.bench_stack", *common, "--providers", "eager,checkpoint,ms-reference", "--modes", "full")
     _run("benchmarks.bench_memory", *common)
-    _run("benchmarks.bench_srflow", *common, "--variants", "official,ms-reference-cl", "--steps", "1")
+    variants = "official,ms-reference-cl,ms-reference-perstep,ms-reference"
+    _run("benchmarks.bench_srflow", *common, "--variants", variants, "--steps", "1")
     _run("benchmarks.report", str(out))
     return out
 
@@ -45,8 +46,15 @@ def test_every_benchmark_writes_rows_without_errors(results: Path):
         assert rows, name
         assert not [r for r in rows if "error" in r], f"{name}: {[r['error'] for r in rows if 'error' in r]}"
     srflow = json.loads((results / "bench_srflow_tiny-4x.json").read_text())
-    assert [r["variant"] for r in srflow["results"]] == ["official", "ms-reference-cl"]
+    assert [r["variant"] for r in srflow["results"]] == [
+        "official",
+        "ms-reference-cl",
+        "ms-reference-perstep",
+        "ms-reference",
+    ]
     assert all("error" not in r and len(r["points"]) == 2 for r in srflow["results"])
+    speedup = srflow["batching_speedup"]["ms-reference vs ms-reference-perstep"]
+    assert set(speedup) == {"batch 2", "batch 4"} and all(v["median"] > 0 for v in speedup.values())
 
 
 def test_report_has_every_section(results: Path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flowkernels as fk
-from tests.helpers import randomize_, srflow_level, trained_level
+from tests.helpers import level_inputs, randomize_, srflow_level, trained_level
 from tests.tolerances import BF16_ERROR_RATIO, REL_TOL, ROUND_TRIP_ABS, rel_err
 
 C, COND, HW = 12, 6, 6  # level-1 SRFlow channels, a small conditioning tensor, tiny images
@@ -39,12 +39,7 @@ def _grads(seq: fk.FlowSequence, x, cond, cot, cot_ld, reverse: bool = False) ->
 
 
 def _inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
-    return (
-        torch.randn(batch, C, HW, HW),
-        torch.randn(batch, COND, HW, HW),
-        torch.randn(batch, C, HW, HW),
-        torch.randn(batch),
-    )
+    return level_inputs(batch, C, COND, HW)
 
 
 @pytest.mark.slow

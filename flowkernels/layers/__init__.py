@@ -1,17 +1,28 @@
 """Invertible flow layers sharing one contract (see :mod:`flowkernels.layers.base`)."""
 
+from ._cond_parts import CondProjection
 from ._contract import StepGrads
 from ._unit import invertible_backprop
 from .actnorm import ActNorm, ActNorm2d, initialize_actnorms
 from .base import InvertibleModule
-from .coupling import AffineCoupling, CondAffineCoupling, Conv2dActNorm, Conv2dZeros, make_subnet, validate_scale_floor
+from .coupling import (
+    AffineCoupling,
+    CondAffineCoupling,
+    Conv2dActNorm,
+    Conv2dZeros,
+    Subnet,
+    make_subnet,
+    validate_scale_floor,
+)
 from .flowstep import FlowStep
 from .invconv import InvConv1x1
-from .sequence import FlowSequence, validate_keep_every
+from .sequence import DEFAULT_COND_CHUNK_BYTES, FlowSequence, validate_keep_every
 from .split import Split2d
 from .squeeze import Squeeze
 
 __all__ = [
+    "DEFAULT_COND_CHUNK_BYTES",
+    "CondProjection",
     "ActNorm",
     "ActNorm2d",
     "AffineCoupling",
@@ -25,6 +36,7 @@ __all__ = [
     "Split2d",
     "Squeeze",
     "StepGrads",
+    "Subnet",
     "initialize_actnorms",
     "invertible_backprop",
     "make_subnet",

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops._common import logdet_buffer
+from ._cond_parts import CondProjection
 
 __all__ = [
     "DataInitialized",
@@ -87,13 +88,16 @@ class StepGrads(NamedTuple):
     """What a layer's ``backward_from_output`` returns.
 
     inp: the rebuilt input; grad_inp: dL/dinp; grad_cond: dL/dcond (None if cond is None);
-    grad_params: dL/dp for each tensor of the layer's ``trainable_parameters()``, same order.
+    grad_params: dL/dp for each tensor of the layer's ``trainable_parameters()``, same order;
+    grad_parts: dL/dpart for each precomputed conditioning part the layer was given (None when
+    it was given none), whose weight-column and cond gradients the caller completes.
     """
 
     inp: Tensor
     grad_inp: Tensor
     grad_cond: Tensor | None
     grad_params: list[Tensor | None]
+    grad_parts: list[Tensor | None] | None = None
 
 
 class RecomputableStep(Protocol):
@@ -106,6 +110,8 @@ class RecomputableStep(Protocol):
     ) -> StepGrads: ...
 
     def trainable_parameters(self) -> list[Tensor]: ...
+
+    def cond_projections(self) -> list[CondProjection]: ...
 
 
 def flat_grads(params: Sequence[Tensor], grads_by_id: dict[int, Tensor | None]) -> list[Tensor | None]:

@@ -8,6 +8,14 @@ with grad per coupling stage plus the fused backward-with-recompute kernels). Gr
 returned for the input, the incoming log-det, the conditioning tensor and every trainable
 parameter, so the unit composes with any autograd graph (a trainable encoder, DDP).
 
+Level batching (:mod:`~flowkernels.layers._cond_parts`): the steps come in chunks. Forward
+computes the conditioning parts of a chunk in one convolution (no grad) and hands each step its
+slices; backward walks the chunks in reverse, takes the chunk's parts (kept from forward when
+``keep_parts``, else recomputed under the forward's autocast), collects the steps' part
+gradients into one stacked tensor and reduces it with one weight-gradient GEMM and one
+transposed convolution for the conditioning gradient. Without batching there is one chunk
+without projections, and the unit is the per-step unit.
+
 The unit calls layers' ``_run`` and ``backward_from_output``, never their ``forward``: nothing
 inside it (or its recompute) checks or initialises ActNorms. It needs of a layer only the
 :class:`~flowkernels.layers._contract.RecomputableStep` protocol, so it imports no layer.
@@ -21,9 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._cond_parts import PartChunk, plan_chunks
 from ._contract import RecomputableStep
 
-__all__ = ["invertible_backprop"]
+__all__ = ["invertible_backprop", "run_steps", "step_chunks"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,6 +42,11 @@ class _Plan:
     steps: tuple[RecomputableStep, ...]
     reverse: bool
     keep_every: int | None
+    chunks: tuple[PartChunk, ...]
+    keep_parts: bool
+    # per chunk, per projection: its weight's index in the owner's trainable_parameters()
+    # (None for a frozen weight)
+    weight_index: tuple[tuple[int | None, ...], ...]
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
@@ -45,14 +59,10 @@ class _InvertibleBackprop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, autocast: tuple, x: Tensor, logdet: Tensor, cond: Tensor | None, *params: Tensor):  # noqa: ANN001, ANN205
         buf = logdet.detach().clone()
-        y = x.detach()
-        kept, kept_at = [], []
         with torch.no_grad():
-            for i, step in enumerate(plan.steps):
-                if plan.keep_every and i and i % plan.keep_every == 0:
-                    kept.append(y)
-                    kept_at.append(i)
-                y = step._run(y, cond, buf, plan.reverse)
+            y, kept_at, kept, kept_parts = run_steps(
+                plan.steps, plan.chunks, x.detach(), cond, buf, plan.reverse, plan.keep_every, plan.keep_parts
+            )
         ctx.plan = plan
         ctx.autocast = autocast
         ctx.kept_at = tuple(kept_at)
@@ -61,7 +71,7 @@ class _InvertibleBackprop(torch.autograd.Function):
         if not torch.compiler.is_compiling():
             ctx.saved_params = params
             ctx.param_versions = tuple(p._version for p in params)
-        ctx.save_for_backward(y, cond, *kept)
+        ctx.save_for_backward(y, cond, *kept, *kept_parts)
         return y, buf
 
     @staticmethod
@@ -69,8 +79,9 @@ class _InvertibleBackprop(torch.autograd.Function):
         plan: _Plan = ctx.plan
         if not torch.compiler.is_compiling():
             _check_unchanged(ctx)
-        y, cond, *kept = ctx.saved_tensors
-        kept_inputs = dict(zip(ctx.kept_at, kept))
+        y, cond, *saved = ctx.saved_tensors
+        kept_inputs = dict(zip(ctx.kept_at, saved[: len(ctx.kept_at)]))
+        kept_parts = list(saved[len(ctx.kept_at) :])
         grad_y = torch.zeros_like(y) if grad_y is None else grad_y
         if grad_logdet is None:
             grad_logdet = torch.zeros(y.shape[0], device=y.device, dtype=y.dtype)
@@ -78,12 +89,27 @@ class _InvertibleBackprop(torch.autograd.Function):
         grads: list[list[Tensor | None]] = [[] for _ in plan.steps]
         enabled, dtype = ctx.autocast
         with torch.autocast(y.device.type, dtype=dtype, enabled=enabled):
-            for i in range(len(plan.steps) - 1, -1, -1):
-                res = plan.steps[i].backward_from_output(y, grad_y, grad_logdet, cond, plan.reverse)
-                y, grad_y = kept_inputs.get(i, res.inp), res.grad_inp
-                if grad_cond is not None and res.grad_cond is not None:
-                    grad_cond += res.grad_cond
-                grads[i] = res.grad_params
+            for c in range(len(plan.chunks) - 1, -1, -1):
+                chunk = plan.chunks[c]
+                stacked = None
+                if chunk.projections:
+                    stacked = kept_parts.pop() if plan.keep_parts else chunk.project(cond)
+                parts = chunk.split(stacked)
+                grad_stacked = None if stacked is None else torch.zeros_like(stacked)
+                grad_parts = chunk.split(grad_stacked)
+                for i in range(chunk.stop - 1, chunk.start - 1, -1):
+                    res = plan.steps[i].backward_from_output(
+                        y, grad_y, grad_logdet, cond, plan.reverse, *_step_parts(parts, i)
+                    )
+                    y, grad_y = kept_inputs.get(i, res.inp), res.grad_inp
+                    if grad_cond is not None and res.grad_cond is not None:
+                        grad_cond += res.grad_cond
+                    grads[i] = res.grad_params
+                    for dst, g in zip(grad_parts.get(i, ()), res.grad_parts or ()):
+                        if g is not None:
+                            dst.copy_(g)
+                if grad_stacked is not None:
+                    _reduce_chunk(plan, c, cond, grad_stacked, grads, grad_cond)
         flat = [g for step_grads in grads for g in step_grads]
         return (None, None, grad_y, grad_logdet, grad_cond, *flat)
 
@@ -106,6 +132,66 @@ def _check_unchanged(ctx) -> None:  # noqa: ANN001
         )
 
 
+def run_steps(
+    steps: Sequence[RecomputableStep],
+    chunks: Sequence[PartChunk],
+    x: Tensor,
+    cond: Tensor | None,
+    logdet: Tensor,
+    reverse: bool,
+    keep_every: int | None = None,
+    keep_parts: bool = False,
+) -> tuple[Tensor, list[int], list[Tensor], list[Tensor]]:
+    """Run ``steps`` (application order) chunk by chunk: each chunk's conditioning parts in one
+    convolution, then its steps with their slices; ``logdet`` updated in place. With autograd on
+    (a plain run on the reference backend) gradients flow through the stacked weight on their own.
+
+    Returns (y, indices of the steps whose input was kept (every ``keep_every``-th), those inputs,
+    each chunk's stacked parts if ``keep_parts``)."""
+    kept_at, kept, kept_parts = [], [], []
+    for chunk in chunks:
+        stacked = chunk.project(cond) if chunk.projections else None
+        if keep_parts and stacked is not None:
+            kept_parts.append(stacked)
+        parts = chunk.split(stacked)
+        for i in range(chunk.start, chunk.stop):
+            if keep_every and i and i % keep_every == 0:
+                kept.append(x)
+                kept_at.append(i)
+            x = steps[i]._run(x, cond, logdet, reverse, *_step_parts(parts, i))
+    return x, kept_at, kept, kept_parts
+
+
+def _step_parts(parts: dict[int, list[Tensor]], i: int) -> tuple:
+    """The extra ``parts`` argument of step ``i`` (nothing for a step without projections)."""
+    return (parts[i],) if i in parts else ()
+
+
+def _reduce_chunk(
+    plan: _Plan,
+    c: int,
+    cond: Tensor,
+    grad_stacked: Tensor,
+    grads: list[list[Tensor | None]],
+    grad_cond: Tensor | None,
+) -> None:
+    """Complete chunk ``c``'s gradients from its stacked part gradients: add each projection's
+    conditioning-column weight gradient to its owner's gradient list, and the conditioning
+    gradient to ``grad_cond`` (both in place)."""
+    chunk = plan.chunks[c]
+    weight_grads, g_cond = chunk.reduce(cond, grad_stacked, grad_cond is not None)
+    for owner, proj, index, g in zip(chunk.owners, chunk.projections, plan.weight_index[c], weight_grads):
+        if index is None:
+            continue
+        own = grads[owner][index]
+        if own is None:  # the step's own part of the weight was unused (a cond-only subnet)
+            own = torch.zeros_like(proj.weight)
+            grads[owner][index] = own
+        own[:, proj.start :] += g
+    if g_cond is not None:
+        grad_cond += g_cond
+
+
 def invertible_backprop(
     steps: Sequence[RecomputableStep],
     x: Tensor,
@@ -114,12 +200,38 @@ def invertible_backprop(
     *,
     reverse: bool = False,
     keep_every: int | None = None,
+    cond_chunk_bytes: int | None = None,
+    keep_parts: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Apply ``steps`` (their inverses in reverse order when ``reverse``) as one memory-saving
-    autograd unit. x: (B, C, H, W) float32; logdet: (B,) float32. Returns (y, logdet)."""
+    autograd unit. x: (B, C, H, W) float32; logdet: (B,) float32. Returns (y, logdet).
+
+    ``cond_chunk_bytes``: batch the steps' ``cond_projections()`` over ``cond`` in chunks of at
+    most that many bytes of conditioning parts (None: no batching, every step reads ``cond``
+    itself); ``keep_parts``: keep the parts from forward to backward instead of recomputing them.
+    """
     order = tuple(reversed(steps)) if reverse else tuple(steps)
     params = [step.trainable_parameters() for step in order]
-    plan = _Plan(order, reverse, keep_every)
+    chunks = step_chunks(order, cond, cond_chunk_bytes)
+    weight_index = tuple(
+        tuple(_index_of(proj.weight, params[owner]) for owner, proj in zip(chunk.owners, chunk.projections))
+        for chunk in chunks
+    )
+    plan = _Plan(order, reverse, keep_every, chunks, keep_parts, weight_index)
     flat = [p for step_params in params for p in step_params]
     autocast = _autocast_state(x.device.type)
     return _InvertibleBackprop.apply(plan, autocast, x, logdet, cond, *flat)
+
+
+def step_chunks(
+    steps: Sequence[RecomputableStep], cond: Tensor | None, cond_chunk_bytes: int | None
+) -> tuple[PartChunk, ...]:
+    """The chunks of ``steps`` (application order) for :func:`run_steps`: one chunk without
+    projections when ``cond_chunk_bytes`` is None (no batching) or there is no ``cond``."""
+    if cond_chunk_bytes is None or cond is None:
+        return (PartChunk(0, len(steps)),)
+    return plan_chunks([step.cond_projections() for step in steps], cond, cond_chunk_bytes)
+
+
+def _index_of(param: Tensor, params: list[Tensor]) -> int | None:
+    return next((j for j, p in enumerate(params) if p is param), None)

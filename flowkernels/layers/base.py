@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dispatch import select_backend
+from ._cond_parts import CondProjection
 from ._contract import (
     StepGrads,
     check_dtype_matches,
@@ -52,41 +53,51 @@ __all__ = ["InvertibleModule", "FusedLayer", "module_pullback"]
 
 
 def module_pullback(
-    module: nn.Module, *inputs: Tensor, input_grads: Sequence[bool] | None = None
+    module: nn.Module, *inputs: Tensor | None, input_grads: Sequence[bool] | None = None
 ) -> tuple[Tensor, Callable[[Tensor], tuple[tuple[Tensor | None, ...], list[Tensor | None]]]]:
     """Evaluate ``module(*inputs)`` once with grad and return ``(out, pull)``.
 
     ``pull(grad_out)`` returns (grads of the inputs, grads of the module's trainable parameters);
     ``input_grads`` says which inputs need one (default all): skipping an input skips e.g. the
     data gradient of a first convolution over a frozen encoder's 320 conditioning channels.
+    A None input is passed on as None and gets a None gradient (:class:`~flowkernels.layers.coupling.Subnet`
+    called with a precomputed conditioning part and no flow-state input).
     Eagerly this is ``torch.autograd.grad`` (cheapest); under ``torch.compile`` it is
     ``torch.func.vjp`` over ``functional_call``, which Dynamo can trace inside a backward (it
     returns every input's gradient).
     """
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     params = [p for p in module.parameters() if p.requires_grad]
+    present = [i for i, t in enumerate(inputs) if t is not None]
     if torch.compiler.is_compiling():
 
         def call(ins: tuple[Tensor, ...], ps: list[Tensor]) -> Tensor:
-            return torch.func.functional_call(module, dict(zip(names, ps)), ins)
+            full = list(inputs)
+            for i, t in zip(present, ins):
+                full[i] = t
+            return torch.func.functional_call(module, dict(zip(names, ps)), tuple(full))
 
-        out, vjp_fn = torch.func.vjp(call, tuple(inputs), params)
+        out, vjp_fn = torch.func.vjp(call, tuple(inputs[i] for i in present), params)
 
         def pull_compiled(grad_out: Tensor) -> tuple[tuple[Tensor | None, ...], list[Tensor | None]]:
-            g_in, g_params = vjp_fn(grad_out)
+            g_present, g_params = vjp_fn(grad_out)
+            g_in: list[Tensor | None] = [None] * len(inputs)
+            for i, g in zip(present, g_present):
+                g_in[i] = g
             return tuple(g_in), list(g_params)
 
         return out, pull_compiled
 
     wanted = [True] * len(inputs) if input_grads is None else list(input_grads)
     with torch.enable_grad():
-        leaves = tuple(t.detach().requires_grad_(w) for t, w in zip(inputs, wanted))
+        leaves = tuple(None if t is None else t.detach().requires_grad_(w) for t, w in zip(inputs, wanted))
         out = module(*leaves)
 
     def pull(grad_out: Tensor) -> tuple[tuple[Tensor | None, ...], list[Tensor | None]]:
-        wrt = [t for t in leaves if t.requires_grad]
+        needed = [t is not None and t.requires_grad for t in leaves]
+        wrt = [t for t, n in zip(leaves, needed) if n]
         grads = iter(torch.autograd.grad(out, (*wrt, *params), grad_out, allow_unused=True))
-        g_in = tuple(next(grads) if t.requires_grad else None for t in leaves)
+        g_in = tuple(next(grads) if n else None for n in needed)
         return g_in, list(grads)
 
     return out.detach(), pull
@@ -154,6 +165,17 @@ class InvertibleModule(nn.Module):
     def trainable_parameters(self) -> list[Tensor]:
         """The parameters that get gradients, in ``parameters()`` order."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def cond_projections(self) -> list[CondProjection]:
+        """Convolutions over the conditioning tensor that a :class:`~flowkernels.FlowSequence`
+        may batch across steps (:mod:`flowkernels.layers._cond_parts`); none by default.
+
+        A layer returning some must accept ``parts`` (one (B, out, H, W) tensor per projection,
+        in this order) as a last argument of ``_run`` and ``backward_from_output``, use
+        ``conv(cond, projection.cond_weight()) = part`` instead of reading those columns, and
+        return the parts' gradients in ``StepGrads.grad_parts``.
+        """
+        return []
 
     def backward_from_output(
         self, out: Tensor, grad_out: Tensor, grad_logdet: Tensor, cond: Tensor | None, reverse: bool

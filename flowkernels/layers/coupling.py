@@ -15,6 +15,12 @@ shift/scale to invert and the graph for the gradient (DESIGN.md section 3).
 Subnets follow the official SRFlow layout (keys ``0``, ``2``, ``4``): conv3x3 (no bias) +
 ActNorm, ReLU, conv1x1 (no bias) + ActNorm, ReLU, zero-initialised conv3x3 with bias whose
 output is scaled by ``exp(3 * logs)``.
+
+Level batching (:mod:`flowkernels.layers._cond_parts`): a conditional coupling declares the
+conditioning columns of its subnets' first convolutions (:meth:`AffineCoupling.cond_projections`);
+a :class:`~flowkernels.FlowSequence` then computes their conditioning parts for many steps in
+one convolution and passes each stage its part, and the stage evaluates
+``Subnet(x1, part) = rest(actnorm(conv(x1, W[:, :C1]) + part))``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import Tensor, nn
 
 from ..dispatch import select_backend
 from ..ops.affine_coupling import SRFLOW_EPS, affine_coupling_bwd, affine_coupling_fwd, affine_coupling_inv
+from ._cond_parts import CondProjection, Parts
 from ._contract import StepGrads, check_cond, check_flow_input, flat_grads, flow_precision
 from .actnorm import ActNorm
 from .base import FusedLayer, module_pullback
@@ -39,6 +46,7 @@ __all__ = [
     "AffineCoupling",
     "CondAffineCoupling",
     "Stage",
+    "Subnet",
     "validate_scale_floor",
 ]
 
@@ -77,9 +85,33 @@ class Conv2dZeros(nn.Module):
         return F.conv2d(x, self.weight, self.bias, padding=1) * torch.exp(self.logs * self.logscale_factor)
 
 
-def make_subnet(in_channels: int, out_channels: int, hidden: int = 64) -> nn.Sequential:
+class Subnet(nn.Sequential):
+    """The coupling subnet (``make_subnet``): a Sequential whose first layer is a
+    :class:`Conv2dActNorm`, callable with its conditioning part precomputed.
+
+    ``subnet(inp)``: the plain Sequential. ``subnet(x1, part)``: the same output for
+    ``inp = cat(x1, cond)`` (or ``inp = cond`` with ``x1=None``), given
+    ``part = conv(cond, first.weight[:, C1:])`` (B, hidden, H, W), C1 = x1's channels:
+    ``first = actnorm(conv(x1, first.weight[:, :C1]) + part)``, then the other layers.
+    """
+
+    def forward(self, x: Tensor | None, part: Tensor | None = None) -> Tensor:
+        if part is None:
+            return super().forward(x)
+        first = self[0]
+        if x is not None:
+            # Sum in the weight's dtype: under bf16 autocast both convolutions come out in bf16,
+            # and a bf16 sum would round a third time where the per-step convolution rounds once.
+            part = F.conv2d(x, first.weight[:, : x.shape[1]], padding=first.padding) + part.to(first.weight.dtype)
+        out = first.actnorm(part)
+        for layer in self[1:]:
+            out = layer(out)
+        return out
+
+
+def make_subnet(in_channels: int, out_channels: int, hidden: int = 64) -> Subnet:
     """The official SRFlow/Glow coupling subnet (keys 0, 2, 4); output starts at exactly zero."""
-    return nn.Sequential(
+    return Subnet(
         Conv2dActNorm(in_channels, hidden, 3),
         nn.ReLU(inplace=False),
         Conv2dActNorm(hidden, hidden, 1),
@@ -177,21 +209,50 @@ class AffineCoupling(FusedLayer):
         check_flow_input(x, self.channels)
         check_cond(cond, x, self.cond_channels)
 
-    def _stage_input(self, stage: Stage, x: Tensor, cond: Tensor | None) -> Tensor:
-        if not stage.reads_x:
-            return cond
-        x1 = x[:, : stage.passive]
-        return x1 if not self.cond_channels else torch.cat([x1, cond], dim=1)
+    def cond_projections(self) -> list[CondProjection]:
+        """The conditioning columns of each stage's first convolution, in stage order (empty
+        for an unconditional coupling): what a FlowSequence may precompute for many steps in
+        one convolution and pass back as ``parts`` (see the module docstring)."""
+        stages = self.stages()
+        if not self.cond_channels or not all(isinstance(stage.subnet, Subnet) for stage in stages):
+            return []
+        return [
+            CondProjection(stage.subnet[0].weight, stage.passive if stage.reads_x else 0, stage.subnet[0].padding)
+            for stage in stages
+        ]
 
-    def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool) -> Tensor:
-        return self.apply_stages(x, cond, logdet, reverse, self.kernel_backend(x))
+    def _subnet_inputs(
+        self, stage: Stage, x: Tensor, cond: Tensor | None, part: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        """The subnet's arguments: ``(cat(x1, cond),)``, ``(x1,)`` or ``(cond,)``; with a
+        precomputed conditioning ``part``, ``(x1 or None, part)``."""
+        x1 = x[:, : stage.passive] if stage.reads_x else None
+        if part is not None:
+            return x1, part
+        if x1 is None:
+            return (cond,)
+        return (x1 if not self.cond_channels else torch.cat([x1, cond], dim=1),)
 
-    def apply_stages(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool, backend: str) -> Tensor:
-        """Run the stages (reversed and inverted when ``reverse``), ``logdet`` updated in place."""
+    def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool, parts: Parts = None) -> Tensor:
+        return self.apply_stages(x, cond, logdet, reverse, self.kernel_backend(x), parts)
+
+    def apply_stages(
+        self,
+        x: Tensor,
+        cond: Tensor | None,
+        logdet: Tensor,
+        reverse: bool,
+        backend: str,
+        parts: Parts = None,
+    ) -> Tensor:
+        """Run the stages (reversed and inverted when ``reverse``), ``logdet`` updated in place.
+        ``parts``: the conditioning part of each stage (:meth:`cond_projections` order) or None."""
         stages = self.stages()
         op = affine_coupling_inv if reverse else affine_coupling_fwd
-        for stage in reversed(stages) if reverse else stages:
-            h = stage.subnet(self._stage_input(stage, x, cond))
+        order = range(len(stages) - 1, -1, -1) if reverse else range(len(stages))
+        for i in order:
+            stage = stages[i]
+            h = stage.subnet(*self._subnet_inputs(stage, x, cond, None if parts is None else parts[i]))
             if reverse and self.inverse_scale_floor is not None:
                 h, _ = floor_scale(h, self.inverse_scale_floor, self.eps)
             with flow_precision(x):
@@ -201,28 +262,47 @@ class AffineCoupling(FusedLayer):
         return x
 
     def backward_from_output(
-        self, out: Tensor, grad_out: Tensor, grad_logdet: Tensor, cond: Tensor | None, reverse: bool
+        self,
+        out: Tensor,
+        grad_out: Tensor,
+        grad_logdet: Tensor,
+        cond: Tensor | None,
+        reverse: bool,
+        parts: Parts = None,
     ) -> StepGrads:
-        inp, grad_inp, grad_cond, grads_by_id = self.backward_stages(
-            out, grad_out, grad_logdet, cond, reverse, select_backend(self.backend, out)
+        inp, grad_inp, grad_cond, grads_by_id, grad_parts = self.backward_stages(
+            out, grad_out, grad_logdet, cond, reverse, select_backend(self.backend, out), parts
         )
-        return StepGrads(inp, grad_inp, grad_cond, flat_grads(self.trainable_parameters(), grads_by_id))
+        return StepGrads(inp, grad_inp, grad_cond, flat_grads(self.trainable_parameters(), grads_by_id), grad_parts)
 
     def backward_stages(
-        self, out: Tensor, grad_out: Tensor, grad_logdet: Tensor, cond: Tensor | None, reverse: bool, backend: str
-    ) -> tuple[Tensor, Tensor, Tensor | None, dict[int, Tensor | None]]:
+        self,
+        out: Tensor,
+        grad_out: Tensor,
+        grad_logdet: Tensor,
+        cond: Tensor | None,
+        reverse: bool,
+        backend: str,
+        parts: Parts = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None, dict[int, Tensor | None], list[Tensor | None] | None]:
         """Backward with recompute through the stages: one subnet evaluation per stage on the
         output's passive channels, then the fused op. Returns (inp, grad_inp, grad_cond,
-        parameter gradients keyed by ``id(param)``)."""
+        parameter gradients keyed by ``id(param)``, gradients of ``parts`` or None).
+
+        With ``parts`` the stages never read ``cond`` (grad_cond is None), and the gradients of
+        the first convolutions' conditioning columns are left to whoever computed the parts."""
         stages = self.stages()
         grads_by_id: dict[int, Tensor | None] = {}
+        grad_parts: list[Tensor | None] | None = None if parts is None else [None] * len(stages)
         # cond as saved by the unit keeps requires_grad: False for a frozen encoder's features
-        cond_grad = cond is not None and bool(self.cond_channels) and cond.requires_grad
+        cond_grad = parts is None and cond is not None and bool(self.cond_channels) and cond.requires_grad
         grad_cond = torch.zeros_like(cond) if cond_grad else None
-        for stage in stages if reverse else reversed(stages):
-            h, pull = module_pullback(
-                stage.subnet, self._stage_input(stage, out, cond), input_grads=[stage.reads_x or cond_grad]
-            )
+        order = range(len(stages)) if reverse else range(len(stages) - 1, -1, -1)
+        for i in order:
+            stage = stages[i]
+            inputs = self._subnet_inputs(stage, out, cond, None if parts is None else parts[i])
+            wanted = [stage.reads_x, True] if parts is not None else [stage.reads_x or cond_grad]
+            h, pull = module_pullback(stage.subnet, *inputs, input_grads=wanted)
             keep = None
             if reverse and self.inverse_scale_floor is not None:
                 h, keep = floor_scale(h, self.inverse_scale_floor, self.eps)
@@ -240,7 +320,10 @@ class AffineCoupling(FusedLayer):
                 )
             if keep is not None:
                 grad_h[:, 1::2] *= keep
-            (g_in,), g_params = pull(grad_h)
+            g_inputs, g_params = pull(grad_h)
+            g_in = g_inputs[0]
+            if grad_parts is not None:
+                grad_parts[i] = g_inputs[1]
             if stage.reads_x:
                 grad_out[:, : stage.passive] += g_in[:, : stage.passive]
                 g_in = g_in[:, stage.passive :]
@@ -248,7 +331,7 @@ class AffineCoupling(FusedLayer):
                 grad_cond += g_in
             params = [p for p in stage.subnet.parameters() if p.requires_grad]
             grads_by_id.update(zip(map(id, params), g_params))
-        return out, grad_out, grad_cond, grads_by_id
+        return out, grad_out, grad_cond, grads_by_id, grad_parts
 
 
 class CondAffineCoupling(AffineCoupling):

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..dispatch import select_backend
 from ..ops.actnorm_conv import actnorm_conv_bwd, actnorm_conv_fwd, actnorm_conv_inv
+from ._cond_parts import CondProjection, Parts
 from ._contract import StepGrads, check_cond, check_flow_input, flat_grads, flow_precision, in_plain_mode
 from .actnorm import ActNorm2d
 from .base import FusedLayer
@@ -64,14 +65,18 @@ class FlowStep(FusedLayer):
         check_flow_input(x, self.channels)
         check_cond(cond, x, self.cond_channels)
 
-    def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool) -> Tensor:
+    def cond_projections(self) -> list[CondProjection]:
+        """The coupling's (see :meth:`AffineCoupling.cond_projections`); none without one."""
+        return self.affine.cond_projections() if self.affine is not None else []
+
+    def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool, parts: Parts = None) -> Tensor:
         if in_plain_mode():
             return self._run_submodules(x, cond, logdet, reverse)
         backend = self.kernel_backend(x)
         if not reverse:
             x = self._actnorm_conv(x, logdet, backend, reverse=False)
         if self.affine is not None:
-            x = self.affine.apply_stages(x, cond, logdet, reverse, backend)
+            x = self.affine.apply_stages(x, cond, logdet, reverse, backend, parts)
         if reverse:
             x = self._actnorm_conv(x, logdet, backend, reverse=True)
         return x
@@ -97,23 +102,29 @@ class FlowStep(FusedLayer):
         return y
 
     def backward_from_output(
-        self, out: Tensor, grad_out: Tensor, grad_logdet: Tensor, cond: Tensor | None, reverse: bool
+        self,
+        out: Tensor,
+        grad_out: Tensor,
+        grad_logdet: Tensor,
+        cond: Tensor | None,
+        reverse: bool,
+        parts: Parts = None,
     ) -> StepGrads:
         """Fused backward with recompute: the coupling's stages (one subnet evaluation each),
         then one pass of the actnorm+1x1 kernel (or the other way round for ``reverse``)."""
         backend = select_backend(self.backend, out)
         grads_by_id: dict[int, Tensor | None] = {}
-        grad_cond = None
+        grad_cond = grad_parts = None
         if reverse:
             out, grad_out = self._actnorm_conv_backward(out, grad_out, grad_logdet, backend, True, grads_by_id)
         if self.affine is not None:
-            out, grad_out, grad_cond, coupling_grads = self.affine.backward_stages(
-                out, grad_out, grad_logdet, cond, reverse, backend
+            out, grad_out, grad_cond, coupling_grads, grad_parts = self.affine.backward_stages(
+                out, grad_out, grad_logdet, cond, reverse, backend, parts
             )
             grads_by_id.update(coupling_grads)
         if not reverse:
             out, grad_out = self._actnorm_conv_backward(out, grad_out, grad_logdet, backend, False, grads_by_id)
-        return StepGrads(out, grad_out, grad_cond, flat_grads(self.trainable_parameters(), grads_by_id))
+        return StepGrads(out, grad_out, grad_cond, flat_grads(self.trainable_parameters(), grads_by_id), grad_parts)
 
     def _actnorm_conv_backward(
         self, out: Tensor, grad_out: Tensor, grad_logdet: Tensor, backend: str, reverse: bool, grads_by_id: dict
