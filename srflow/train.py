@@ -282,7 +282,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, log: Callable[[str], None] | None = None) -> None:
-        self.config = config  # resolved (defaults filled in) by _prepare
+        self.config = config  # resolved (defaults filled in, everything checked) by run()
         self._custom_log = log is not None
         self._print = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         # Built by run() and _prepare(); None before.
@@ -338,14 +338,9 @@ class Trainer:
         """Check the config and the output folder, build the data, the model and the optimiser
         (restored when resuming), then open the outputs. Everything is checked before anything is
         written: a failed start leaves the folder as it was."""
-        c = self.config = resolve_config(self.config)
-        d = self.dist
+        c, d = self.config, self.dist  # resolved by run(): fields, output folder, device, backend
         if c.batch % d.world:
             raise ConfigError(f"batch: the global batch {c.batch} is not divisible by the {d.world} ranks")
-        try:
-            fk.check_backend_available(c.backend, d.device)
-        except fk.BackendUnavailableError as exc:
-            raise ConfigError(str(exc)) from exc  # now, not at the first step after config.yaml
         out = Path(c.out)
         ckpt_dir = out / CHECKPOINT_DIR
         resume = self._find_resume(ckpt_dir)
