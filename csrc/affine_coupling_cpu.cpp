@@ -6,7 +6,7 @@
 // block one row (one channel, n <= kPixelBlock pixels) at a time: rows with unit pixel stride
 // (NCHW, float32) are used in place, others (channels_last, bfloat16 h) are gathered into
 // thread-local float buffers, and the row math runs in a vectorised loop (`omp simd`, exp / log
-// from cpu_vec.h, AVX-512 / AVX2 / baseline code picked at load time). Each task sums its log s (a float
+// from cpu_vec.h, AVX-512 / AVX2 / baseline variants picked per call). Each task sums its log s (a float
 // per row, added into a double) into its own slot; the slots are added per sample in task order
 // afterwards, so the log-det does not depend on the thread count.
 #include <ATen/Parallel.h>
@@ -96,13 +96,18 @@ FK_ALWAYS_INLINE float apply_row_impl(const float* x, const float* t, const floa
 }
 
 // y = forward / inverse of x; returns the row's sum of log s (float, <= kPixelBlock terms).
-FK_CPU_CLONES float apply_row(const float* x, const float* t, const float* raw, float* y, int64_t n, float eps,
-                              bool shift_first, bool inverse) {
+FK_ALWAYS_INLINE float apply_row_body(const float* x, const float* t, const float* raw, float* y, int64_t n,
+                                       float eps, bool shift_first, bool inverse) {
   if (shift_first) {
     return inverse ? apply_row_impl<true, true>(x, t, raw, y, n, eps) : apply_row_impl<true, false>(x, t, raw, y, n, eps);
   }
   return inverse ? apply_row_impl<false, true>(x, t, raw, y, n, eps) : apply_row_impl<false, false>(x, t, raw, y, n, eps);
 }
+
+FK_CPU_VARIANTS(float, apply_row,
+                (const float* x, const float* t, const float* raw, float* y, int64_t n, float eps, bool shift_first,
+                 bool inverse),
+                (x, t, raw, y, n, eps, shift_first, inverse))
 
 struct BwdRows {
   float* inp;
@@ -125,8 +130,8 @@ FK_ALWAYS_INLINE void bwd_row_impl(const float* o, const float* g, const float* 
   }
 }
 
-FK_CPU_CLONES void bwd_row(const float* o, const float* g, const float* t, const float* raw, float gl, float eps,
-                           BwdRows out, int64_t n, bool shift_first, bool reverse) {
+FK_ALWAYS_INLINE void bwd_row_body(const float* o, const float* g, const float* t, const float* raw, float gl,
+                                   float eps, BwdRows out, int64_t n, bool shift_first, bool reverse) {
   if (shift_first) {
     reverse ? bwd_row_impl<true, true>(o, g, t, raw, gl, eps, out, n)
             : bwd_row_impl<true, false>(o, g, t, raw, gl, eps, out, n);
@@ -135,6 +140,11 @@ FK_CPU_CLONES void bwd_row(const float* o, const float* g, const float* t, const
             : bwd_row_impl<false, false>(o, g, t, raw, gl, eps, out, n);
   }
 }
+
+FK_CPU_VARIANTS(void, bwd_row,
+                (const float* o, const float* g, const float* t, const float* raw, float gl, float eps, BwdRows out,
+                 int64_t n, bool shift_first, bool reverse),
+                (o, g, t, raw, gl, eps, out, n, shift_first, reverse))
 
 // ---- tasks ----
 

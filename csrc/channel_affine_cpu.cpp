@@ -4,7 +4,7 @@
 // Work is split into tasks of (sample, tile of pixels). A task gathers its C x n tile into a
 // thread-local channel-major buffer through the (batch, channel, pixel) strides (a row copy for
 // NCHW, a transpose for channels_last), runs the C x C map on the tile (register-blocked, pixels
-// vectorised by `omp simd`, AVX-512 / AVX2 / baseline code picked at load time: cpu_vec.h) and scatters
+// vectorised by `omp simd`, AVX-512 / AVX2 / baseline variants: cpu_vec.h) and scatters
 // the result, so both layouts share one compute loop. float32 throughout, as the reference.
 //
 // Backward parameter gradients (grad_matrix = sum grad_out inp^T, grad_offset = sum grad_out):
@@ -61,8 +61,8 @@ std::vector<float> dense_vector(const at::Tensor& v) {
 
 // tile[c * ld + (p - p0)] = t[b, c, p] for p in [p0, p0 + n): one strided read per element, the
 // writes along the tile row (vectorised: contiguous for NCHW, gathers for channels_last).
-FK_CPU_CLONES void gather(FlowView<const float> t, int64_t b, int64_t p0, int64_t n, int64_t channels, float* tile,
-                          int64_t ld) {
+FK_ALWAYS_INLINE void gather_body(FlowView<const float> t, int64_t b, int64_t p0, int64_t n, int64_t channels,
+                                   float* tile, int64_t ld) {
   for (int64_t c = 0; c < channels; ++c) {
     const float* src = t.ptr(b, c, p0);
     float* dst = tile + c * ld;
@@ -77,8 +77,12 @@ FK_CPU_CLONES void gather(FlowView<const float> t, int64_t b, int64_t p0, int64_
   }
 }
 
-FK_CPU_CLONES void scatter(const float* tile, int64_t ld, int64_t channels, int64_t b, int64_t p0, int64_t n,
-                           FlowView<float> t) {
+FK_CPU_VARIANTS(void, gather,
+                (FlowView<const float> t, int64_t b, int64_t p0, int64_t n, int64_t channels, float* tile, int64_t ld),
+                (t, b, p0, n, channels, tile, ld))
+
+FK_ALWAYS_INLINE void scatter_body(const float* tile, int64_t ld, int64_t channels, int64_t b, int64_t p0, int64_t n,
+                                   FlowView<float> t) {
   for (int64_t c = 0; c < channels; ++c) {
     const float* src = tile + c * ld;
     float* dst = t.ptr(b, c, p0);
@@ -92,6 +96,10 @@ FK_CPU_CLONES void scatter(const float* tile, int64_t ld, int64_t channels, int6
     }
   }
 }
+
+FK_CPU_VARIANTS(void, scatter,
+                (const float* tile, int64_t ld, int64_t channels, int64_t b, int64_t p0, int64_t n, FlowView<float> t),
+                (tile, ld, channels, b, p0, n, t))
 
 // out[i, k] = offset[i] + sum_j m[i, j] in[j, k] for k < n; m dense row-major C x C, offset may
 // be null; rows at stride ld (a multiple of kPixelVec, so reading a whole last block of kPixelVec
@@ -127,8 +135,8 @@ FK_ALWAYS_INLINE void map_rows(const float* m, const float* offset, const float*
   }
 }
 
-FK_CPU_CLONES void map_tile(const float* m, const float* offset, const float* in, float* out, int64_t channels,
-                            int64_t n, int64_t ld) {
+FK_ALWAYS_INLINE void map_tile_body(const float* m, const float* offset, const float* in, float* out,
+                                    int64_t channels, int64_t n, int64_t ld) {
   int64_t i = 0;
   for (; i + 4 <= channels; i += 4) {
     map_rows<4>(m, offset, in, out, channels, n, ld, i);
@@ -138,11 +146,16 @@ FK_CPU_CLONES void map_tile(const float* m, const float* offset, const float* in
   }
 }
 
+FK_CPU_VARIANTS(void, map_tile,
+                (const float* m, const float* offset, const float* in, float* out, int64_t channels, int64_t n,
+                 int64_t ld),
+                (m, offset, in, out, channels, n, ld))
+
 // acc[i, j] += sum_{k < n} g[i, k] col_j[k] for the C x (C + 1) Gram block of one tile, with
 // col_j = in[j] for j < C and ones for j = C (grad_offset). 2 x 4 register blocks: 6 row loads
 // per 8 multiply-adds; the float sums (<= the tile's pixels) go into the double accumulator.
-FK_CPU_CLONES void gram_tile(const float* g, const float* in, const float* ones, int64_t channels, int64_t n,
-                             int64_t ld, double* acc) {
+FK_ALWAYS_INLINE void gram_tile_body(const float* g, const float* in, const float* ones, int64_t channels,
+                                     int64_t n, int64_t ld, double* acc) {
   const int64_t cols = channels + 1;
   auto col = [&](int64_t j) { return j < channels ? in + j * ld : ones; };
   for (int64_t i = 0; i < channels; i += 2) {
@@ -177,6 +190,11 @@ FK_CPU_CLONES void gram_tile(const float* g, const float* in, const float* ones,
     }
   }
 }
+
+FK_CPU_VARIANTS(void, gram_tile,
+                (const float* g, const float* in, const float* ones, int64_t channels, int64_t n, int64_t ld,
+                 double* acc),
+                (g, in, ones, channels, n, ld, acc))
 
 at::Tensor channel_affine_fwd_cpu(const at::Tensor& x, const at::Tensor& matrix, const at::Tensor& offset,
                                 const at::Tensor& logdet_term, at::Tensor& logdet) {

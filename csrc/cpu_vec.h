@@ -1,29 +1,53 @@
-// Helpers of the C++ CPU kernels: runtime ISA selection of the hot loops and vectorisable
+// Helpers of the C++ CPU kernels: the instruction-set variants of the hot loops and vectorisable
 // float32 exp / log.
 //
-// The extension is compiled for the baseline x86-64 ISA (it must import on any machine), so the
-// hot loops are built three times with GCC's target_clones, for the x86-64 ISA levels v4
-// (AVX-512), v3 (AVX2 + FMA) and the baseline, and the loader picks one per machine through an
-// ifunc that tests CPU features. ("arch=haswell" would be chosen by CPU model and so never on
-// AMD.) Within one machine results are fixed; across machines the vector width, and so the order
-// of float partial sums, can differ.
+// The extension is compiled for the baseline x86-64 ISA (it must import on any machine), so each
+// hot loop is built three times, for the x86-64 ISA levels v4 (AVX-512), v3 (AVX2 + FMA) and the
+// baseline (FK_CPU_VARIANTS), and a switch on cpu_isa() picks one per call: the best this CPU
+// supports unless flowkernels.ops.set_cpu_isa lowers it (cpu_isa.h). The variants differ in
+// vector width and FMA contraction, so the order and rounding of float partial sums differ
+// between them (and so between machines); the tests run every variant a machine supports.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#include "cpu_isa.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
+#define FK_CPU_VARIANTS_BUILT 1
 #else
-#define FK_CPU_CLONES
+#define FK_CPU_VARIANTS_BUILT 0
 #endif
 
-// Everything a cloned loop calls must be inlined into it: only then is it compiled for the
-// clone's ISA, and only then does `omp simd` vectorise the loop (GCC gives up on calls).
+// Everything a variant calls must be inlined into it: only then is it compiled for the variant's
+// ISA, and only then does `omp simd` vectorise the loop (GCC gives up on calls).
 #if defined(__GNUC__)
 #define FK_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
 #define FK_ALWAYS_INLINE inline
+#endif
+
+// FK_CPU_VARIANTS(ret, name, (params), (args)) defines `ret name(params)`, which runs
+// `name##_body(args)` (an FK_ALWAYS_INLINE function) compiled for the variant cpu_isa() selects.
+#if FK_CPU_VARIANTS_BUILT
+#define FK_CPU_VARIANTS(ret, name, params, args)                                         \
+  __attribute__((target("arch=x86-64-v4"))) ret name##_avx512 params { return name##_body args; } \
+  __attribute__((target("arch=x86-64-v3"))) ret name##_avx2 params { return name##_body args; }   \
+  ret name##_baseline params { return name##_body args; }                                \
+  ret name params {                                                                      \
+    switch (cpu_isa()) {                                                                 \
+      case CpuIsa::kAvx512:                                                              \
+        return name##_avx512 args;                                                       \
+      case CpuIsa::kAvx2:                                                                \
+        return name##_avx2 args;                                                         \
+      default:                                                                           \
+        return name##_baseline args;                                                     \
+    }                                                                                    \
+  }
+#else
+#define FK_CPU_VARIANTS(ret, name, params, args) \
+  ret name params { return name##_body args; }
 #endif
 
 namespace flowkernels {

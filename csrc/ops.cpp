@@ -8,6 +8,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
+
 TORCH_LIBRARY(flowkernels, m) {
   // y[b, :, p] = matrix @ x[b, :, p] + offset; logdet[b] += logdet_term.
   m.def(
@@ -76,4 +78,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_openmp") = false;
 #endif
+  // The instruction-set variant of the C++ CPU kernels (cpu_isa.h); Python API: flowkernels.ops.cpu_isa.
+  m.def("cpu_isa", &flowkernels::cpu_isa_name, "the variant the C++ CPU kernels run now");
+  m.def("supported_cpu_isas", &flowkernels::supported_cpu_isas, "the variants this CPU can run, lowest first");
+  m.def("built_cpu_isas", &flowkernels::built_cpu_isas, "the variants compiled into this build, lowest first");
+  m.def("set_cpu_isa", &flowkernels::set_cpu_isa, "select a variant by name", pybind11::arg("name"));
 }

@@ -6,7 +6,7 @@ FlowSequence. Fused ops: :mod:`flowkernels.ops`. Oracle: :mod:`flowkernels.refer
 Backends: :mod:`flowkernels.dispatch`.
 """
 
-from . import ops, reference
+from . import cpu_isa, ops, reference
 from .dispatch import (
     BACKENDS,
     BackendUnavailableError,
@@ -61,6 +61,7 @@ __all__ = [
     "Squeeze",
     "Subnet",
     "check_backend_available",
+    "cpu_isa",
     "get_backend",
     "initialize_actnorms",
     "make_subnet",

@@ -60,9 +60,21 @@ def _extension() -> ModuleType | str:
             )
         _loaded["_C"] = module
         if isinstance(module, ModuleType):
-            for hook in _extension_hooks:
-                hook()
+            _run_hooks()
     return _loaded["_C"]
+
+
+def _run_hooks() -> None:
+    """Run every on-load hook, then raise the first error: one hook's failure (a bad setting)
+    must not leave the ops of the others unregistered."""
+    errors = []
+    for hook in _extension_hooks:
+        try:
+            hook()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other hooks
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def extension_reason() -> str | None:

@@ -119,15 +119,18 @@ def dequantize(
     return hr + (u.to(hr.device) - 0.5) / quant
 
 
-def _check_image(name: str, x: object, device: torch.device | None = None) -> Tensor:
-    """A (B, 3, H, W) float32 tensor with finite values in [0, 1] (one host sync)."""
+def _check_image(
+    name: str, x: object, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """A (B, 3, H, W) tensor of the model's ``dtype`` (float32; float64 for a model converted with
+    ``.double()``, an oracle) with finite values in [0, 1] (one host sync)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{name}: expected a 4-D (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
-    if x.dtype != torch.float32:
+    if x.dtype != dtype:
         hint = " (divide uint8 images by 255)" if x.dtype == torch.uint8 else ""
-        raise TypeError(f"{name}: expected torch.float32 values in [0, 1], got {x.dtype}{hint}")
+        raise TypeError(f"{name}: expected {dtype} values in [0, 1], got {x.dtype}{hint}")
     if x.shape[1] != 3:
         raise ValueError(f"{name}: expected 3 (RGB) channels, got {x.shape[1]} (shape {tuple(x.shape)})")
     if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
@@ -294,6 +297,10 @@ class SRFlow(nn.Module):
     def _device(self) -> torch.device:
         return self.RRDB.conv_first.weight.device
 
+    def _dtype(self) -> torch.dtype:
+        """The flow state's dtype: float32, or float64 after ``.double()`` (oracles)."""
+        return self.RRDB.conv_first.weight.dtype
+
     # ------------------------------------------------------------------------------ conditioning
 
     def condition(self, lr: Tensor) -> Conditioning:
@@ -303,7 +310,7 @@ class SRFlow(nn.Module):
         :meth:`decode`/:meth:`sample` crop their output back. Differentiable when the RRDB is
         trainable.
         """
-        _check_image("lr", lr, self._device())
+        _check_image("lr", lr, self._device(), self._dtype())
         h, w = lr.shape[2:]
         pad_h, pad_w = h % 2, w % 2
         if pad_h or pad_w:
@@ -331,7 +338,7 @@ class SRFlow(nn.Module):
         return cond
 
     def _check_pair(self, hr: Tensor, cond: Conditioning) -> None:
-        _check_image("hr", hr, self._device())
+        _check_image("hr", hr, self._device(), self._dtype())
         h, w = cond.lr_size
         if cond.padded:
             raise ValueError(
@@ -360,7 +367,7 @@ class SRFlow(nn.Module):
         cond = self._conditioning(lr, cond)
         self._check_pair(hr, cond)
         pixels = hr.shape[2] * hr.shape[3]
-        logdet = torch.zeros(hr.shape[0], device=hr.device, dtype=torch.float32)
+        logdet = torch.zeros(hr.shape[0], device=hr.device, dtype=hr.dtype)
         if add_noise:
             hr = dequantize(hr, generator)
             logdet = logdet - math.log(QUANT) * pixels
@@ -508,8 +515,8 @@ class SRFlow(nn.Module):
         for i, (z, shape) in enumerate(zip(zs, shapes)):
             if not isinstance(z, Tensor):
                 raise TypeError(f"zs[{i}]: expected a torch.Tensor, got {type(z).__name__}")
-            if z.dtype != torch.float32:
-                raise TypeError(f"zs[{i}]: expected torch.float32, got {z.dtype}")
+            if z.dtype != self._dtype():
+                raise TypeError(f"zs[{i}]: expected {self._dtype()}, got {z.dtype}")
             if tuple(z.shape) != shape:
                 raise ValueError(f"zs[{i}]: expected shape {shape} for LR {h}x{w}, got {tuple(z.shape)}")
             if z.device != cond.device:
@@ -569,13 +576,13 @@ class SRFlow(nn.Module):
         h, w = cond.padded_size
         shapes = self.flowUpsamplerNet.latent_shapes(cond.batch, h * self.scale, w * self.scale)
         if temperature == 0:
-            zs = [torch.zeros(s, device=cond.device) for s in shapes]
+            zs = [torch.zeros(s, device=cond.device, dtype=self._dtype()) for s in shapes]
         else:
             if seed is not None:
                 generator = torch.Generator(device=cond.device)
                 generator.manual_seed(seed)
             device = generator.device if generator is not None else cond.device
-            draws = [torch.randn(s, generator=generator, device=device) for s in reversed(shapes)]
+            draws = [torch.randn(s, generator=generator, device=device, dtype=self._dtype()) for s in reversed(shapes)]
             zs = [(z * temperature).to(cond.device) for z in reversed(draws)]
         return self.decode(None, zs, cond=cond, min_scale=min_scale, with_grad=with_grad, nonfinite=nonfinite)
 

@@ -72,11 +72,13 @@ def trained_level(depth: int, channels: int, cond_channels: int, x: torch.Tensor
     return trained_like_(fk.FlowSequence(steps, **kw), x, cond)
 
 
-def level_inputs(batch: int, channels: int, cond_channels: int, hw: int) -> tuple[torch.Tensor, ...]:
-    """(x, cond, cotangent of z, cotangent of logdet) for a level of ``channels`` at hw x hw."""
+def level_inputs(batch: int, channels: int, cond_channels: int, hw: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """(x, cond, cotangent of z, cotangent of logdet) for a level of ``channels`` at ``hw``
+    (H, W), or hw x hw."""
+    height, width = (hw, hw) if isinstance(hw, int) else hw
     return (
-        torch.randn(batch, channels, hw, hw),
-        torch.randn(batch, cond_channels, hw, hw),
-        torch.randn(batch, channels, hw, hw),
+        torch.randn(batch, channels, height, width),
+        torch.randn(batch, cond_channels, height, width),
+        torch.randn(batch, channels, height, width),
         torch.randn(batch),
     )

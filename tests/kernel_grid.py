@@ -9,6 +9,7 @@ is required on every machine: tests/test_cpp_kernels.py::test_build_has_openmp f
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from flowkernels._loader import load_extension, load_triton
+from flowkernels.cpu_isa import supported_cpu_isas, use_cpu_isa
 from flowkernels.dispatch import refusals
 from flowkernels.ops import SRFLOW_EPS, fold
 from flowkernels.ops.actnorm_conv import ChannelAffine
@@ -27,10 +29,15 @@ OP_SUFFIX = {"cuda": "", "triton": "_triton"}
 TRITON_MODULES = ("flowkernels.ops._channel_affine_kernels", "flowkernels.ops._affine_coupling_kernels")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-# (backend, device): the compiled extension's C++ and CUDA kernels, the Triton kernels under the
-# interpreter on a CPU (TRITON_INTERPRET=1, tests/conftest.py) and compiled on a GPU.
+# The instruction-set variants of the C++ CPU kernels (flowkernels.cpu_isa), highest first: each
+# runs on every machine that supports it, so CI on an AVX-512 machine also runs the AVX2 code of
+# an AVX2-only one, and both run the baseline.
+CPU_ISAS = ("avx512", "avx2", "baseline")
+# (backend, device, C++ ISA variant): the compiled extension's C++ and CUDA kernels, the Triton
+# kernels under the interpreter on a CPU (TRITON_INTERPRET=1, tests/conftest.py) and compiled on
+# a GPU.
 KERNELS = [
-    pytest.param(("cuda", "cpu"), id="cpp"),
+    *(pytest.param(("cuda", "cpu", isa), id=f"cpp_{isa}") for isa in CPU_ISAS),
     pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
     pytest.param(("triton", "cpu"), id="triton_interpreted"),
     pytest.param(("triton", "cuda"), id="triton_cuda", marks=pytest.mark.gpu),
@@ -80,17 +87,20 @@ def f64(*ts: Tensor) -> list[Tensor]:
 
 @dataclass(frozen=True)
 class Kernel:
-    """One kernel backend on one device, its ops registered."""
+    """One kernel backend on one device (and C++ ISA variant), its ops registered."""
 
     backend: str
     device: str
+    isa: str | None = None
 
     def op(self, name: str):
         return getattr(torch.ops.flowkernels, name + OP_SUFFIX[self.backend])
 
 
-def kernel_backend(backend: str, device: str) -> Kernel:
-    """Load ``backend`` for tensors on ``device``, or skip the test with the reasons it cannot run."""
+def kernel_backend(backend: str, device: str, isa: str | None = None) -> Kernel:
+    """Load ``backend`` for tensors on ``device``, or skip the test with the reasons it cannot run.
+    ``isa``: the C++ CPU variant the test needs (:func:`selected_isa` runs it), skipped where the
+    CPU lacks it."""
     why = refusals(backend, torch.empty(1, 2, 1, 1, device=device))
     if why:
         pytest.skip(f"backend {backend!r} cannot run on {device} here: {'; '.join(why)}")
@@ -99,7 +109,14 @@ def kernel_backend(backend: str, device: str) -> Kernel:
             load_triton(module)  # registers the *_triton ops
     else:
         load_extension()
-    return Kernel(backend, device)
+    if isa is not None and isa not in supported_cpu_isas():
+        pytest.skip(f"this CPU cannot run the {isa!r} variant of the C++ kernels (it runs {supported_cpu_isas()})")
+    return Kernel(backend, device, isa)
+
+
+def selected_isa(kernel: Kernel) -> contextlib.AbstractContextManager:
+    """Run the C++ CPU kernels' variant of ``kernel`` inside the block (nothing for other kernels)."""
+    return use_cpu_isa(kernel.isa) if kernel.isa is not None else contextlib.nullcontext()
 
 
 def coupling_inputs(shape, passive: int, layout: str, device: str) -> tuple[Tensor, Tensor]:

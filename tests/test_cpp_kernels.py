@@ -9,11 +9,26 @@ Run: ``PYTHONPATH=. python -m pytest tests/test_cpp_kernels.py -q`` (needs the e
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
 import pytest
 import torch
 
 from flowkernels._loader import load_extension
-from tests.kernel_grid import DEVICES, EPS, Kernel, channel_map, coupling_inputs, kernel_backend
+from flowkernels.cpu_isa import cpu_isa, set_cpu_isa, supported_cpu_isas, use_cpu_isa
+from tests.kernel_grid import (
+    CPU_ISAS,
+    DEVICES,
+    EPS,
+    Kernel,
+    channel_map,
+    coupling_inputs,
+    kernel_backend,
+    selected_isa,
+)
 
 
 @pytest.fixture
@@ -21,11 +36,70 @@ def cpp() -> Kernel:
     return kernel_backend("cuda", "cpu")
 
 
+@pytest.fixture(params=CPU_ISAS)
+def cpp_isa(request: pytest.FixtureRequest) -> Iterator[Kernel]:
+    """The C++ kernels in each instruction-set variant this CPU supports."""
+    kernel = kernel_backend("cuda", "cpu", request.param)
+    with selected_isa(kernel):
+        yield kernel
+
+
 def test_build_has_openmp():
     """The extension is required here (CI builds it), so this fails, naming how to build it, where
     it is missing. at::parallel_for is an OpenMP region compiled into _C: without -fopenmp it runs
     serially."""
     assert load_extension().with_openmp
+
+
+# ---- instruction-set variants (flowkernels.cpu_isa) ----
+
+
+def test_default_variant_is_the_best_this_cpu_supports():
+    supported = supported_cpu_isas()
+    assert supported[0] == "baseline" and set(supported) <= set(CPU_ISAS)
+    assert cpu_isa() == supported[-1]
+
+
+def test_use_cpu_isa_selects_and_restores():
+    best = cpu_isa()
+    with use_cpu_isa("baseline"):
+        assert cpu_isa() == "baseline"
+    assert cpu_isa() == best
+
+
+@pytest.mark.parametrize("name", ["avx1024", "AVX2", ""])
+def test_unknown_variant_is_refused(name: str):
+    with pytest.raises(
+        ValueError, match=rf"cpu_isa: expected one of the variants this CPU supports \(baseline.*got '{name}'"
+    ):
+        set_cpu_isa(name)
+
+
+def test_variants_are_different_code(cpp: Kernel):
+    """The switch really changes the code that runs: with FMA contraction and another vector
+    width, a 12-channel map over 4096 pixels rounds differently in some element."""
+    if len(supported_cpu_isas()) < 2:
+        pytest.skip(f"this CPU runs only {supported_cpu_isas()}")
+    x = torch.randn(2, 12, 64, 64)
+    cmap = channel_map(12, 4096, "cpu")
+    outs = []
+    for isa in supported_cpu_isas():
+        with use_cpu_isa(isa):
+            outs.append(cpp.op("channel_affine_fwd")(x, cmap.matrix, cmap.offset, cmap.logdet_term, torch.zeros(2)))
+    assert not torch.equal(outs[0], outs[-1])
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=120
+    )
+
+
+def test_environment_variable_sets_the_initial_variant():
+    done = _python("import flowkernels.cpu_isa as c; print(c.cpu_isa())", FLOWKERNELS_CPU_ISA="baseline")
+    assert done.returncode == 0 and done.stdout.strip() == "baseline", done.stderr
+    bad = _python("import flowkernels.cpu_isa as c; c.cpu_isa()", FLOWKERNELS_CPU_ISA="avx1024")
+    assert bad.returncode != 0 and "FLOWKERNELS_CPU_ISA: cpu_isa: expected one of the variants" in bad.stderr
 
 
 # ---- input checks: clear errors naming the argument and the value; a wrong dtype raises
@@ -137,7 +211,8 @@ def test_opcheck(device, op_name):
 # ---- determinism ----
 
 
-def test_cpu_reductions_do_not_depend_on_the_thread_count(cpp: Kernel):
+def test_cpu_reductions_do_not_depend_on_the_thread_count(cpp_isa: Kernel):
+    cpp = cpp_isa
     x = torch.randn(4, 12, 40, 40)
     h = torch.randn(4, 12, 40, 40)
     cmap = channel_map(12, 1600, "cpu")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ import torch
 import flowkernels as fk
 from flowkernels import reference
 from flowkernels.dispatch import select_backend
-from tests.helpers import srflow_level, trained_level
+from tests.helpers import level_inputs, trained_level
 from tests.kernel_grid import (
     BF16_SHAPES,
     EPS,
@@ -37,8 +38,10 @@ from tests.kernel_grid import (
     f64,
     is_layout,
     kernel_backend,
+    selected_isa,
     to_layout,
 )
+from tests.oracle import LevelCase, level_case, outputs_and_grads, smooth_relus_
 from tests.tolerances import BF16_ERROR_RATIO, REL_TOL, assert_rel_close, rel_err
 
 shapes = pytest.mark.parametrize("shape", SHAPES)
@@ -65,8 +68,10 @@ def coupling_grid(shape_list: list):
 
 
 @pytest.fixture(params=KERNELS)
-def kernel(request: pytest.FixtureRequest) -> Kernel:
-    return kernel_backend(*request.param)
+def kernel(request: pytest.FixtureRequest) -> Iterator[Kernel]:
+    kernel = kernel_backend(*request.param)
+    with selected_isa(kernel):
+        yield kernel
 
 
 def test_outputs_are_poisoned_in_this_session():
@@ -346,58 +351,41 @@ def test_bwd_wrappers_accept_upstream_gradients_in_any_layout(kernel: Kernel, wr
         assert_rel_close(g, w, "grad")
 
 
-# ---- end to end: a memory-saving SRFlow level on the kernels vs stored activations ----
+# ---- end to end: a memory-saving SRFlow level on the kernels vs float64 stored activations ----
 
 C, COND = 12, 6  # level-1 SRFlow channels, a small conditioning tensor
 
 
-def _level_outputs(seq: fk.FlowSequence, backend: str, x, cond, cot, cot_ld, reverse: bool) -> list[torch.Tensor]:
-    """(z, logdet, dL/dx, dL/dcond, dL/dparams) of L = <z, cot> + <logdet, cot_ld> on ``backend``."""
-    x, cond = x.clone().requires_grad_(True), cond.clone().requires_grad_(True)
-    with fk.use_backend(backend):
-        assert select_backend(None, x) == backend  # the kernels ran, not a fallback
-        z, logdet = seq.inverse(x, cond) if reverse else seq(x, cond)
-        loss = (z * cot).sum() + (logdet * cot_ld).sum()
-        grads = torch.autograd.grad(loss, [x, cond, *seq.parameters()])
-    return [z.detach(), logdet.detach(), *grads]
-
-
-def _check_level(kernel: Kernel, plain: fk.FlowSequence, x, cond, reverse: bool = False) -> None:
-    """Memory saving on the kernels against stored-activation autograd on the reference: outputs
-    and every gradient (x, cond, parameters) within the full-level tolerance."""
-    plain = plain.to(kernel.device)
-    plain.memory_saving = False
-    saving = copy.deepcopy(plain)
+def _check_level(kernel: Kernel, case: LevelCase, channels_last: bool = False) -> None:
+    """Memory saving on the kernels: outputs and every gradient (x, cond, parameters) within the
+    fp32 noise of float64 stored-activation autograd (tests/oracle.py)."""
+    reference = case.reference()
+    saving = copy.deepcopy(case.seq).to(kernel.device)
     saving.memory_saving = True
-    x, cond = x.to(kernel.device), cond.to(kernel.device)
-    cot, cot_ld = torch.randn_like(x), torch.randn(x.shape[0], device=kernel.device)
-    got = _level_outputs(saving, kernel.backend, x, cond, cot, cot_ld, reverse)
-    want = _level_outputs(plain, "reference", x, cond, cot, cot_ld, reverse)
-    names = ["z", "logdet", "x", "cond", *(n for n, _ in plain.named_parameters())]
-    errors = {n: rel_err(g, w) for n, g, w in zip(names, got, want)}
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= REL_TOL["grad_level"], f"{worst}: relative error {errors[worst]:.2e}"
+    x, cond, cot = (to_layout(t.to(kernel.device), channels_last) for t in (case.x, case.cond, case.cot))
+    with fk.use_backend(kernel.backend):
+        assert select_backend(None, x) == kernel.backend  # the kernels ran, not a fallback
+        got = outputs_and_grads(saving, x, cond, cot, case.cot_ld.to(kernel.device), case.reverse)
+    reference.check(got, f"{kernel.backend} on {kernel.device}")
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "inverse"])
 @x_layouts
 def test_flow_sequence_gradients(kernel: Kernel, channels_last, reverse, one_thread):
-    """4 steps (2 transitional, 2 conditional couplings) with random trained-like weights; the
+    """4 steps (2 transitional, 2 conditional couplings) with trained-like weights, odd sizes; the
     inverse direction on a latent-like (half-scale) input."""
-    x = to_layout(torch.randn(2, C, 5, 7) * (0.5 if reverse else 1.0), channels_last)
-    cond = to_layout(torch.randn(2, COND, 5, 7), channels_last)
-    _check_level(kernel, fk.FlowSequence(srflow_level(4, C, COND)), x, cond, reverse)
+    _check_level(kernel, level_case(4, C, COND, (5, 7), reverse=reverse), channels_last)
 
 
 @pytest.mark.slow
 def test_flow_sequence_54_steps(kernel: Kernel, one_thread):
-    """SRFlow depth (2 + 52 steps), trained-like weights (tests.helpers.trained_level), the
+    """SRFlow depth (2 + 52 steps, subnets smoothed: tests/oracle.py), trained-like weights, the
     smallest shapes with a batch reduction and odd sizes: reconstruction drift in the recompute
-    stays within the level tolerance."""
-    x, cond = torch.randn(2, C, 3, 5), torch.randn(2, COND, 3, 5)
+    stays within the fp32 noise."""
+    x, cond, cot, cot_ld = level_inputs(2, C, COND, (3, 5))
     with fk.use_backend("reference"):  # trained_level initialises the ActNorms on the CPU
-        plain = trained_level(54, C, COND, x, cond)
-    _check_level(kernel, plain, x, cond)
+        seq = smooth_relus_(trained_level(54, C, COND, x, cond))
+    _check_level(kernel, LevelCase(seq, x, cond, cot, cot_ld, reverse=False))
 
 
 # ---- GPU: the CUDA kernels against the Triton kernels ----
