@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "actnorm",
     "actnorm_fwd",
     "actnorm_inv",
     "invconv_fwd",
@@ -55,11 +56,16 @@ def _pixels(x: Tensor) -> int:
     return x.shape[2] * x.shape[3]
 
 
+def actnorm(x: Tensor, logs: Tensor, bias: Tensor) -> Tensor:
+    """ActNorm's map alone, ``(x + bias) * exp(logs)``; logs, bias (1, C, 1, 1) (inside subnets,
+    where no log-det is wanted)."""
+    return (x + bias) * torch.exp(logs)
+
+
 def actnorm_fwd(x: Tensor, logs: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """ActNorm ``y = (x + bias) * exp(logs)``; logs, bias (1, C, 1, 1). Returns (y, dlogdet (B,))."""
-    y = (x + bias) * torch.exp(logs)
     dlogdet = (_pixels(x) * logs.sum()).expand(x.shape[0])
-    return y, dlogdet
+    return actnorm(x, logs, bias), dlogdet
 
 
 def actnorm_inv(y: Tensor, logs: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:

@@ -146,7 +146,7 @@ class RRDBNet(nn.Module):
             # Official: interpolate(scale_factor=1/2, bilinear, align_corners=False,
             # recompute_scale_factor=True), the same as this for even h, w.
             feats[0.5] = F.interpolate(last_lr_fea, size=(h // 2, w // 2), mode="bilinear", align_corners=False)
-        needed_up = max((f for f in factors if f >= 2), default=1)
+        needed_up = max([1, *(f for f in factors if f >= 2)])  # (max(..., default=) breaks a torch.compile graph)
         fea = last_lr_fea
         for k in range(1, int(math.log2(needed_up)) + 1):
             fea = _lrelu(getattr(self, f"upconv{k}")(F.interpolate(fea, scale_factor=2, mode="nearest")))

@@ -5,7 +5,8 @@ as in the official SRFlow state_dicts, initialised to a random orthogonal matrix
 ``lu=True`` (Glow's LU variant) ``W = P L (U + diag(sign_s * exp(log_s)))`` and
 ``log|det W| = sum(log_s)``.
 
-``W^-1`` and ``log|det W|`` are computed in float64 (:meth:`InvConv1x1.inverse_stats`) and cached
+``W^-1`` and ``log|det W|`` are computed in float64 (:meth:`InvConv1x1.inverse_stats`, returned in
+the weight's dtype) and cached
 on the weight's version counter, data pointer and device: they are reused while the weight is
 unchanged (e.g. in the memory-saving backward and in repeated sampling) and recomputed after
 any optimiser step, never keyed on train/eval mode.
@@ -68,7 +69,8 @@ class InvConv1x1(InvertibleModule):
         return [self.weight] if not self.lu else [self.lower, self.upper, self.log_s]
 
     def inverse_stats(self) -> tuple[Tensor, Tensor]:
-        """``(W^-1, log|det W|)`` in float64, not differentiable; cached while W is unchanged."""
+        """``(W^-1, log|det W|)`` computed in float64 and returned in the weight's dtype, not
+        differentiable; cached while W is unchanged."""
         if torch.compiler.is_compiling():  # no cache inside a traced graph: recomputed per call
             return self._compute_stats()
         key = tuple((t._version, t.data_ptr(), t.device) for t in self._tensors())
@@ -78,8 +80,9 @@ class InvConv1x1(InvertibleModule):
 
     @torch.no_grad()
     def _compute_stats(self) -> tuple[Tensor, Tensor]:
-        w = self.matrix().double()
-        return torch.linalg.inv(w), torch.linalg.slogdet(w)[1]
+        w = self.matrix()
+        w64 = w.double()
+        return torch.linalg.inv(w64).to(w.dtype), torch.linalg.slogdet(w64)[1].to(w.dtype)
 
     def weight_grads(self, grad_weight: Tensor) -> list[Tensor | None]:
         """Map dL/dW to gradients of :meth:`trainable_parameters` (the LU factors when ``lu``)."""

@@ -22,7 +22,10 @@ fakes are registered below once it loads) and ``flowkernels::channel_affine_{fwd
         -> (Tensor, Tensor, Tensor, Tensor)
 
 The C x C folding and the chain rule from (matrix, offset) to (weight, logs, bias) are tiny and
-run as plain tensor ops here, in float64, shared by all backends.
+run as plain tensor ops here, shared by all backends, in the flow's dtype (float32): W^-1 and
+log|det W| come in computed in float64 (cached per weight version by InvConv1x1), and the rest is
+one rounding per C x C product, far below the per-pixel kernels' own. No float64 round trips
+per call: each would be launches for nothing on a GPU.
 """
 
 from __future__ import annotations
@@ -87,24 +90,53 @@ def fold(
 
     Forward: ``matrix = W diag(e^logs)``, ``offset = matrix @ bias``, inverse ``diag(e^-logs) W^-1``
     and ``-bias``; ``logdet_term = pixels * (sum(logs) + log|det W|)``. ``reverse=True`` swaps the
-    two maps and negates the term. ``weight_inv`` / ``logabsdet`` may be passed precomputed (float64
-    preferred); otherwise they are computed here in float64; the result is cast to ``dtype``. Not
+    two maps and negates the term. ``weight_inv`` / ``log|det W|`` may be passed precomputed
+    (:meth:`~flowkernels.InvConv1x1.inverse_stats`); otherwise they are computed here in float64.
+    The folding itself runs in ``dtype``: one rounding per entry of a C x C product. Not
     differentiable: the memory-saving backward applies the chain rule itself (:func:`actnorm_conv_bwd`).
     """
     with torch.no_grad():
-        w = weight.double()
-        w_inv = torch.linalg.inv(w) if weight_inv is None else weight_inv.double()
-        lad = torch.linalg.slogdet(w)[1] if logabsdet is None else logabsdet.double()
-        ls, b = logs.double().reshape(-1), bias.double().reshape(-1)
-        scale = torch.exp(ls)
-        matrix = w * scale[None, :]
-        offset = matrix @ b
-        matrix_inv = w_inv / scale[:, None]
-        term = pixels * (ls.sum() + lad)
-        maps = (matrix, offset, matrix_inv, -b, term)
-        if reverse:
-            maps = (matrix_inv, -b, matrix, offset, -term)
-        return ChannelAffine(*(t.to(dtype) for t in maps))
+        weight_inv, logabsdet = _inverse_stats(weight, weight_inv, logabsdet, dtype)
+        ls, b = logs.reshape(-1).to(dtype), bias.reshape(-1).to(dtype)
+        matrix, offset, term = _applied_map(weight.to(dtype), weight_inv, ls, b, logabsdet, pixels, reverse)
+        matrix_inv, inv_offset = _inverse_map(weight.to(dtype), weight_inv, ls, b, reverse)
+        return ChannelAffine(matrix, offset, matrix_inv, inv_offset, term)
+
+
+def _inverse_stats(
+    weight: Tensor, weight_inv: Tensor | None, logabsdet: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``(W^-1, log|det W|)`` in ``dtype``: the given ones, or computed in float64."""
+    return _weight_inverse(weight, weight_inv, dtype), _logabsdet(weight, logabsdet, dtype)
+
+
+def _weight_inverse(weight: Tensor, weight_inv: Tensor | None, dtype: torch.dtype) -> Tensor:
+    return (torch.linalg.inv(weight.detach().double()) if weight_inv is None else weight_inv).to(dtype)
+
+
+def _logabsdet(weight: Tensor, logabsdet: Tensor | None, dtype: torch.dtype) -> Tensor:
+    return (torch.linalg.slogdet(weight.detach().double())[1] if logabsdet is None else logabsdet).to(dtype)
+
+
+def _applied_map(
+    w: Tensor, w_inv: Tensor, ls: Tensor, b: Tensor, logabsdet: Tensor, pixels: int, reverse: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(matrix, offset, logdet_term)`` of the map a call applies: the forward ``W diag(e^ls)``,
+    ``W diag(e^ls) b``, ``+pixels (sum ls + log|det W|)``, or (``reverse``) the inverse
+    ``diag(e^-ls) W^-1``, ``-b``, ``-pixels (...)``. w, w_inv (C, C); ls, b (C,)."""
+    term = pixels * (ls.sum() + logabsdet)
+    if reverse:
+        return w_inv * torch.exp(-ls)[:, None], -b, -term
+    matrix = w * torch.exp(ls)
+    return matrix, matrix @ b, term
+
+
+def _inverse_map(w: Tensor, w_inv: Tensor, ls: Tensor, b: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
+    """``(matrix_inv, inv_offset)``: the inverse of the map a call applied (what rebuilds its input)."""
+    if reverse:
+        matrix = w * torch.exp(ls)
+        return matrix, matrix @ b
+    return w_inv * torch.exp(-ls)[:, None], -b
 
 
 def _fold_and_apply(
@@ -127,9 +159,11 @@ def _fold_and_apply(
         fn = reference.actnorm_conv_inv if reverse else reference.actnorm_conv_fwd
         out, dlogdet = fn(x, weight, logs, bias)
         return out, logdet.add_(dlogdet)
-    pixels = x.shape[2] * x.shape[3]
-    cmap = fold(weight, logs, bias, pixels, reverse=reverse, weight_inv=weight_inv, logabsdet=logabsdet)
-    y = kernel_op(name, "channel_affine_fwd")(x, cmap.matrix, cmap.offset, cmap.logdet_term, logdet)
+    with torch.no_grad():
+        weight_inv, logabsdet = _inverse_stats(weight, weight_inv, logabsdet, x.dtype)
+        ls, b = logs.reshape(-1), bias.reshape(-1)
+        maps = _applied_map(weight, weight_inv, ls, b, logabsdet, x.shape[2] * x.shape[3], reverse)
+        y = kernel_op(name, "channel_affine_fwd")(x, *maps, logdet)
     return y, logdet
 
 
@@ -152,7 +186,8 @@ def actnorm_conv_fwd(
         weight: (C, C) 1x1 conv weight; logs, bias: C elements each ((C,) or (1, C, 1, 1)).
         logdet: (B,) float32, incremented in place by ``H*W*(sum(logs) + log|det W|)``;
             a zero buffer is made when None.
-        weight_inv, logabsdet: optional precomputed ``W^-1`` and ``log|det W|`` (float64).
+        weight_inv, logabsdet: optional precomputed ``W^-1`` and ``log|det W|``
+            (:meth:`~flowkernels.InvConv1x1.inverse_stats`); otherwise computed in float64.
         backend: see :mod:`flowkernels.dispatch`; kernel backends are not differentiable here.
     Returns: (y, logdet); y has x's shape and memory format.
     """
@@ -206,61 +241,54 @@ def actnorm_conv_bwd(
         raise ValueError(f"grad_out: expected shape {tuple(out.shape)}, got {tuple(grad_out.shape)}")
     name = select_backend(backend, out)
     pixels = out.shape[2] * out.shape[3]
-    if weight_inv is None:
-        weight_inv = torch.linalg.inv(weight.detach().double())
-    cmap = fold(weight, logs, bias, pixels, reverse=reverse, weight_inv=weight_inv, dtype=out.dtype)
-    args = (cmap.matrix, cmap.matrix_inv, cmap.inv_offset)
     with torch.no_grad():
+        w_inv = _weight_inverse(weight, weight_inv, out.dtype)
+        w, ls, b = weight.to(out.dtype), logs.reshape(-1).to(out.dtype), bias.reshape(-1).to(out.dtype)
+        scale = torch.exp(ls)
+        forward_map = w * scale  # W diag(e^logs)
+        inverse_map = w_inv / scale[:, None]  # diag(e^-logs) W^-1
+        # (applied map, the map that rebuilds its input, that map's offset); reverse: the call
+        # applied the inverse map, so its input is rebuilt with the forward one
+        args = (inverse_map, forward_map, forward_map @ b) if reverse else (forward_map, inverse_map, -b)
         if name == "reference":
             inp, grad_inp, g_map, g_off = reference.channel_affine_bwd(out, grad_out, *args)
         else:
             grad_out = pixels_collapsible(grad_out, out)
             inp, grad_inp, g_map, g_off = kernel_op(name, "channel_affine_bwd")(out, grad_out, *args)
-        grads = _chain_rule(
-            g_map.double(), g_off.double(), grad_logdet, weight, logs, bias, weight_inv, pixels, reverse
-        )
-    g_w, g_logs, g_b = grads
-    return (
-        inp,
-        grad_inp,
-        g_w.to(weight.dtype),
-        g_logs.reshape(logs.shape).to(logs.dtype),
-        g_b.reshape(bias.shape).to(bias.dtype),
-    )
+        g_w, g_logs, g_b = _chain_rule(g_map, g_off, grad_logdet, w, w_inv, scale, b, pixels, reverse)
+    return inp, grad_inp, g_w, g_logs.reshape(logs.shape), g_b.reshape(bias.shape)
 
 
 def _chain_rule(
     g_map: Tensor,
     g_off: Tensor,
     grad_logdet: Tensor,
-    weight: Tensor,
-    logs: Tensor,
-    bias: Tensor,
-    weight_inv: Tensor,
+    w: Tensor,
+    w_inv: Tensor,
+    scale: Tensor,
+    b: Tensor,
     pixels: int,
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """From dL/d(matrix, offset) of the applied map to dL/d(weight, logs, bias), float64.
+    """From dL/d(matrix, offset) of the applied map to dL/d(weight, logs, bias), all (C, C) / (C,)
+    in the flow's dtype (scale = e^logs).
 
     Forward map ``A = W D, a = A b`` (D = diag(e^logs)); reverse map ``A = D^-1 W^-1, a = -b``.
     The log-det term ``±pixels * (sum(logs) + log|det W|)`` adds ``±g`` to logs and ``±g W^-T``
     to W, with ``g = pixels * sum_b grad_logdet``.
     """
-    w, w_inv = weight.detach().double(), weight_inv.double()
-    ls, b = logs.detach().double().reshape(-1), bias.detach().double().reshape(-1)
-    scale = torch.exp(ls)
-    g = pixels * grad_logdet.double().sum()
+    g = pixels * grad_logdet.sum()
+    w_inv_t = w_inv.T
     if not reverse:
         g_map = g_map + torch.outer(g_off, b)
-        g_b = (w * scale[None, :]).T @ g_off
-        g_w = g_map * scale[None, :] + g * w_inv.T
+        g_b = (w * scale).T @ g_off
+        g_w = g_map * scale + g * w_inv_t
         g_logs = (w * g_map).sum(0) * scale + g
-    else:
-        g_b = -g_off
-        g_w_inv = g_map / scale[:, None]
-        g_logs = -(g_map * w_inv / scale[:, None]).sum(1) - g
-        g_w = -w_inv.T @ g_w_inv @ w_inv.T - g * w_inv.T
-    return g_w, g_logs, g_b
+        return g_w, g_logs, g_b
+    g_w_inv = g_map / scale[:, None]
+    g_logs = -(g_w_inv * w_inv).sum(1) - g
+    g_w = -(w_inv_t @ g_w_inv @ w_inv_t) - g * w_inv_t
+    return g_w, g_logs, -g_off
 
 
 def channel_affine_fwd_fake(x: Tensor, matrix: Tensor, offset: Tensor, logdet_term: Tensor, logdet: Tensor) -> Tensor:
