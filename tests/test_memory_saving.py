@@ -170,8 +170,8 @@ def test_bf16_subnets_recompute_under_the_same_autocast(reverse: bool):
     x, cond, cot, cot_ld = _inputs()
     saving, plain = _pair(8, x, cond)
     autocast_on: list[bool] = []
-    subnet = saving.steps[-1].affine.fAffine
-    handle = subnet.register_forward_hook(lambda m, args, out: autocast_on.append(torch.is_autocast_enabled("cpu")))
+    relu = saving.steps[-1].affine.fAffine[1]  # (the subnet itself runs folded, not as a module call)
+    handle = relu.register_forward_hook(lambda m, args, out: autocast_on.append(torch.is_autocast_enabled("cpu")))
     got = _grads_autocast_forward(saving, x, cond, cot, cot_ld, reverse)
     handle.remove()
     assert autocast_on == [True, True], f"autocast at the forward and at the recompute: {autocast_on}"

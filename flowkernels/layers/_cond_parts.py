@@ -14,11 +14,12 @@ the steps of a *chunk* are ONE convolution with the stacked weight slices (SRFlo
 ``conv2d_input`` (a transposed convolution).
 
 A layer declares the convolutions it can have split with ``cond_projections()``
-(:class:`CondProjection`: the weight parameter and the column where its conditioning channels
-start). Stacking concatenates views of the parameters at run time, so the state_dict layout is
+(:class:`CondProjection`: the weight parameter, the column where its conditioning channels
+start, and which of its folded convolutions it is: :mod:`flowkernels.layers._folding`).
+Stacking concatenates views of the folded weights at run time, so the state_dict layout is
 unchanged, and in a plain autograd run the gradients flow back through the concatenation on
 their own. The memory-saving unit instead reduces them itself, chunk by chunk
-(:meth:`PartChunk.reduce`).
+(:meth:`PartChunk.reduce`), into the folded weights' gradients.
 
 Chunks are consecutive steps whose parts fit a byte budget (``B * outputs * H * W`` times the
 element size of the autocast dtype): the budget bounds the transient memory of ``P`` and ``G``,
@@ -28,13 +29,15 @@ convolution for both subnets of a step, still half the launches of the per-step 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._folding import Folded
 
 __all__ = ["CondProjection", "PartChunk", "Parts", "plan_chunks", "part_dtype"]
 
@@ -45,18 +48,16 @@ Parts = list[Tensor] | None
 class CondProjection(NamedTuple):
     """A convolution whose input channels ``[start:]`` are the conditioning tensor.
 
-    weight: the (out, in, k, k) parameter of the convolution (stride 1, 'same' padding, no bias);
+    weight: the (out, in, k, k) parameter of the convolution (stride 1, 'same' padding);
     start: the first column of ``weight`` over the conditioning channels (0 when the convolution
-    reads the conditioning alone); padding: its padding (k // 2).
+    reads the conditioning alone); padding: its padding (k // 2); term: the index of the
+    convolution in its layer's ``fold_terms()``, whose folded weight the parts are computed with.
     """
 
     weight: nn.Parameter
     start: int
     padding: int
-
-    def cond_weight(self) -> Tensor:
-        """The (out, cond_channels, k, k) view of the weight over the conditioning channels."""
-        return self.weight[:, self.start :]
+    term: int = 0
 
 
 def part_dtype(cond: Tensor) -> torch.dtype:
@@ -78,14 +79,14 @@ class PartChunk:
     owners: tuple[int, ...] = ()
     projections: tuple[CondProjection, ...] = ()
 
-    def weight(self) -> Tensor:
-        """The stacked (sum of outputs, cond_channels, k, k) weight: a concatenation of views of
-        the parameters, so autograd differentiates through it when it is enabled."""
-        return torch.cat([p.cond_weight() for p in self.projections])
+    def weight(self, folded: Mapping[int, Sequence[Folded]]) -> Tensor:
+        """The stacked (sum of outputs, cond_channels, k, k) conditioning columns of the owners'
+        folded weights (``folded[step]``: that step's folded convolutions)."""
+        return torch.cat([folded[o][p.term].weight[:, p.start :] for o, p in zip(self.owners, self.projections)])
 
-    def project(self, cond: Tensor) -> Tensor:
+    def project(self, cond: Tensor, weight: Tensor) -> Tensor:
         """P = conv(cond, stacked weight): (B, sum of outputs, H, W), in :func:`part_dtype`."""
-        return F.conv2d(cond, self.weight(), padding=self.projections[0].padding)
+        return F.conv2d(cond, weight, padding=self.projections[0].padding)
 
     def split(self, stacked: Tensor | None) -> dict[int, list[Tensor]]:
         """Slice a stacked (B, sum of outputs, H, W) tensor into each step's list of parts."""
@@ -97,20 +98,22 @@ class PartChunk:
             parts.setdefault(owner, []).append(part)
         return parts
 
-    def reduce(self, cond: Tensor, grad_parts: Tensor, cond_grad: bool) -> tuple[list[Tensor], Tensor | None]:
-        """Backward of :meth:`project` for the stacked part gradients ``grad_parts`` (B, outputs, H, W).
+    def reduce(
+        self, cond: Tensor, weight: Tensor, grad_parts: Tensor, cond_grad: bool
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """Backward of :meth:`project` with the stacked ``weight`` for the stacked part gradients
+        ``grad_parts`` (B, outputs, H, W).
 
         Returns (the gradient of each projection's conditioning columns, (out, cond_channels, k, k)
-        in its weight's dtype; dL/dcond in cond's dtype, or None unless ``cond_grad``). One
+        in the weight's dtype; dL/dcond in cond's dtype, or None unless ``cond_grad``). One
         weight-gradient GEMM and one transposed convolution for the whole chunk, in the dtype the
         forward used (bf16 under autocast, like autograd of an autocast convolution).
         """
-        weight = self.weight().detach()
         padding = self.projections[0].padding
         work = cond.detach().to(grad_parts.dtype)
         grad_w = torch.nn.grad.conv2d_weight(work, weight.shape, grad_parts, padding=padding)
         sizes = [p.weight.shape[0] for p in self.projections]
-        grads = [g.to(p.weight.dtype) for g, p in zip(grad_w.split(sizes), self.projections)]
+        grads = [g.to(weight.dtype) for g in grad_w.split(sizes)]
         grad_cond = None
         if cond_grad:
             grad_cond = torch.nn.grad.conv2d_input(

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..ops._common import logdet_buffer
 from ._cond_parts import CondProjection
+from ._folding import FoldTerms
 
 __all__ = [
     "DataInitialized",
@@ -90,7 +91,10 @@ class StepGrads(NamedTuple):
     inp: the rebuilt input; grad_inp: dL/dinp; grad_cond: dL/dcond (None if cond is None);
     grad_params: dL/dp for each tensor of the layer's ``trainable_parameters()``, same order;
     grad_parts: dL/dpart for each precomputed conditioning part the layer was given (None when
-    it was given none), whose weight-column and cond gradients the caller completes.
+    it was given none), whose weight-column and cond gradients the caller completes;
+    grad_folded: for each folded convolution the layer was given (``folded``), the gradients of
+    its folded weight and bias (a ``Folded`` of them, or None); the caller maps them back to the
+    parameters through the fold, and leaves those parameters' entries of grad_params None.
     """
 
     inp: Tensor
@@ -98,6 +102,7 @@ class StepGrads(NamedTuple):
     grad_cond: Tensor | None
     grad_params: list[Tensor | None]
     grad_parts: list[Tensor | None] | None = None
+    grad_folded: list | None = None
 
 
 class RecomputableStep(Protocol):
@@ -112,6 +117,8 @@ class RecomputableStep(Protocol):
     def trainable_parameters(self) -> list[Tensor]: ...
 
     def cond_projections(self) -> list[CondProjection]: ...
+
+    def fold_terms(self) -> list[FoldTerms]: ...
 
 
 def flat_grads(params: Sequence[Tensor], grads_by_id: dict[int, Tensor | None]) -> list[Tensor | None]:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ._cond_parts import PartChunk, plan_chunks
 from ._contract import RecomputableStep
+from ._folding import Folded, fold_convs, unfold_grads
 
 __all__ = ["invertible_backprop", "run_steps", "step_chunks"]
 
@@ -44,9 +45,8 @@ class _Plan:
     keep_every: int | None
     chunks: tuple[PartChunk, ...]
     keep_parts: bool
-    # per chunk, per projection: its weight's index in the owner's trainable_parameters()
-    # (None for a frozen weight)
-    weight_index: tuple[tuple[int | None, ...], ...]
+    # id(parameter) -> (step, its index in the step's trainable_parameters())
+    param_index: dict[int, tuple[int, int]]
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
@@ -91,25 +91,31 @@ class _InvertibleBackprop(torch.autograd.Function):
         with torch.autocast(y.device.type, dtype=dtype, enabled=enabled):
             for c in range(len(plan.chunks) - 1, -1, -1):
                 chunk = plan.chunks[c]
-                stacked = None
+                fold = _ChunkFold(plan.steps, chunk, differentiable=True)
+                stacked = weight = None
                 if chunk.projections:
-                    stacked = kept_parts.pop() if plan.keep_parts else chunk.project(cond)
+                    weight = chunk.weight(fold.folded)
+                    stacked = kept_parts.pop() if plan.keep_parts else chunk.project(cond, weight)
                 parts = chunk.split(stacked)
                 grad_stacked = None if stacked is None else torch.zeros_like(stacked)
                 grad_parts = chunk.split(grad_stacked)
                 for i in range(chunk.stop - 1, chunk.start - 1, -1):
                     res = plan.steps[i].backward_from_output(
-                        y, grad_y, grad_logdet, cond, plan.reverse, *_step_parts(parts, i)
+                        y, grad_y, grad_logdet, cond, plan.reverse, **_step_extras(parts, fold.folded, i)
                     )
                     y, grad_y = kept_inputs.get(i, res.inp), res.grad_inp
                     if grad_cond is not None and res.grad_cond is not None:
                         grad_cond += res.grad_cond
                     grads[i] = res.grad_params
+                    fold.add_grads(i, res.grad_folded)
                     for dst, g in zip(grad_parts.get(i, ()), res.grad_parts or ()):
                         if g is not None:
                             dst.copy_(g)
                 if grad_stacked is not None:
-                    _reduce_chunk(plan, c, cond, grad_stacked, grads, grad_cond)
+                    g_cond = _reduce_chunk(chunk, cond, weight, grad_stacked, fold, grad_cond is not None)
+                    if g_cond is not None:
+                        grad_cond += g_cond
+                fold.pull_into(grads, plan.param_index)
         flat = [g for step_grads in grads for g in step_grads]
         return (None, None, grad_y, grad_logdet, grad_cond, *flat)
 
@@ -142,15 +148,17 @@ def run_steps(
     keep_every: int | None = None,
     keep_parts: bool = False,
 ) -> tuple[Tensor, list[int], list[Tensor], list[Tensor]]:
-    """Run ``steps`` (application order) chunk by chunk: each chunk's conditioning parts in one
-    convolution, then its steps with their slices; ``logdet`` updated in place. With autograd on
-    (a plain run on the reference backend) gradients flow through the stacked weight on their own.
+    """Run ``steps`` (application order) chunk by chunk: each chunk's subnet convolutions folded
+    at once, its conditioning parts in one convolution, then its steps with their slices;
+    ``logdet`` updated in place. With autograd on (a plain run on the reference backend)
+    gradients flow through the folding and the stacked weight on their own.
 
     Returns (y, indices of the steps whose input was kept (every ``keep_every``-th), those inputs,
     each chunk's stacked parts if ``keep_parts``)."""
     kept_at, kept, kept_parts = [], [], []
     for chunk in chunks:
-        stacked = chunk.project(cond) if chunk.projections else None
+        fold = _ChunkFold(steps, chunk, differentiable=False)
+        stacked = chunk.project(cond, chunk.weight(fold.folded)) if chunk.projections else None
         if keep_parts and stacked is not None:
             kept_parts.append(stacked)
         parts = chunk.split(stacked)
@@ -158,38 +166,96 @@ def run_steps(
             if keep_every and i and i % keep_every == 0:
                 kept.append(x)
                 kept_at.append(i)
-            x = steps[i]._run(x, cond, logdet, reverse, *_step_parts(parts, i))
+            x = steps[i]._run(x, cond, logdet, reverse, **_step_extras(parts, fold.folded, i))
     return x, kept_at, kept, kept_parts
 
 
-def _step_parts(parts: dict[int, list[Tensor]], i: int) -> tuple:
-    """The extra ``parts`` argument of step ``i`` (nothing for a step without projections)."""
-    return (parts[i],) if i in parts else ()
+def _step_extras(parts: dict[int, list[Tensor]], folded: dict[int, list[Folded]], i: int) -> dict:
+    """The extra keyword arguments of step ``i``: its conditioning ``parts`` and its ``folded``
+    convolutions, each only if it has some (layers without them take neither)."""
+    extras: dict = {}
+    if i in parts:
+        extras["parts"] = parts[i]
+    if i in folded:
+        extras["folded"] = folded[i]
+    return extras
+
+
+class _ChunkFold:
+    """The folded subnet convolutions of a chunk's steps (:mod:`._folding`), computed at once.
+
+    ``differentiable``: the folded tensors are leaves that require grad where their parameters
+    train (eagerly; under torch.compile the subnets' vjp needs no flag), their gradients are
+    collected step by step (:meth:`add_grads`, :meth:`add_weight_columns`) and mapped back to
+    the parameters in one pass at the end of the chunk (:meth:`pull_into`). Otherwise the fold is
+    plain ops (autograd, if enabled, differentiates through them on its own).
+    """
+
+    def __init__(self, steps: Sequence[RecomputableStep], chunk: PartChunk, differentiable: bool) -> None:
+        step_terms = {i: steps[i].fold_terms() for i in range(chunk.start, chunk.stop)}
+        self.owners = [(i, j) for i, terms in step_terms.items() for j in range(len(terms))]
+        self.terms = [t for ts in step_terms.values() for t in ts]
+        if differentiable:
+            with torch.no_grad():
+                self.flat, self.groups = fold_convs(self.terms)
+            if not torch.compiler.is_compiling():
+                for f, t in zip(self.flat, self.terms):
+                    f.weight.requires_grad_(t.weight.requires_grad or t.logs.requires_grad)
+                    f.bias.requires_grad_(t.bias.requires_grad or t.logs.requires_grad)
+        else:
+            self.flat, self.groups = fold_convs(self.terms)
+        self.folded: dict[int, list[Folded]] = {}
+        for (i, _), f in zip(self.owners, self.flat):
+            self.folded.setdefault(i, []).append(f)
+        self.index = {owner: k for k, owner in enumerate(self.owners)}
+        self.grads: list[list[Tensor | None]] = [[None, None] for _ in self.flat]
+
+    def add_grads(self, step: int, grad_folded: Sequence[Folded | None] | None) -> None:
+        """Add a step's gradients of its folded convolutions (``StepGrads.grad_folded``)."""
+        for j, g in enumerate(grad_folded or ()):
+            if g is not None:
+                slot = self.grads[self.index[(step, j)]]
+                for n, value in enumerate(g):
+                    if value is not None:
+                        slot[n] = value if slot[n] is None else slot[n] + value
+
+    def add_weight_columns(self, step: int, term: int, start: int, grad: Tensor) -> None:
+        """Add ``grad`` to the gradient of the columns ``[start:]`` of a folded weight."""
+        k = self.index[(step, term)]
+        if self.grads[k][0] is None:
+            self.grads[k][0] = torch.zeros_like(self.flat[k].weight)
+        self.grads[k][0][:, start:] += grad
+
+    def pull_into(self, grads: list[list[Tensor | None]], param_index: dict[int, tuple[int, int]]) -> None:
+        """Map the collected gradients through the fold to the parameters: into
+        ``grads[step][index]`` at ``param_index[id(parameter)]`` (trainable parameters only)."""
+        collected = [None if w is None and b is None else Folded(*self._full(k)) for k, (w, b) in enumerate(self.grads)]
+        for term, g in zip(self.terms, unfold_grads(self.terms, self.groups, collected)):
+            if g is None:
+                continue
+            for tensor, value in zip((term.weight, term.logs, term.bias), g):
+                if id(tensor) in param_index:
+                    step, index = param_index[id(tensor)]
+                    grads[step][index] = value
+
+    def _full(self, k: int) -> tuple[Tensor, Tensor]:
+        w, b = self.grads[k]
+        return (
+            torch.zeros_like(self.flat[k].weight) if w is None else w,
+            torch.zeros_like(self.flat[k].bias) if b is None else b,
+        )
 
 
 def _reduce_chunk(
-    plan: _Plan,
-    c: int,
-    cond: Tensor,
-    grad_stacked: Tensor,
-    grads: list[list[Tensor | None]],
-    grad_cond: Tensor | None,
-) -> None:
-    """Complete chunk ``c``'s gradients from its stacked part gradients: add each projection's
-    conditioning-column weight gradient to its owner's gradient list, and the conditioning
-    gradient to ``grad_cond`` (both in place)."""
-    chunk = plan.chunks[c]
-    weight_grads, g_cond = chunk.reduce(cond, grad_stacked, grad_cond is not None)
-    for owner, proj, index, g in zip(chunk.owners, chunk.projections, plan.weight_index[c], weight_grads):
-        if index is None:
-            continue
-        own = grads[owner][index]
-        if own is None:  # the step's own part of the weight was unused (a cond-only subnet)
-            own = torch.zeros_like(proj.weight)
-            grads[owner][index] = own
-        own[:, proj.start :] += g
-    if g_cond is not None:
-        grad_cond += g_cond
+    chunk: PartChunk, cond: Tensor, weight: Tensor, grad_stacked: Tensor, fold: _ChunkFold, cond_grad: bool
+) -> Tensor | None:
+    """Complete a chunk's gradients from its stacked part gradients: add each projection's
+    conditioning-column gradient to its folded weight's gradient (in ``fold``); return the
+    conditioning gradient (None unless ``cond_grad``)."""
+    weight_grads, g_cond = chunk.reduce(cond, weight, grad_stacked, cond_grad)
+    for owner, proj, g in zip(chunk.owners, chunk.projections, weight_grads):
+        fold.add_weight_columns(owner, proj.term, proj.start, g)
+    return g_cond
 
 
 def invertible_backprop(
@@ -213,11 +279,8 @@ def invertible_backprop(
     order = tuple(reversed(steps)) if reverse else tuple(steps)
     params = [step.trainable_parameters() for step in order]
     chunks = step_chunks(order, cond, cond_chunk_bytes)
-    weight_index = tuple(
-        tuple(_index_of(proj.weight, params[owner]) for owner, proj in zip(chunk.owners, chunk.projections))
-        for chunk in chunks
-    )
-    plan = _Plan(order, reverse, keep_every, chunks, keep_parts, weight_index)
+    param_index = {id(p): (i, j) for i, step_params in enumerate(params) for j, p in enumerate(step_params)}
+    plan = _Plan(order, reverse, keep_every, chunks, keep_parts, param_index)
     flat = [p for step_params in params for p in step_params]
     autocast = _autocast_state(x.device.type)
     return _InvertibleBackprop.apply(plan, autocast, x, logdet, cond, *flat)
@@ -231,7 +294,3 @@ def step_chunks(
     if cond_chunk_bytes is None or cond is None:
         return (PartChunk(0, len(steps)),)
     return plan_chunks([step.cond_projections() for step in steps], cond, cond_chunk_bytes)
-
-
-def _index_of(param: Tensor, params: list[Tensor]) -> int | None:
-    return next((j for j, p in enumerate(params) if p is param), None)

@@ -47,6 +47,7 @@ from ._contract import (
     logdet_buffer,
     set_mode,
 )
+from ._folding import FoldTerms
 from ._unit import invertible_backprop
 
 __all__ = ["InvertibleModule", "FusedLayer", "module_pullback"]
@@ -173,7 +174,18 @@ class InvertibleModule(nn.Module):
         A layer returning some must accept ``parts`` (one (B, out, H, W) tensor per projection,
         in this order) as a last argument of ``_run`` and ``backward_from_output``, use
         ``conv(cond, projection.cond_weight()) = part`` instead of reading those columns, and
-        return the parts' gradients in ``StepGrads.grad_parts``.
+        return the parts' gradients in ``StepGrads.grad_parts`` (parts are computed with the folded
+        weights of :meth:`fold_terms`: ``CondProjection.term``).
+        """
+        return []
+
+    def fold_terms(self) -> list[FoldTerms]:
+        """Convolutions with a per-channel scale whose folded form (:mod:`flowkernels.layers._folding`)
+        a :class:`~flowkernels.FlowSequence` may compute for many steps at once; none by default.
+
+        A layer returning some must accept ``folded`` (one :class:`~flowkernels.layers._folding.Folded`
+        per term, this order) as a keyword of ``_run`` and ``backward_from_output``, use it instead
+        of those parameters, and return their gradients in ``StepGrads.grad_folded``.
         """
         return []
 

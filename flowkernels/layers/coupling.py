@@ -20,12 +20,18 @@ Level batching (:mod:`flowkernels.layers._cond_parts`): a conditional coupling d
 conditioning columns of its subnets' first convolutions (:meth:`AffineCoupling.cond_projections`);
 a :class:`~flowkernels.FlowSequence` then computes their conditioning parts for many steps in
 one convolution and passes each stage its part, and the stage evaluates
-``Subnet(x1, part) = rest(actnorm(conv(x1, W[:, :C1]) + part))``.
+``conv(x1, W[:, :C1], b) + part`` as its first (folded) convolution.
+
+Folding (:mod:`flowkernels.layers._folding`): inside a FlowSequence every subnet convolution and
+the per-channel scale after it run as one convolution of folded parameters, computed for all
+steps at once (:meth:`AffineCoupling.fold_terms`); a coupling called on its own runs its subnets
+as plain Sequentials, op for op the official maths.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -36,6 +42,7 @@ from ..dispatch import select_backend
 from ..ops.affine_coupling import SRFLOW_EPS, affine_coupling_bwd, affine_coupling_fwd, affine_coupling_inv
 from ._cond_parts import CondProjection, Parts
 from ._contract import StepGrads, check_cond, check_flow_input, flat_grads, flow_precision
+from ._folding import Folded, FoldTerms, pullback
 from .actnorm import ActNorm
 from .base import FusedLayer, module_pullback
 
@@ -67,12 +74,18 @@ class Conv2dActNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.actnorm(F.conv2d(x, self.weight, padding=self.padding))
 
+    def fold_terms(self) -> FoldTerms:
+        """``actnorm(conv(x, W)) = (conv(x, W) + bias) * exp(logs)``: foldable into one conv."""
+        return FoldTerms(self.weight, self.actnorm.logs, self.actnorm.bias, 1.0)
+
 
 class Conv2dZeros(nn.Module):
     """Zero-initialised conv3x3 with bias, output scaled by ``exp(logscale_factor * logs)``.
 
     Keys: ``weight`` (out, in, 3, 3), ``bias`` (out,), ``logs`` (out, 1, 1).
     """
+
+    padding = 1
 
     def __init__(self, in_channels: int, out_channels: int, logscale_factor: float = 3.0) -> None:
         super().__init__()
@@ -82,30 +95,55 @@ class Conv2dZeros(nn.Module):
         self.logscale_factor = logscale_factor
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias, padding=1) * torch.exp(self.logs * self.logscale_factor)
+        return F.conv2d(x, self.weight, self.bias, padding=self.padding) * torch.exp(self.logs * self.logscale_factor)
+
+    def fold_terms(self) -> FoldTerms:
+        return FoldTerms(self.weight, self.logs, self.bias, self.logscale_factor)
 
 
 class Subnet(nn.Sequential):
-    """The coupling subnet (``make_subnet``): a Sequential whose first layer is a
-    :class:`Conv2dActNorm`, callable with its conditioning part precomputed.
+    """The coupling subnet (``make_subnet``): a Sequential of convolutions with a per-channel
+    scale (:class:`Conv2dActNorm`, :class:`Conv2dZeros`) and parameter-free layers (ReLU).
 
-    ``subnet(inp)``: the plain Sequential. ``subnet(x1, part)``: the same output for
-    ``inp = cat(x1, cond)`` (or ``inp = cond`` with ``x1=None``), given
-    ``part = conv(cond, first.weight[:, C1:])`` (B, hidden, H, W), C1 = x1's channels:
-    ``first = actnorm(conv(x1, first.weight[:, :C1]) + part)``, then the other layers.
+    ``subnet(inp)``: the plain Sequential, the official maths (op for op). :meth:`run_folded`:
+    the same function with each convolution and its scale as one convolution of folded
+    parameters (:mod:`flowkernels.layers._folding`), optionally with the first convolution's
+    conditioning part precomputed: what a :class:`~flowkernels.FlowSequence` runs.
     """
 
-    def forward(self, x: Tensor | None, part: Tensor | None = None) -> Tensor:
-        if part is None:
-            return super().forward(x)
-        first = self[0]
-        if x is not None:
-            # Sum in the weight's dtype: under bf16 autocast both convolutions come out in bf16,
-            # and a bf16 sum would round a third time where the per-step convolution rounds once.
-            part = F.conv2d(x, first.weight[:, : x.shape[1]], padding=first.padding) + part.to(first.weight.dtype)
-        out = first.actnorm(part)
-        for layer in self[1:]:
-            out = layer(out)
+    def convolutions(self) -> list[nn.Module]:
+        """The layers with a per-channel scale (``fold_terms``), in order; the others must be
+        parameter-free for the subnet to fold."""
+        return [layer for layer in self if hasattr(layer, "fold_terms")]
+
+    def foldable(self) -> bool:
+        return all(hasattr(layer, "fold_terms") or not any(True for _ in layer.parameters()) for layer in self)
+
+    def fold_terms(self) -> list[FoldTerms]:
+        return [layer.fold_terms() for layer in self.convolutions()]
+
+    def run_folded(self, inp: Tensor | None, folded: Sequence[Folded], part: Tensor | None = None) -> Tensor:
+        """The subnet on ``inp`` with folded convolutions (``folded``: one per :meth:`convolutions`).
+
+        With ``part = conv(cond, W0[:, C1:])`` (B, out, H, W), the conditioning part of the first
+        folded convolution, ``inp`` is only the flow-state channels x1 (C1 of them; None for a
+        subnet reading the conditioning alone): ``first = conv(x1, W0[:, :C1], b0) + part``.
+        """
+        convs = iter(zip(self.convolutions(), folded))
+        out = inp
+        for index, layer in enumerate(self):
+            if not hasattr(layer, "fold_terms"):
+                out = layer(out)
+                continue
+            conv, (weight, bias) = next(convs)
+            if index > 0 or part is None:
+                out = F.conv2d(out, weight, bias, padding=conv.padding)
+            elif inp is None:
+                out = part + bias.view(1, -1, 1, 1)
+            else:
+                # Sum in the weight's dtype: under bf16 autocast both convolutions come out in bf16,
+                # and a bf16 sum would round a third time where the per-step convolution rounds once.
+                out = F.conv2d(inp, weight[:, : inp.shape[1]], bias, padding=conv.padding) + part.to(weight.dtype)
         return out
 
 
@@ -209,32 +247,66 @@ class AffineCoupling(FusedLayer):
         check_flow_input(x, self.channels)
         check_cond(cond, x, self.cond_channels)
 
+    def fold_terms(self) -> list[FoldTerms]:
+        """The foldable convolutions of the stages' subnets, stage by stage (empty unless every
+        subnet is a foldable :class:`Subnet`): what a FlowSequence folds for all its steps at once
+        and passes back as ``folded`` (:mod:`flowkernels.layers._folding`)."""
+        stages = self.stages()
+        if not all(isinstance(stage.subnet, Subnet) and stage.subnet.foldable() for stage in stages):
+            return []
+        return [t for stage in stages for t in stage.subnet.fold_terms()]
+
     def cond_projections(self) -> list[CondProjection]:
         """The conditioning columns of each stage's first convolution, in stage order (empty
-        for an unconditional coupling): what a FlowSequence may precompute for many steps in
-        one convolution and pass back as ``parts`` (see the module docstring)."""
+        for an unconditional or unfoldable coupling): what a FlowSequence may precompute for many
+        steps in one convolution of the folded weights and pass back as ``parts`` (see the module
+        docstring)."""
         stages = self.stages()
-        if not self.cond_channels or not all(isinstance(stage.subnet, Subnet) for stage in stages):
+        if not self.cond_channels or not self.fold_terms() or not all(self._first_folds(s) for s in stages):
             return []
-        return [
-            CondProjection(stage.subnet[0].weight, stage.passive if stage.reads_x else 0, stage.subnet[0].padding)
-            for stage in stages
-        ]
+        projections, term = [], 0
+        for stage in stages:
+            first = stage.subnet[0]
+            projections.append(CondProjection(first.weight, stage.passive if stage.reads_x else 0, first.padding, term))
+            term += len(stage.subnet.convolutions())
+        return projections
 
-    def _subnet_inputs(
-        self, stage: Stage, x: Tensor, cond: Tensor | None, part: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
-        """The subnet's arguments: ``(cat(x1, cond),)``, ``(x1,)`` or ``(cond,)``; with a
-        precomputed conditioning ``part``, ``(x1 or None, part)``."""
+    @staticmethod
+    def _first_folds(stage: Stage) -> bool:
+        return hasattr(stage.subnet[0], "fold_terms")
+
+    def _stage_folds(self, folded: Sequence[Folded] | None) -> list[list[Folded] | None]:
+        """A step's folded convolutions (:meth:`fold_terms` order) split by stage."""
+        stages = self.stages()
+        if folded is None:
+            return [None] * len(stages)
+        out, k = [], 0
+        for stage in stages:
+            n = len(stage.subnet.convolutions())
+            out.append(list(folded[k : k + n]))
+            k += n
+        return out
+
+    def _subnet_input(self, stage: Stage, x: Tensor, cond: Tensor | None, has_part: bool) -> Tensor | None:
+        """The subnet's input: ``cat(x1, cond)``, ``x1`` or ``cond``; with a precomputed
+        conditioning part, x1 alone (None for a stage that reads the conditioning only)."""
         x1 = x[:, : stage.passive] if stage.reads_x else None
-        if part is not None:
-            return x1, part
+        if has_part:
+            return x1
         if x1 is None:
-            return (cond,)
-        return (x1 if not self.cond_channels else torch.cat([x1, cond], dim=1),)
+            return cond
+        return x1 if not self.cond_channels else torch.cat([x1, cond], dim=1)
 
-    def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool, parts: Parts = None) -> Tensor:
-        return self.apply_stages(x, cond, logdet, reverse, self.kernel_backend(x), parts)
+    def _run(
+        self,
+        x: Tensor,
+        cond: Tensor | None,
+        logdet: Tensor,
+        reverse: bool,
+        parts: Parts = None,
+        folded: Sequence[Folded] | None = None,
+    ) -> Tensor:
+        return self.apply_stages(x, cond, logdet, reverse, self.kernel_backend(x), parts, folded)
 
     def apply_stages(
         self,
@@ -244,15 +316,20 @@ class AffineCoupling(FusedLayer):
         reverse: bool,
         backend: str,
         parts: Parts = None,
+        folded: Sequence[Folded] | None = None,
     ) -> Tensor:
         """Run the stages (reversed and inverted when ``reverse``), ``logdet`` updated in place.
-        ``parts``: the conditioning part of each stage (:meth:`cond_projections` order) or None."""
+        ``parts``: the conditioning part of each stage (:meth:`cond_projections` order) or None;
+        ``folded``: the folded convolutions (:meth:`fold_terms` order), or None to run the
+        subnets as plain Sequentials (the official maths)."""
         stages = self.stages()
+        stage_folds = self._stage_folds(folded)
         op = affine_coupling_inv if reverse else affine_coupling_fwd
         order = range(len(stages) - 1, -1, -1) if reverse else range(len(stages))
         for i in order:
-            stage = stages[i]
-            h = stage.subnet(*self._subnet_inputs(stage, x, cond, None if parts is None else parts[i]))
+            stage, part = stages[i], None if parts is None else parts[i]
+            inp = self._subnet_input(stage, x, cond, part is not None)
+            h = stage.subnet(inp) if stage_folds[i] is None else stage.subnet.run_folded(inp, stage_folds[i], part)
             if reverse and self.inverse_scale_floor is not None:
                 h, _ = floor_scale(h, self.inverse_scale_floor, self.eps)
             with flow_precision(x):
@@ -269,11 +346,14 @@ class AffineCoupling(FusedLayer):
         cond: Tensor | None,
         reverse: bool,
         parts: Parts = None,
+        folded: Sequence[Folded] | None = None,
     ) -> StepGrads:
-        inp, grad_inp, grad_cond, grads_by_id, grad_parts = self.backward_stages(
-            out, grad_out, grad_logdet, cond, reverse, select_backend(self.backend, out), parts
+        res = self.backward_stages(
+            out, grad_out, grad_logdet, cond, reverse, select_backend(self.backend, out), parts, folded
         )
-        return StepGrads(inp, grad_inp, grad_cond, flat_grads(self.trainable_parameters(), grads_by_id), grad_parts)
+        inp, grad_inp, grad_cond, grads_by_id, grad_parts, grad_folded = res
+        grad_params = flat_grads(self.trainable_parameters(), grads_by_id)
+        return StepGrads(inp, grad_inp, grad_cond, grad_params, grad_parts, grad_folded)
 
     def backward_stages(
         self,
@@ -284,25 +364,35 @@ class AffineCoupling(FusedLayer):
         reverse: bool,
         backend: str,
         parts: Parts = None,
-    ) -> tuple[Tensor, Tensor, Tensor | None, dict[int, Tensor | None], list[Tensor | None] | None]:
+        folded: Sequence[Folded] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None, dict[int, Tensor | None], list | None, list | None]:
         """Backward with recompute through the stages: one subnet evaluation per stage on the
         output's passive channels, then the fused op. Returns (inp, grad_inp, grad_cond,
-        parameter gradients keyed by ``id(param)``, gradients of ``parts`` or None).
+        parameter gradients keyed by ``id(param)``, gradients of ``parts`` or None, gradients of
+        ``folded`` (a :class:`Folded` of gradients or None per convolution) or None).
 
         With ``parts`` the stages never read ``cond`` (grad_cond is None), and the gradients of
-        the first convolutions' conditioning columns are left to whoever computed the parts."""
+        the first convolutions' conditioning columns are left to whoever computed the parts. With
+        ``folded`` the subnets are differentiated with respect to the folded convolutions, and the
+        gradients of the subnet parameters are left to whoever folded them."""
         stages = self.stages()
+        stage_folds = self._stage_folds(folded)
         grads_by_id: dict[int, Tensor | None] = {}
         grad_parts: list[Tensor | None] | None = None if parts is None else [None] * len(stages)
+        grad_folded: list[Folded | None] | None = None if folded is None else []
         # cond as saved by the unit keeps requires_grad: False for a frozen encoder's features
         cond_grad = parts is None and cond is not None and bool(self.cond_channels) and cond.requires_grad
         grad_cond = torch.zeros_like(cond) if cond_grad else None
         order = range(len(stages)) if reverse else range(len(stages) - 1, -1, -1)
+        stage_grads: list[list[Folded | None]] = [[] for _ in stages]
         for i in order:
-            stage = stages[i]
-            inputs = self._subnet_inputs(stage, out, cond, None if parts is None else parts[i])
-            wanted = [stage.reads_x, True] if parts is not None else [stage.reads_x or cond_grad]
-            h, pull = module_pullback(stage.subnet, *inputs, input_grads=wanted)
+            stage, part = stages[i], None if parts is None else parts[i]
+            inp = self._subnet_input(stage, out, cond, part is not None)
+            wants_inp = stage.reads_x or cond_grad
+            if stage_folds[i] is None:
+                h, pull = module_pullback(stage.subnet, inp, input_grads=[wants_inp])
+            else:
+                h, pull = _folded_pullback(stage.subnet, inp, part, stage_folds[i], wants_inp)
             keep = None
             if reverse and self.inverse_scale_floor is not None:
                 h, keep = floor_scale(h, self.inverse_scale_floor, self.eps)
@@ -329,9 +419,43 @@ class AffineCoupling(FusedLayer):
                 g_in = g_in[:, stage.passive :]
             if grad_cond is not None and g_in is not None:
                 grad_cond += g_in
-            params = [p for p in stage.subnet.parameters() if p.requires_grad]
-            grads_by_id.update(zip(map(id, params), g_params))
-        return out, grad_out, grad_cond, grads_by_id, grad_parts
+            if stage_folds[i] is None:
+                params = [p for p in stage.subnet.parameters() if p.requires_grad]
+                grads_by_id.update(zip(map(id, params), g_params))
+            else:
+                stage_grads[i] = g_params
+        if grad_folded is not None:
+            grad_folded = [g for grads in stage_grads for g in grads]
+        return out, grad_out, grad_cond, grads_by_id, grad_parts, grad_folded
+
+
+def _folded_pullback(
+    subnet: Subnet, inp: Tensor | None, part: Tensor | None, folded: Sequence[Folded], wants_inp: bool
+) -> tuple[Tensor, Callable[[Tensor], tuple[tuple[Tensor | None, ...], list[Folded | None]]]]:
+    """``subnet.run_folded(inp, folded, part)`` once with grad, and its pullback to the input, the
+    part and the folded convolutions (a folded tensor's gradient only where its parameters train)."""
+    terms = subnet.fold_terms()
+    flat = [t for f in folded for t in f]
+    trains = [
+        (t.weight.requires_grad or t.logs.requires_grad, t.bias.requires_grad or t.logs.requires_grad) for t in terms
+    ]
+    wanted = [wants_inp, part is not None, *(flag for pair in trains for flag in pair)]
+
+    def run(x: Tensor | None, p: Tensor | None, *tensors: Tensor) -> list[Tensor]:
+        pairs = [Folded(tensors[k], tensors[k + 1]) for k in range(0, len(tensors), 2)]
+        return [subnet.run_folded(x, pairs, p)]
+
+    # the folded tensors are the chunk's leaves (requiring grad where wanted): no detach for them
+    (h,), pull_all = pullback(run, [inp, part, *flat], wanted, reuse=[False, False, *([True] * len(flat))])
+
+    def pull(grad_h: Tensor) -> tuple[tuple[Tensor | None, ...], list[Folded | None]]:
+        g = pull_all([grad_h])
+        pairs = [
+            Folded(g[k], g[k + 1]) if g[k] is not None or g[k + 1] is not None else None for k in range(2, len(g), 2)
+        ]
+        return (g[0], g[1]), pairs
+
+    return h, pull
 
 
 class CondAffineCoupling(AffineCoupling):

@@ -12,6 +12,8 @@ step is plain autograd over ``flowkernels.reference`` (stored activations).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -19,6 +21,7 @@ from ..dispatch import select_backend
 from ..ops.actnorm_conv import actnorm_conv_bwd, actnorm_conv_fwd, actnorm_conv_inv
 from ._cond_parts import CondProjection, Parts
 from ._contract import StepGrads, check_cond, check_flow_input, flat_grads, flow_precision, in_plain_mode
+from ._folding import Folded, FoldTerms
 from .actnorm import ActNorm2d
 from .base import FusedLayer
 from .coupling import AffineCoupling
@@ -69,14 +72,26 @@ class FlowStep(FusedLayer):
         """The coupling's (see :meth:`AffineCoupling.cond_projections`); none without one."""
         return self.affine.cond_projections() if self.affine is not None else []
 
-    def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool, parts: Parts = None) -> Tensor:
+    def fold_terms(self) -> list[FoldTerms]:
+        """The coupling's (see :meth:`AffineCoupling.fold_terms`); none without one."""
+        return self.affine.fold_terms() if self.affine is not None else []
+
+    def _run(
+        self,
+        x: Tensor,
+        cond: Tensor | None,
+        logdet: Tensor,
+        reverse: bool,
+        parts: Parts = None,
+        folded: Sequence[Folded] | None = None,
+    ) -> Tensor:
         if in_plain_mode():
             return self._run_submodules(x, cond, logdet, reverse)
         backend = self.kernel_backend(x)
         if not reverse:
             x = self._actnorm_conv(x, logdet, backend, reverse=False)
         if self.affine is not None:
-            x = self.affine.apply_stages(x, cond, logdet, reverse, backend, parts)
+            x = self.affine.apply_stages(x, cond, logdet, reverse, backend, parts, folded)
         if reverse:
             x = self._actnorm_conv(x, logdet, backend, reverse=True)
         return x
@@ -109,22 +124,24 @@ class FlowStep(FusedLayer):
         cond: Tensor | None,
         reverse: bool,
         parts: Parts = None,
+        folded: Sequence[Folded] | None = None,
     ) -> StepGrads:
         """Fused backward with recompute: the coupling's stages (one subnet evaluation each),
         then one pass of the actnorm+1x1 kernel (or the other way round for ``reverse``)."""
         backend = select_backend(self.backend, out)
         grads_by_id: dict[int, Tensor | None] = {}
-        grad_cond = grad_parts = None
+        grad_cond = grad_parts = grad_folded = None
         if reverse:
             out, grad_out = self._actnorm_conv_backward(out, grad_out, grad_logdet, backend, True, grads_by_id)
         if self.affine is not None:
-            out, grad_out, grad_cond, coupling_grads, grad_parts = self.affine.backward_stages(
-                out, grad_out, grad_logdet, cond, reverse, backend, parts
+            out, grad_out, grad_cond, coupling_grads, grad_parts, grad_folded = self.affine.backward_stages(
+                out, grad_out, grad_logdet, cond, reverse, backend, parts, folded
             )
             grads_by_id.update(coupling_grads)
         if not reverse:
             out, grad_out = self._actnorm_conv_backward(out, grad_out, grad_logdet, backend, False, grads_by_id)
-        return StepGrads(out, grad_out, grad_cond, flat_grads(self.trainable_parameters(), grads_by_id), grad_parts)
+        grad_params = flat_grads(self.trainable_parameters(), grads_by_id)
+        return StepGrads(out, grad_out, grad_cond, grad_params, grad_parts, grad_folded)
 
     def _actnorm_conv_backward(
         self, out: Tensor, grad_out: Tensor, grad_logdet: Tensor, backend: str, reverse: bool, grads_by_id: dict

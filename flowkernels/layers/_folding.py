@@ -1,0 +1,178 @@
+"""Folding the subnets' per-channel scales into their convolutions, for a whole level at once.
+
+Every convolution of an SRFlow/Glow coupling subnet is followed by a per-channel affine map:
+``(conv(x, W) + bias) * exp(logs)`` (ActNorm after the bias-free convolutions) or
+``(conv(x, W) + bias) * exp(3 * logs)`` (the zero-initialised last layer). Exactly (up to
+rounding) that is ONE convolution with folded parameters::
+
+    conv(x, W * e, bias * e),   e = exp(factor * logs) per output channel
+
+so a subnet evaluation is three convolutions and two ReLUs instead of thirteen ops, and the
+activation-sized passes of the scales disappear. The folded parameters depend on the parameters
+only, so a :class:`~flowkernels.FlowSequence` computes them once per call for all its steps
+(:func:`fold_convs`: same-shaped convolutions stacked, a dozen ops per shape), and the
+memory-saving backward differentiates the subnets with respect to the folded parameters
+(:func:`pullback`) and maps those gradients back through the fold once per chunk of steps
+(:func:`unfold_grads`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["FoldGroup", "FoldTerms", "Folded", "fold_convs", "pullback", "unfold_grads"]
+
+
+class FoldTerms(NamedTuple):
+    """One convolution followed by a per-channel scale: ``(conv(x, weight) + bias) * exp(factor * logs)``.
+
+    weight: (out, in, k, k); logs, bias: ``out`` elements in any shape (e.g. (1, out, 1, 1));
+    factor: the log-scale multiplier (1 for ActNorm, 3 for SRFlow's zero-initialised layer).
+    """
+
+    weight: Tensor
+    logs: Tensor
+    bias: Tensor
+    factor: float
+
+
+class Folded(NamedTuple):
+    """The folded convolution of a :class:`FoldTerms`: weight (out, in, k, k) and bias (out,)."""
+
+    weight: Tensor
+    bias: Tensor
+
+
+class FoldGroup(NamedTuple):
+    """Same-shaped terms folded together: their indices, factor, the stacked parameters
+    (weight (n, out, in, k, k); logs and bias (n, out)), the scales (n, out) and the folded
+    (n, ...) weight and (n, out) bias."""
+
+    members: list[int]
+    factor: float
+    weight: Tensor
+    logs: Tensor
+    bias: Tensor
+    scale: Tensor
+    folded_weight: Tensor
+    folded_bias: Tensor
+
+
+def fold_convs(terms: Sequence[FoldTerms]) -> tuple[list[Folded], list[FoldGroup]]:
+    """``(W * e, bias * e)`` with ``e = exp(factor * logs)`` for every term, in order, and the
+    groups they were folded in: terms of the same weight shape and factor are folded together
+    (stacked, one exp and two multiplies), so a level of K steps costs a few ops per distinct
+    shape, not per step. Differentiable; :func:`unfold_grads` is its backward in as few ops."""
+    by_key: dict[tuple, list[int]] = {}
+    for i, t in enumerate(terms):
+        by_key.setdefault((tuple(t.weight.shape), t.factor, t.weight.dtype, t.weight.device), []).append(i)
+    folded: list[Folded | None] = [None] * len(terms)
+    groups = []
+    for (shape, factor, _, _), members in by_key.items():
+        n = len(members)
+        logs = torch.stack([terms[i].logs for i in members]).reshape(n, shape[0])
+        bias = torch.stack([terms[i].bias for i in members]).reshape(n, shape[0])
+        weight = torch.stack([terms[i].weight for i in members])
+        scale = torch.exp(logs * factor if factor != 1.0 else logs)
+        group = FoldGroup(
+            members, factor, weight, logs, bias, scale, weight * scale.reshape(n, shape[0], 1, 1, 1), bias * scale
+        )
+        for i, w, b in zip(members, group.folded_weight.unbind(0), group.folded_bias.unbind(0)):
+            folded[i] = Folded(w, b)
+        groups.append(group)
+    return folded, groups  # type: ignore[return-value]
+
+
+def unfold_grads(
+    terms: Sequence[FoldTerms], groups: Sequence[FoldGroup], grads: Sequence[Folded | None]
+) -> list[tuple[Tensor, Tensor, Tensor] | None]:
+    """The backward of :func:`fold_convs`: from the gradients of the folded (weight, bias) of each
+    term (None: zero) to those of its (weight, logs, bias), shaped like them (None for a term of a
+    group without any gradient). With ``W' = W e``, ``b' = b e``, ``e = exp(f l)`` per output
+    channel: ``dW = dW' e``, ``db = db' e``, ``dl = f e (sum(dW' W) + db' b)``. A few ops per group,
+    the per-term tensors unbound from stacks."""
+    out: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(terms)
+    for g in groups:
+        if all(grads[i] is None for i in g.members):
+            continue
+        zero = (torch.zeros_like(g.folded_weight[0]), torch.zeros_like(g.folded_bias[0]))
+        gw = torch.stack([zero[0] if grads[i] is None else grads[i].weight for i in g.members])
+        gb = torch.stack([zero[1] if grads[i] is None else grads[i].bias for i in g.members])
+        n, o = g.scale.shape
+        g_scale = (gw * g.weight).sum((2, 3, 4)) + gb * g.bias
+        g_logs = g_scale * g.scale * g.factor if g.factor != 1.0 else g_scale * g.scale
+        g_weight = gw * g.scale.reshape(n, o, 1, 1, 1)
+        g_bias = gb * g.scale
+        first = terms[g.members[0]]
+        g_logs = g_logs.reshape(n, *first.logs.shape).unbind(0)
+        g_bias = g_bias.reshape(n, *first.bias.shape).unbind(0)
+        for i, w, lg, b in zip(g.members, g_weight.unbind(0), g_logs, g_bias):
+            out[i] = (w, lg, b)
+    return out
+
+
+def pullback(
+    fn: Callable[..., Sequence[Tensor]],
+    inputs: Sequence[Tensor | None],
+    wanted: Sequence[bool],
+    reuse: Sequence[bool] | None = None,
+) -> tuple[list[Tensor], Callable[[Sequence[Tensor | None]], list[Tensor | None]]]:
+    """Evaluate ``fn(*inputs)`` (a sequence of tensors) once with grad; return ``(outputs, pull)``.
+
+    ``pull(grads)`` (one gradient or None per output) returns the gradient of each input (None
+    where not ``wanted``, or for a None input). Eagerly this is ``torch.autograd.grad`` (the
+    cheapest) over the inputs detached, except those marked ``reuse`` that require grad exactly
+    when wanted (parameters, or outputs of another pullback, whose graph is then left for that
+    pullback's own pull): no detach for them. The outputs stay attached to the inputs. Under
+    ``torch.compile`` it is ``torch.func.vjp``, which Dynamo can trace inside a backward.
+    """
+    reuse = [False] * len(inputs) if reuse is None else reuse
+    present = [i for i, t in enumerate(inputs) if t is not None]
+
+    def call(*ins: Tensor) -> tuple[Tensor, ...]:
+        full = list(inputs)
+        for i, t in zip(present, ins):
+            full[i] = t
+        return tuple(fn(*full))
+
+    if torch.compiler.is_compiling():
+        outs, vjp_fn = torch.func.vjp(call, *(inputs[i] for i in present))
+
+        def pull_compiled(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+            full = [torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)]
+            g_present = vjp_fn(tuple(full))
+            out: list[Tensor | None] = [None] * len(inputs)
+            for i, g in zip(present, g_present):
+                out[i] = g if wanted[i] else None
+            return out
+
+        return list(outs), pull_compiled
+
+    with torch.enable_grad():
+        leaves = [_as_leaf(inputs[i], bool(wanted[i]), reuse[i]) for i in present]
+        outs = call(*leaves)
+
+    def pull(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        wrt = [(i, leaf) for i, leaf in zip(present, leaves) if leaf.requires_grad]
+        out: list[Tensor | None] = [None] * len(inputs)
+        if not pairs or not wrt:
+            return out
+        got = torch.autograd.grad(
+            [o for o, _ in pairs], [leaf for _, leaf in wrt], [g for _, g in pairs], allow_unused=True
+        )
+        for (i, _), g in zip(wrt, got):
+            out[i] = g
+        return out
+
+    return list(outs), pull
+
+
+def _as_leaf(t: Tensor, wanted: bool, reuse: bool) -> Tensor:
+    """``t`` itself if it may be reused and requires grad exactly when ``wanted``, else a
+    detached copy that does."""
+    return t if reuse and t.requires_grad == wanted else t.detach().requires_grad_(wanted)
