@@ -347,7 +347,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         problems.append(f"cosine_period: expected a positive number of iterations, got {c.cosine_period}")
     if c.cosine_restarts < 0:
         problems.append(f"cosine_restarts: expected >= 0, got {c.cosine_restarts}")
-    if not 0 <= c.lr_min < c.lr:
+    if c.lr_schedule == "cosine" and not 0 <= c.lr_min < c.lr:
         problems.append(f"lr_min: expected a value in [0, lr = {c.lr:g}), got {c.lr_min}")
     if any(not 0 < f <= 1 for f in c.lr_milestones):
         problems.append(f"lr_milestones: expected fractions in (0, 1], got {c.lr_milestones}")

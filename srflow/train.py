@@ -544,8 +544,8 @@ class Trainer:
         hardware = f"device {d.device}"
         if self._rrdb_stage:
             return (
-                f"srflow train-rrdb: preset {c.preset}, {origin}; {data}; L1 loss, {lr}, {c.lr_schedule} schedule, "
-                f"Adam betas {tuple(c.betas)}; {hardware}"
+                f"srflow train-rrdb: preset {c.preset}, {origin}; {data}; L1 loss, {lr}, Adam betas {tuple(c.betas)}; "
+                f"{hardware}"
             )
         if c.lr_rrdb != c.lr:
             lr += f", RRDB lr {self._lr(start, c.lr_rrdb):g}"
@@ -557,8 +557,16 @@ class Trainer:
             rrdb = f"RRDB trainable (unfrozen at step {self.unfreeze_step})"
         else:
             rrdb = f"RRDB frozen until step {self.unfreeze_step}"
+        if resume is not None:
+            source = "weights from the checkpoint"
+        elif c.init_official is not None:
+            source = f"all weights from {c.init_official!r}"
+        elif c.rrdb_weights is not None:
+            source = f"RRDB from {c.rrdb_weights!r}"
+        else:
+            source = "random RRDB (from scratch)"
         return (
-            f"srflow train: preset {c.preset}, recipe {c.recipe}, {origin}; {data}; "
+            f"srflow train: preset {c.preset}, recipe {c.recipe}, {origin}, {source}; {data}; "
             f"{lr}, {rrdb}, dequantisation noise {'on' if c.dequantize else 'off'}; {hardware}, "
             f"backend {c.backend}, memory_saving {c.memory_saving}"
         )

@@ -35,6 +35,12 @@ ROUND_TRIP_ABS = {
 # rounding of two implementations). A misread official detail shows far above: the RRDB taps
 # before their in-place LeakyReLU gave 0.12 (NLL), 0.30 (decode) and 1.3 (gradients).
 OFFICIAL_REL_TOL = {"nll": 1e-5, "image": 1e-4, "grad": 1e-4}
+# SRFlow's evaluation against the official test.py / Measure.py on the official imresize's own
+# outputs (tests/test_srflow_official_eval.py): PSNR, SSIM and LR-PSNR absolute, in dB (SSIM: units).
+# Measured 0.0 on all four fixture cases (the same uint8 arithmetic). The failure it catches: an
+# LR made by rounding once after both imresize passes (the float path) moves LR-PSNR by 0.014 to
+# 0.14 dB on these cases (8-11% of the LR values off by 1-2 levels).
+OFFICIAL_METRIC_ATOL = 1e-6
 BF16_ERROR_RATIO = 2.0  # a bf16 kernel may err at most 2x eager bf16, both measured against fp32
 
 
@@ -60,9 +66,3 @@ def assert_rel_close(actual: Tensor, expected: Tensor, what: str, tol: float | N
         f"{what}: relative error {err:.3e} exceeds {tol:.0e}; {n_nan} NaN, worst at {worst}: "
         f"actual {actual[worst].item():.6g} vs expected {expected[worst].item():.6g}"
     )
-# SRFlow's evaluation against the official test.py / Measure.py on the official imresize's own
-# outputs (tests/test_srflow_official_eval.py): PSNR, SSIM and LR-PSNR absolute, in dB (SSIM: units).
-# Measured 0.0 on all four fixture cases (the same uint8 arithmetic). The failure it catches: an
-# LR made by rounding once after both imresize passes (the float path) moves LR-PSNR by 0.014 to
-# 0.14 dB on these cases (8-11% of the LR values off by 1-2 levels).
-OFFICIAL_METRIC_ATOL = 1e-6
