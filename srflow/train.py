@@ -422,6 +422,14 @@ class Trainer:
             self.objective = TrainingObjective(self.model, c.dequantize, c.l1_weight, c.bf16)
         self.optimizer = self._make_optimizer(self.model)
         start, nonfinite_total, in_row = self._restore(resume) if resume is not None else (0, 0, 0)
+        if val_set is not None and (c.val_data is None or Path(c.val_data).resolve() == Path(c.data).resolve()):
+            # said once everything is checked, so that a refused start shows only its error
+            warnings.warn(
+                f"validation runs on training images (the first {c.val_images} of {c.data!r}), so its metrics "
+                "say how well the model fits its training data, not how it generalises; pass val_data "
+                "(--val-data) with held-out images",
+                stacklevel=3,
+            )
         if d.main:
             self._open_outputs(out, start)
         self.unfreeze_step = int(c.rrdb_freeze_fraction * c.steps)
@@ -629,13 +637,6 @@ class Trainer:
         dataset.repeat = max(1, math.ceil(c.batch * _MIN_EPOCH_BATCHES / dataset.base_len))
         if not (c.val_every and self.dist.main):
             return dataset, None
-        if c.val_data is None or Path(c.val_data).resolve() == Path(c.data).resolve():
-            warnings.warn(
-                f"validation runs on training images (the first {c.val_images} of {c.data!r}), so its metrics "
-                "say how well the model fits its training data, not how it generalises; pass val_data "
-                "(--val-data) with held-out images",
-                stacklevel=2,
-            )
         val_set = HRImageDataset(
             c.val_data or c.data,
             scale,
