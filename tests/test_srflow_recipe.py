@@ -23,32 +23,15 @@ from srflow.infer import load_rrdb, rrdb_sr
 from srflow.official_checkpoint import CheckpointError
 from srflow.train import Trainer, train
 from srflow.training_checkpoint import load_training_checkpoint, read_weights
-from tests.test_srflow_train import digest, quiet
+from tests.test_srflow_train import digest, quiet, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_rrdb(photos: Path, out: Path, **changes: object) -> TrainConfig:
-    """A few-second RRDB stage: tiny-4x, 6 steps of 4 x 32x32 crops, a cosine period of 2 steps
-    (so a resume at step 3 falls between two restarts), no validation."""
-    config = TrainConfig(
-        data=str(photos),
-        out=str(out),
-        preset="tiny-4x",
-        stage="rrdb",
-        steps=6,
-        batch=4,
-        crop=32,
-        lr=1e-3,
-        cosine_period=2,
-        val_every=0,
-        save_every=100,
-        log_every=100,
-        cache_images=True,
-        progress=False,
-        device="cpu",
-    )
-    return config.replace(**changes)
+    """The few-second run of tests/test_srflow_train.py in the RRDB stage, with a cosine period of 2
+    steps (so a resume at step 3 falls between two restarts)."""
+    return tiny(photos, out, stage="rrdb", dequantize=None, cosine_period=2).replace(**changes)
 
 
 def test_rrdb_stage_resume_continues_exactly(photos: Path, tmp_path: Path) -> None:
