@@ -1,11 +1,12 @@
-"""Using a trained SRFlow: loading, sampling, content transfer and evaluation (behind ``srflow
-sample``, ``srflow transfer`` and ``srflow eval``).
+"""Using a trained SRFlow (and the RRDB it started from): loading, sampling, content transfer and
+evaluation with SRFlow's test protocol (behind ``srflow sample``, ``srflow transfer`` and ``srflow
+eval``), and the validation of both training stages.
 
 Images are files (PNG/JPEG, converted to RGB) or (3, H, W) float32 tensors in [0, 1]. Sampling
 works for any LR size: :meth:`SRFlow.condition` reflect-pads an odd LR side to even and the SR is
-cropped back to ``scale * (h, w)``. Encoding (transfer, NLL) needs an HR whose sides are
-multiples of ``2 * scale`` (an even LR); evaluation crops HR images to that multiple (top-left,
-MATLAB's modcrop) and says so.
+cropped back to ``scale * (h, w)``, as the official test script does. Encoding (transfer, NLL)
+needs an HR whose sides are multiples of ``2 * scale`` (an even LR); :func:`evaluate` leaves the
+NLL out for odd LRs rather than drop image borders.
 
 Randomness: sample ``k`` of an image (at every temperature) uses the seed ``seed + k``, so runs
 with the same seed reproduce on the same device, and the temperatures of one ``k`` share one

@@ -9,6 +9,8 @@ steps at a time. Resume is checked bitwise, as for the SRFlow stage (tests/test_
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +23,10 @@ from srflow.config import ConfigError, TrainConfig
 from srflow.data import load_rgb, make_lr, save_rgb
 from srflow.infer import load_rrdb, rrdb_sr
 from srflow.official_checkpoint import CheckpointError
+from srflow.rrdb import RRDBNet
 from srflow.train import Trainer, train
 from srflow.training_checkpoint import load_training_checkpoint, read_weights
-from tests.test_srflow_train import digest, quiet, tiny
+from tests.test_srflow_train import DDP_ATOL, digest, quiet, subprocess_env, tiny, tiny_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,3 +157,26 @@ def test_validation_on_training_images_warns(photos: Path, tmp_path: Path) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         train(config.replace(out=str(tmp_path / "other"), val_data=str(held_out)), log=quiet)
+
+
+@pytest.mark.slow
+def test_rrdb_stage_ddp_two_gloo_ranks_match_one_process(photos: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node 2 -m srflow train-rrdb`` (gloo, 2 samples per rank) gives the
+    weights of one process with the global batch of 4, up to float32 summation order (adam_eps 1e-3
+    as in the SRFlow stage's DDP test, so that rounding does not become whole Adam updates)."""
+    single = train(tiny_rrdb(photos, tmp_path / "single", adam_eps=1e-3), log=quiet)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "srflow"]
+    cmd += tiny_cli(photos, tmp_path / "ddp", "--adam-eps", "1e-3", "--cosine-period", "2", "--no-dequantize")
+    cmd[cmd.index("train")] = "train-rrdb"
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "srflow train-rrdb: preset tiny-4x" in proc.stderr and "2 rank(s) x 2" in proc.stderr
+    ddp = read_weights(tmp_path / "ddp" / "checkpoints" / "step-000000006.safetensors")[0]
+    ref = read_weights(single.checkpoint.weights)[0]
+    worst = max((ddp[k] - ref[k]).abs().max().item() for k in ref)
+    assert worst <= DDP_ATOL, f"DDP weights differ from the single process by {worst:.2e}"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(10)  # the run's seed: its initial weights
+        init = RRDBNet(32, 16, 2, 4, (0, 1)).state_dict()
+    moved = max((ref[k] - v).abs().max().item() for k, v in init.items())
+    assert moved > 100 * DDP_ATOL, f"the RRDB moved by only {moved:.1e}: the comparison would prove nothing"
