@@ -550,10 +550,18 @@ class Trainer:
             f"{images} images"
         )
         hardware = f"device {d.device}"
+        if resume is not None:
+            source = "weights from the checkpoint"
+        elif c.init_official is not None:
+            source = f"all weights from {c.init_official!r}"
+        elif c.rrdb_weights is not None:
+            source = f"RRDB from {c.rrdb_weights!r}"
+        else:
+            source = "random RRDB" + ("" if self._rrdb_stage else " (from scratch)")
         if self._rrdb_stage:
             return (
-                f"srflow train-rrdb: preset {c.preset}, {origin}; {data}; L1 loss, {lr}, Adam betas {tuple(c.betas)}; "
-                f"{hardware}"
+                f"srflow train-rrdb: preset {c.preset}, {origin}, {source}; {data}; L1 loss, {lr}, "
+                f"Adam betas {tuple(c.betas)}; {hardware}"
             )
         if c.lr_rrdb != c.lr:
             lr += f", RRDB lr {self._lr(start, c.lr_rrdb):g}"
@@ -565,14 +573,6 @@ class Trainer:
             rrdb = f"RRDB trainable (unfrozen at step {self.unfreeze_step})"
         else:
             rrdb = f"RRDB frozen until step {self.unfreeze_step}"
-        if resume is not None:
-            source = "weights from the checkpoint"
-        elif c.init_official is not None:
-            source = f"all weights from {c.init_official!r}"
-        elif c.rrdb_weights is not None:
-            source = f"RRDB from {c.rrdb_weights!r}"
-        else:
-            source = "random RRDB (from scratch)"
         return (
             f"srflow train: preset {c.preset}, recipe {c.recipe}, {origin}, {source}; {data}; "
             f"{lr}, {rrdb}, dequantisation noise {'on' if c.dequantize else 'off'}; {hardware}, "
