@@ -93,7 +93,7 @@ def _settings(device: torch.device) -> dict:
     return {
         "preset": "tiny-4x",
         "crop": 64,
-        "rrdb": {"batch": 8, "lr": 1e-3, "steps": 600, "minutes": 1.0},
+        "rrdb": {"batch": 8, "lr": 1e-3, "steps": 300, "minutes": 1.0},
         "srflow": {"batch": 8, "lr": 1e-3, "steps": 450, "minutes": 2.5},
     }
 
