@@ -1,7 +1,8 @@
-"""The ``srflow`` command line (also ``python -m srflow``): train, sample, transfer, eval, demo.
+"""The ``srflow`` command line (also ``python -m srflow``): prepare, train-rrdb, train, sample,
+transfer, eval, demo.
 
-It only parses arguments and calls :func:`srflow.train.train`, the functions of
-:mod:`srflow.infer` and :func:`srflow.demo.run_demo`. Errors in the inputs (configuration, data,
+It only parses arguments and calls :func:`srflow.store.prepare_store`, :func:`srflow.train.train`,
+the functions of :mod:`srflow.infer` and :func:`srflow.demo.run_demo`. Errors in the inputs (configuration, data,
 checkpoints, flags) end with exit code 2 and a one-line ``srflow: error: ...`` message, and every
 input that can be checked without running the model is checked before anything is loaded or
 written; a training run stopped by non-finite losses ends with exit code 3; Ctrl-C (SIGINT) with 130 and
@@ -9,11 +10,13 @@ SIGTERM with 143, after the training library saved the last finished step (it sa
 ``--debug`` (or ``SRFLOW_DEBUG=1``) shows the traceback instead. Warnings are printed as one
 ``srflow: warning: ...`` line each, once.
 
-    srflow train --preset df2k-4x --data DIV2K_train_HR --out runs/df2k4x [--config my.yaml]
+    srflow prepare --data DF2K_HR --out DF2K_store [--bank 47 --scale 4]
+    srflow train-rrdb --preset df2k-4x --data DF2K_store --out runs/rrdb4x
+    srflow train --preset df2k-4x --data DF2K_store --rrdb-weights runs/rrdb4x --out runs/df2k4x [--config my.yaml]
     torchrun --nproc-per-node 4 -m srflow train --preset df2k-4x --data ... --batch 16
     srflow sample --checkpoint runs/df2k4x --n 5 --temperature 0.9 --out sr/ lr1.png lr2.png
     srflow transfer --checkpoint runs/df2k4x --hr reference.png --lr other_lr.png --out edits/
-    srflow eval --checkpoint runs/df2k4x --data DIV2K_valid_HR --n 5 --out eval/
+    srflow eval --checkpoint runs/df2k4x --data DIV2K_valid_HR --lr-data DIV2K_valid_LR_x4 --rrdb runs/rrdb4x
     srflow demo
 """
 
@@ -46,6 +49,7 @@ from .presets import PRESETS
 
 if typing.TYPE_CHECKING:
     from .model import SRFlow
+    from .rrdb import RRDBNet
 
 __all__ = ["main", "build_parser"]
 
@@ -128,8 +132,16 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_rrdb_source(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--rrdb",
+        help=f"{what}: an srflow train-rrdb run folder or checkpoint, or an RRDB state_dict (e.g. RRDB_DF2K_4X.pth)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``srflow`` (subcommands train, sample, transfer, eval, demo)."""
+    """The argument parser of ``srflow`` (subcommands prepare, train-rrdb, train, sample, transfer,
+    eval, demo)."""
     parser = _Parser(
         prog="srflow", description="SRFlow super-resolution on flowkernels: train, sample, transfer, evaluate."
     )
@@ -137,12 +149,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train on a folder of HR images (official recipe by default)")
+    p = sub.add_parser(
+        "prepare",
+        help="decode a folder of HR images once into a memory-mapped store (optionally with the official crop bank)",
+    )
+    p.add_argument("--data", required=True, help="folder of HR PNG/JPEG images")
+    p.add_argument("--out", required=True, help="folder of the store (train and eval take it as --data)")
+    p.add_argument(
+        "--bank",
+        type=_checked(int, "a number of crops per image >= 0", lambda v: v >= 0),
+        default=0,
+        help="also the official fixed crop bank: N random crops per image with their LR (official 47) [0: none]",
+    )
+    p.add_argument("--crop", type=_COUNT, default=160, help="bank crop size [160]")
+    p.add_argument("--scale", type=int, choices=[4, 8], help="SR scale of the bank's LR (needed with --bank)")
+    p.add_argument("--seed", type=_SEED, default=10, help="seed of the bank's crop positions [10]")
+
+    recipe_note = (
+        "Recipes (--recipe): released (default: the RRDB trained from step 1 and no dequantisation noise, "
+        "as the released code trained the published models) or paper (RRDB frozen for the first half, noise on)."
+    )
+    p = sub.add_parser(
+        "train",
+        help="train SRFlow on HR images (official recipe; recipe 'released' by default)",
+        description="Train SRFlow. " + recipe_note + " Official presets need --rrdb-weights (from srflow "
+        "train-rrdb) or --init-official, or --from-scratch.",
+    )
     p.add_argument("--config", help="YAML file of training options (keys as below, with _ or -)")
+    _add_config_flags(p)
+
+    p = sub.add_parser(
+        "train-rrdb",
+        help="pretrain the RRDB alone as an L1 super-resolver (the official RRDB recipe); feeds train --rrdb-weights",
+        description="The official RRDB pretraining: L1, Adam lr 2e-4 betas (0.9, 0.99), cosine annealing to 1e-7 "
+        "restarted every 50k iterations (3 restarts), batch 16, 160x160 crops, flips (CelebA: rotations); 1M "
+        "iterations at 4x, 200k at 8x. The same options as train (--stage is rrdb).",
+    )
+    p.add_argument("--config", help="YAML file of training options (e.g. srflow/configs/df2k-4x-rrdb.yaml)")
     _add_config_flags(p)
 
     p = sub.add_parser("sample", help="super-resolve LR images (any size) at a temperature")
     _add_model_source(p)
+    _add_rrdb_source(p, "also (or only) the RRDB's own SR, <stem>_rrdb.png")
     p.add_argument("images", nargs="+", help="LR images or folders of them")
     p.add_argument(
         "--temperature", type=_TEMPERATURE, nargs="+", default=[0.9], help="temperature(s) [0.9]; 0 gets one sample"
@@ -158,18 +206,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", help="LR image to decode the latents with (default: the HR's LR)")
     p.add_argument("--out", default="srflow-transfer", help="output folder [srflow-transfer]")
 
-    p = sub.add_parser("eval", help="PSNR, SSIM, LR-PSNR, diversity and NLL on a folder of HR images")
+    p = sub.add_parser(
+        "eval",
+        help="PSNR, SSIM, LR-PSNR, LPIPS, diversity and NLL on HR images (SRFlow's test protocol)",
+        description="SRFlow's test protocol (test.py, Measure.py): the LR files of --lr-data (or the official "
+        "uint8 imresize of the HR), whole images, odd LR reflect-padded and the SR cropped back, samples at "
+        "0.9, metrics on uint8 RGB without border crop, LR-PSNR of the uint8-imresized SR against the LR.",
+    )
     _add_model_source(p)
-    p.add_argument("--data", required=True, help="folder of HR images")
-    p.add_argument("--lr-data", help="folder of paired LR images (default: bicubic downscale)")
-    p.add_argument("--n", type=_COUNT, default=5, help="samples per image [5]")
+    _add_rrdb_source(p, "add the RRDB's own SR as a baseline row (e.g. the RRDB the SRFlow started from)")
+    p.add_argument("--data", required=True, help="folder of HR images (or an image store)")
+    p.add_argument("--lr-data", help="folder of the dataset's LR images, same names (default: made from the HR)")
+    p.add_argument("--n", type=_COUNT, default=5, help="samples per image (the official test: 1) [5]")
     p.add_argument("--temperature", type=_TEMPERATURE, default=0.9, help="sampling temperature [0.9]")
     p.add_argument("--seed", type=_SEED, default=0, help="seed of the samples and the NLL noise [0]")
     p.add_argument("--max-images", type=_COUNT, help="only the first N images")
     p.add_argument(
         "--crop", type=_COUNT, help="centre crop of at most this size, a multiple of 2 x scale (default: whole images)"
     )
-    p.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=True, help="NLL with noise [on]")
+    p.add_argument(
+        "--dequantize",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="NLL with dequantisation noise (+5 bits/px; the paper recipe's training loss) [off]",
+    )
     p.add_argument("--bicubic", action="store_true", help="add a bicubic-upscaling baseline row")
     p.add_argument("--out", default="srflow-eval", help="output folder for metrics.csv [srflow-eval]")
 
@@ -194,6 +254,10 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     config = load_config(args.config) if args.config else TrainConfig()
     names = {spec.name for spec in option_specs()}
     overrides = {k: v for k, v in vars(args).items() if k in names}
+    if args.command == "train-rrdb":
+        if overrides.get("stage", "rrdb") != "rrdb":
+            raise ConfigError(f"--stage: train-rrdb trains the RRDB stage, got --stage {overrides['stage']}")
+        overrides["stage"] = "rrdb"
     return resolve_config(config_from_dict(overrides, "command line", base=config))
 
 
@@ -216,9 +280,13 @@ def _preflight(args: argparse.Namespace) -> None:
         expand_images(args.images if args.command == "sample" else list_images(args.data))
 
 
-def _model(args: argparse.Namespace) -> SRFlow:
+def _model(args: argparse.Namespace) -> SRFlow | None:
+    """The SRFlow the flags name (None for ``sample --rrdb`` without one), after :func:`_preflight`."""
     # The flag combinations are checked here, in flag names; load_model checks the same in
     # argument names for API callers.
+    if args.command == "sample" and args.rrdb is not None and args.checkpoint is None and args.official is None:
+        _preflight(args)
+        return None
     if (args.checkpoint is None) == (args.official is None):
         raise ValueError("pass exactly one of --checkpoint (a training checkpoint) and --official (an official .pth)")
     if args.official is not None and args.preset is None:
@@ -229,8 +297,25 @@ def _model(args: argparse.Namespace) -> SRFlow:
     return load_model(args.checkpoint, args.official, args.preset, args.device, args.backend)
 
 
+def _rrdb(args: argparse.Namespace, model: SRFlow | None) -> RRDBNet | None:
+    """The RRDB of ``--rrdb`` (its preset: the SRFlow's, else its metadata's or ``--preset``)."""
+    if args.rrdb is None:
+        return None
+    from .infer import load_rrdb  # noqa: PLC0415 (the inference stack, for the commands that use it)
+
+    return load_rrdb(args.rrdb, model.preset.name if model is not None else args.preset, args.device)
+
+
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "train":
+    if args.command == "prepare":
+        check_output_folder(args.out, "--out")
+        from .store import prepare_store  # noqa: PLC0415 (Pillow, only for this command)
+
+        store = prepare_store(args.data, args.out, args.bank, args.crop, args.scale, args.seed)
+        bank = f" and a bank of {store.bank.count} {args.crop}x{args.crop} crops at {args.scale}x" if store.bank else ""
+        print(f"wrote {len(store)} decoded images{bank} to {args.out}; train and eval take it as --data")
+        return 0
+    if args.command in ("train", "train-rrdb"):
         config = _train_config(args)
         from .train import train  # noqa: PLC0415 (the training stack, only for this command)
 
@@ -242,7 +327,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "sample":
         from .infer import sample_images  # noqa: PLC0415 (the inference stack, only for this command)
 
-        paths = sample_images(_model(args), args.images, args.out, args.temperature, args.n, args.seed, args.min_scale)
+        model = _model(args)
+        paths = sample_images(
+            model, args.images, args.out, args.temperature, args.n, args.seed, args.min_scale, rrdb=_rrdb(args, model)
+        )
         print(f"wrote {len(paths)} images to {args.out} (grids: *_grid.png)")
         return 0
     if args.command == "transfer":
@@ -254,8 +342,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from .infer import evaluate, format_table  # noqa: PLC0415 (the inference stack, only for this command)
 
+        model = _model(args)
         result = evaluate(
-            _model(args),
+            model,
             args.data,
             args.lr_data,
             args.out,
@@ -267,6 +356,7 @@ def _run(args: argparse.Namespace) -> int:
             min_scale=args.min_scale,
             crop=args.crop,
             bicubic_baseline=args.bicubic,
+            rrdb=_rrdb(args, model),
         )
         print(format_table(result.rows, result.columns))
         print(f"wrote {result.csv_path}")

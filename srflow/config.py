@@ -27,8 +27,13 @@ if typing.TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "DEFAULT_RECIPE",
     "MAX_SEED",
+    "OFFICIAL_PRESETS",
     "OFFICIAL_RECIPE",
+    "RECIPES",
+    "RRDB_RECIPE",
+    "STAGES",
     "TRAJECTORY_FIELDS",
     "ConfigError",
     "OptionSpec",
@@ -47,8 +52,24 @@ __all__ = [
 # keep seed + k (sample k) and the derived per-item seeds in range.
 MAX_SEED = 2**63
 
-# scale -> (global batch, Adam learning rate) of the official configs
+# scale -> (global batch, Adam learning rate) of the official SRFlow configs
 OFFICIAL_RECIPE = {4: (12, 2.5e-4), 8: (16, 5e-4)}
+STAGES = ("srflow", "rrdb")
+# The two SRFlow recipes (docs/srflow.md, "Recipes"): what differs between the released code and the
+# paper. "released" is the default: it is what produced the published checkpoints.
+RECIPES = {
+    "released": {"rrdb_freeze_fraction": 0.0, "dequantize": False},
+    "paper": {"rrdb_freeze_fraction": 0.5, "dequantize": True},
+}
+DEFAULT_RECIPE = "released"
+# The official RRDB pretraining (configs RRDB_{DF2K_4X,DF2K_8X,CelebA_8X}.yml): L1, Adam lr 2e-4 with
+# betas (0.9, 0.99) (applied there, unlike in the SRFlow configs), batch 16, cosine annealing to 1e-7
+# restarted at 50k, 100k and 150k iterations; 1M iterations at 4x, 200k at 8x; CelebA adds rotations.
+RRDB_RECIPE = {"batch": 16, "lr": 2e-4, "betas": (0.9, 0.99), "lr_min": 1e-7, "cosine_period": 50_000}
+RRDB_STEPS = {4: 1_000_000, 8: 200_000}
+SRFLOW_STEPS = 200_000
+# presets that reproduce the published models: they start from a pretrained RRDB (or refuse)
+OFFICIAL_PRESETS = ("df2k-4x", "df2k-8x", "celeba-8x")
 
 
 class ConfigError(ValueError):
@@ -64,29 +85,51 @@ class TrainConfig:
     """Every training option. Load from YAML with :func:`load_config`; the CLI overrides fields
     with ``--field-name`` flags (booleans: ``--x`` / ``--no-x``)."""
 
-    data: str | None = _opt(None, "folder of HR training images (PNG/JPEG); required")
+    data: str | None = _opt(
+        None, "folder of HR training images (PNG/JPEG), or an image store (srflow prepare); required"
+    )
     preset: str = _opt("df2k-4x", f"model preset: {', '.join(PRESETS)}")
+    stage: str = _opt("srflow", "what to train: srflow (the flow), or rrdb (the RRDB alone, L1; srflow train-rrdb)")
+    recipe: str = _opt(
+        DEFAULT_RECIPE,
+        "SRFlow recipe: released (RRDB trained from step 1, no noise: what made the published models; default) "
+        "or paper (RRDB frozen for the first half, dequantisation noise); sets rrdb_freeze_fraction and dequantize",
+    )
+    from_scratch: bool = _opt(
+        False, "let an official preset start without --rrdb-weights/--init-official (a random RRDB, on purpose)"
+    )
     out: str = _opt("srflow-run", "output folder (checkpoints/, val/, train_log.jsonl, config.yaml)")
     lr_data: str | None = _opt(None, "folder of paired LR images (same names, HR / scale); default: bicubic on the fly")
-    val_data: str | None = _opt(None, "folder of validation HR images; default: the first val_images of --data")
-    steps: int = _opt(200_000, "total iterations (the LR schedule is relative to this)")
-    batch: int | None = _opt(None, "global batch (split over ranks); default: official 12 for 4x, 16 for 8x")
+    val_data: str | None = _opt(
+        None, "folder of validation HR images; default: the first val_images of --data (a warning says so)"
+    )
+    steps: int | None = _opt(None, "total iterations; default: official 200k (SRFlow; RRDB: 1M at 4x, 200k at 8x)")
+    batch: int | None = _opt(None, "global batch (split over ranks); default: official 12 for 4x, 16 for 8x (RRDB: 16)")
     crop: int = _opt(160, "HR crop size (a multiple of 2 * scale)")
     flips: bool = _opt(True, "random horizontal flips")
-    lr: float | None = _opt(None, "Adam learning rate; default: official 2.5e-4 for 4x, 5e-4 for 8x")
+    rotations: bool | None = _opt(None, "random 0/90/270-degree rotations; default: only the CelebA RRDB recipe")
+    lr: float | None = _opt(None, "Adam learning rate; default: official 2.5e-4 for 4x, 5e-4 for 8x (RRDB: 2e-4)")
     lr_rrdb: float | None = _opt(None, "learning rate of the RRDB parameters; default: --lr")
-    lr_milestones: tuple[float, ...] = _opt(
-        (0.5, 0.75, 0.9, 0.95), "fractions of --steps where the LR is multiplied by lr_gamma"
+    lr_schedule: str | None = _opt(
+        None, "multistep (SRFlow's default) or cosine (annealing with restarts; the RRDB stage's default)"
     )
-    lr_gamma: float = _opt(0.5, "LR factor at each milestone")
-    betas: tuple[float, float] = _opt((0.9, 0.999), "Adam betas (the released code effectively uses 0.9, 0.999)")
+    lr_milestones: tuple[float, ...] = _opt(
+        (0.5, 0.75, 0.9, 0.95), "multistep: fractions of --steps where the LR is multiplied by lr_gamma"
+    )
+    lr_gamma: float = _opt(0.5, "multistep: LR factor at each milestone")
+    cosine_period: int | None = _opt(None, "cosine: iterations per cosine period (official RRDB 50k)")
+    cosine_restarts: int = _opt(3, "cosine: restarts at 1, 2, ... x cosine_period (official 3); then no more")
+    lr_min: float | None = _opt(None, "cosine: the LR at the end of each period (official RRDB 1e-7)")
+    betas: tuple[float, float] | None = _opt(
+        None, "Adam betas; default: (0.9, 0.999) for SRFlow (what the released code effectively uses), (0.9, 0.99) RRDB"
+    )
     adam_eps: float = _opt(1e-8, "Adam epsilon")
     weight_decay: float = _opt(0.0, "Adam weight decay")
-    rrdb_freeze_fraction: float = _opt(
-        0.5, "fraction of --steps with the RRDB frozen: 0.5 = paper (default), 0 = released code, 1 = always frozen"
+    rrdb_freeze_fraction: float | None = _opt(
+        None, "fraction of --steps with the RRDB frozen: 0 = released code, 0.5 = paper, 1 = always; default: --recipe"
     )
-    dequantize: bool = _opt(
-        True, "add U(-1/64, 1/64) dequantisation noise (paper; NLL +5 bits/px); off = released code"
+    dequantize: bool | None = _opt(
+        None, "add U(-1/64, 1/64) dequantisation noise (paper; NLL +5 bits/px); off = released code; default: --recipe"
     )
     l1_weight: float = _opt(0.0, "weight of the optional L1 loss on the temperature-0 sample (official weight_l1)")
     grad_clip_value: float | None = _opt(None, "clip each gradient element to +-value (HCFlow: 5)")
@@ -125,9 +168,9 @@ class TrainConfig:
 # Settings that change the training trajectory: a resume with other values does not reproduce
 # an uninterrupted run, so they are compared with the checkpoint's and differences reported.
 TRAJECTORY_FIELDS = (
-    "preset", "steps", "batch", "crop", "flips", "lr", "lr_rrdb", "lr_milestones", "lr_gamma", "betas",
-    "adam_eps", "weight_decay", "rrdb_freeze_fraction", "dequantize", "l1_weight", "grad_clip_value",
-    "grad_clip_norm", "seed",
+    "preset", "stage", "steps", "batch", "crop", "flips", "rotations", "lr", "lr_rrdb", "lr_schedule",
+    "lr_milestones", "lr_gamma", "cosine_period", "cosine_restarts", "lr_min", "betas", "adam_eps",
+    "weight_decay", "rrdb_freeze_fraction", "dequantize", "l1_weight", "grad_clip_value", "grad_clip_norm", "seed",
 )  # fmt: skip
 
 
@@ -248,7 +291,8 @@ def config_to_yaml(config: TrainConfig) -> str:
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
-    """Fill the preset-dependent defaults (batch, lr, lr_rrdb) and validate every field."""
+    """Fill the options left at None from the stage's official recipe, the preset and the named
+    recipe (``RECIPES``), and validate every field."""
     import flowkernels as fk  # noqa: PLC0415 (torch: keeps this module light for the CLI's parser)
 
     c = config
@@ -258,10 +302,27 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         preset = get_preset(c.preset)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    batch, lr = OFFICIAL_RECIPE[preset.scale]
-    c = c.replace(batch=c.batch if c.batch is not None else batch, lr=c.lr if c.lr is not None else lr)
-    c = c.replace(lr_rrdb=c.lr_rrdb if c.lr_rrdb is not None else c.lr)
+    if c.stage not in STAGES:
+        raise ConfigError(f"stage: expected one of {', '.join(STAGES)}, got {c.stage!r}")
+    if c.recipe not in RECIPES:
+        raise ConfigError(f"recipe: expected one of {', '.join(RECIPES)}, got {c.recipe!r}")
     problems: list[str] = []
+    if c.stage == "rrdb":
+        # options of the flow stage that an L1-trained RRDB cannot honour
+        if c.dequantize:
+            problems.append("dequantize: the RRDB stage trains an L1 regression, it has no NLL to dequantise")
+        if c.rrdb_freeze_fraction:
+            problems.append("rrdb_freeze_fraction: the RRDB stage trains the RRDB; freezing is for the SRFlow stage")
+        if c.init_official is not None:
+            problems.append(
+                "init_official: the RRDB stage starts from rrdb_weights (an RRDB state_dict) or from scratch"
+            )
+        if c.l1_weight:
+            problems.append(
+                "l1_weight: the RRDB stage's loss is L1 already; l1_weight weights the flow's extra L1 loss"
+            )
+    c = c.replace(**{k: v for k, v in _stage_defaults(c, preset).items() if getattr(c, k) is None})
+    c = c.replace(lr_rrdb=c.lr_rrdb if c.lr_rrdb is not None else c.lr)
     positive_ints = ("steps", "batch", "crop", "save_every", "keep_last", "val_images", "log_every", "max_nonfinite")
     for name in positive_ints:
         if getattr(c, name) < 1:
@@ -280,6 +341,14 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
             problems.append(f"{name}: expected a positive number, got {getattr(c, name)}")
     if not 0 <= c.rrdb_freeze_fraction <= 1:
         problems.append(f"rrdb_freeze_fraction: expected a value in [0, 1], got {c.rrdb_freeze_fraction}")
+    if c.lr_schedule not in ("multistep", "cosine"):
+        problems.append(f"lr_schedule: expected multistep or cosine, got {c.lr_schedule!r}")
+    if c.cosine_period < 1:
+        problems.append(f"cosine_period: expected a positive number of iterations, got {c.cosine_period}")
+    if c.cosine_restarts < 0:
+        problems.append(f"cosine_restarts: expected >= 0, got {c.cosine_restarts}")
+    if c.lr_schedule == "cosine" and not 0 <= c.lr_min < c.lr:
+        problems.append(f"lr_min: expected a value in [0, lr = {c.lr:g}), got {c.lr_min}")
     if any(not 0 < f <= 1 for f in c.lr_milestones):
         problems.append(f"lr_milestones: expected fractions in (0, 1], got {c.lr_milestones}")
     if not 0 < c.lr_gamma <= 1:
@@ -320,6 +389,35 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
                 f"which is not installed ({exc})"
             ) from exc
     return c
+
+
+def _stage_defaults(c: TrainConfig, preset: object) -> dict[str, object]:
+    """The values of the options left at None: the official recipe of the stage, the preset's scale
+    and (SRFlow) the named recipe."""
+    common = {"cosine_period": RRDB_RECIPE["cosine_period"], "lr_min": RRDB_RECIPE["lr_min"]}
+    if c.stage == "rrdb":
+        return {
+            **common,
+            "batch": RRDB_RECIPE["batch"],
+            "lr": RRDB_RECIPE["lr"],
+            "betas": RRDB_RECIPE["betas"],
+            "steps": RRDB_STEPS[preset.scale],
+            "lr_schedule": "cosine",
+            "rotations": preset.name == "celeba-8x",
+            "rrdb_freeze_fraction": 0.0,
+            "dequantize": False,
+        }
+    batch, lr = OFFICIAL_RECIPE[preset.scale]
+    return {
+        **common,
+        "batch": batch,
+        "lr": lr,
+        "betas": (0.9, 0.999),
+        "steps": SRFLOW_STEPS,
+        "lr_schedule": "multistep",
+        "rotations": False,
+        **RECIPES[c.recipe],
+    }
 
 
 def _collect(problems: list[str], validate: Callable[[typing.Any], object], value: object) -> None:

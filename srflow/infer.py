@@ -1,11 +1,12 @@
-"""Using a trained SRFlow: loading, sampling, content transfer and evaluation (behind ``srflow
-sample``, ``srflow transfer`` and ``srflow eval``).
+"""Using a trained SRFlow (and the RRDB it started from): loading, sampling, content transfer and
+evaluation with SRFlow's test protocol (behind ``srflow sample``, ``srflow transfer`` and ``srflow
+eval``), and the validation of both training stages.
 
 Images are files (PNG/JPEG, converted to RGB) or (3, H, W) float32 tensors in [0, 1]. Sampling
 works for any LR size: :meth:`SRFlow.condition` reflect-pads an odd LR side to even and the SR is
-cropped back to ``scale * (h, w)``. Encoding (transfer, NLL) needs an HR whose sides are
-multiples of ``2 * scale`` (an even LR); evaluation crops HR images to that multiple (top-left,
-MATLAB's modcrop) and says so.
+cropped back to ``scale * (h, w)``, as the official test script does. Encoding (transfer, NLL)
+needs an HR whose sides are multiples of ``2 * scale`` (an even LR); :func:`evaluate` leaves the
+NLL out for odd LRs rather than drop image borders.
 
 Randomness: sample ``k`` of an image (at every temperature) uses the seed ``seed + k``, so runs
 with the same seed reproduce on the same device, and the temperatures of one ``k`` share one
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,16 +32,20 @@ import flowkernels as fk
 from . import metrics
 from .config import MAX_SEED, check_output_folder, resolve_device
 from .data import HRImageDataset, check_image_file, list_images, load_rgb, make_lr, save_rgb
-from .imresize import imresize
+from .imresize import imresize_uint8
 from .model import NonFiniteSampleWarning, SRFlow
 from .official_checkpoint import CheckpointError, check_state_dict
 from .presets import PRESETS, get_preset
-from .training_checkpoint import read_weights, resolve_checkpoint
+from .rrdb import RRDBNet
+from .training_checkpoint import read_rrdb_weights, read_weights, resolve_checkpoint
 
 __all__ = [
     "default_device",
     "expand_images",
     "load_model",
+    "load_rrdb",
+    "rrdb_sr",
+    "rrdb_validation_grid",
     "make_grid",
     "nearest_upscale",
     "sample_images",
@@ -105,6 +111,29 @@ def load_model(
     return model.to(dev).eval()
 
 
+def load_rrdb(path: str | os.PathLike, preset: str | None = None, device: str | torch.device | None = None) -> RRDBNet:
+    """An RRDB (ESRGAN's RRDBNet with its image head) in eval mode, for its own SR (:func:`rrdb_sr`):
+    from a run folder or checkpoint of ``srflow train-rrdb`` (its preset from the metadata;
+    ``preset``, if given, must agree) or a state_dict file such as the official ``RRDB_DF2K_4X.pth``
+    (``preset`` required). CheckpointError names the file on any mismatch."""
+    dev = resolve_device(device)
+    if preset is not None:
+        get_preset(preset)
+    state, stored = read_rrdb_weights(path)
+    if stored is not None and preset is not None and stored != preset:
+        raise CheckpointError(f"RRDB weights {str(path)!r} are of preset {stored!r}, not {preset!r}")
+    name = stored or preset
+    if name is None:
+        raise CheckpointError(f"RRDB weights {str(path)!r} name no preset; pass the preset they were trained with")
+    p = get_preset(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        rrdb = RRDBNet(p.nf, p.gc, p.nb, p.scale, p.block_idxs)
+    check_state_dict(rrdb, state, f"RRDB weights {str(path)!r}", name)
+    rrdb.load_state_dict(state, strict=True)
+    return rrdb.to(dev).eval()
+
+
 def nearest_upscale(lr: Tensor, scale: int) -> Tensor:
     """(3, h, w) -> (3, scale*h, scale*w) by pixel repetition (for side-by-side grids)."""
     return lr.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
@@ -165,34 +194,42 @@ def _clean(sr: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sample_images(
-    model: SRFlow,
+    model: SRFlow | None,
     lr_images: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     temperatures: Sequence[float] = (0.9,),
     n: int = 5,
     seed: int = 0,
     min_scale: float | None = None,
+    rrdb: RRDBNet | None = None,
 ) -> list[Path]:
     """Super-resolve LR images (files or folders of them), ``n`` samples per temperature.
 
     Writes ``<stem>_t<T>_<k>.png`` for each sample and ``<stem>_grid.png`` (the LR upscaled by
     pixel repetition, then the samples: temperatures in order, k = 0..n-1 within each). Temperature
     0 is deterministic (every seed gives the same image), so it gets one sample, ``k = 0``, with a
-    warning when ``n`` > 1. Every argument is checked, and every image's header (PNG: every
-    chunk's CRC), before anything is written.
+    warning when ``n`` > 1. With ``rrdb``, also the RRDB's own SR (``<stem>_rrdb.png``, in the
+    grid after the LR); ``model`` may then be None (the RRDB's SR alone). Every argument is
+    checked, and every image's header (PNG: every chunk's CRC), before anything is written.
     Returns the paths written (grids last for each image).
     """
-    _check_sampling(model, temperatures, n, seed, min_scale)
+    if model is None and rrdb is None:
+        raise ValueError("pass an SRFlow model, an RRDB (rrdb=), or both")
+    if model is not None and rrdb is not None and rrdb.scale != model.scale:
+        raise ValueError(f"rrdb: an RRDB of scale {rrdb.scale} next to a {model.scale}x SRFlow")
+    if model is not None:
+        _check_sampling(model, temperatures, n, seed, min_scale)
     check_output_folder(out)
     files = expand_images(lr_images)
-    if n > 1 and 0 in temperatures:
+    if model is not None and n > 1 and 0 in temperatures:
         warnings.warn(
             f"temperature 0 is deterministic: writing one sample per image for it, not {n} identical ones",
             stacklevel=2,
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
+    device = next((model or rrdb).parameters()).device
+    scale = (model or rrdb).scale
     written: list[Path] = []
     stems: dict[str, int] = {}
     for path in files:
@@ -201,9 +238,15 @@ def sample_images(
         if stems[stem] > 1:
             stem = f"{stem}-{stems[stem]}"
         lr = load_rgb(path).to(device)
-        cond = model.condition(lr[None])
-        row = [nearest_upscale(lr, model.scale).cpu()]
-        for t in temperatures:
+        row = [nearest_upscale(lr, scale).cpu()]
+        if rrdb is not None:
+            sr = rrdb_sr(rrdb, lr[None])[0]
+            target = out / f"{stem}_rrdb.png"
+            save_rgb(sr, target)
+            written.append(target)
+            row.append(sr.cpu())
+        cond = model.condition(lr[None]) if model is not None else None
+        for t in temperatures if model is not None else ():
             for k in range(1 if t == 0 else n):
                 sr = _clean(model.sample(cond=cond, temperature=t, seed=seed + k, min_scale=min_scale))[0]
                 target = out / f"{stem}_t{float(t):.2f}_{k}.png"
@@ -294,6 +337,21 @@ def _mean(values: Sequence[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
+def _baseline_metrics(sr8: np.ndarray, hr8: np.ndarray, lr8: np.ndarray, scale: int, lpips: object) -> dict:
+    """The metrics of one deterministic SR (a baseline row): PSNR, SSIM, LR-PSNR, LPIPS if available."""
+    row = {"psnr": metrics.psnr(sr8, hr8), "ssim": metrics.ssim(sr8, hr8), "lr_psnr": metrics.lr_psnr(sr8, lr8, scale)}
+    if lpips is not None:
+        row["lpips"] = metrics.lpips_distance(lpips, sr8, hr8)
+    return row
+
+
+@torch.no_grad()
+def rrdb_sr(rrdb: RRDBNet, lr: Tensor) -> Tensor:
+    """The RRDB's own super-resolution (ESRGAN's image head; the regression baseline of the paper):
+    (B, 3, h, w) in [0, 1] -> (B, 3, scale*h, scale*w), clamped to [0, 1]. Any LR size."""
+    return rrdb(lr).clamp(0, 1)
+
+
 @torch.no_grad()
 def evaluate(
     model: SRFlow,
@@ -303,20 +361,31 @@ def evaluate(
     n: int = 5,
     temperature: float = 0.9,
     seed: int = 0,
-    dequantize: bool = True,
+    dequantize: bool = False,
     max_images: int | None = None,
     min_scale: float | None = None,
     crop: int | None = None,
     bicubic_baseline: bool = False,
+    rrdb: RRDBNet | None = None,
 ) -> EvalResult:
-    """PSNR, SSIM, LR-PSNR (means over ``n`` samples at ``temperature``), PSNR at temperature 0,
-    diversity over the ``n`` samples, NLL (bits per HR pixel; with ``dequantize`` the +5 bits/px
-    of the noise are included, as in training) and LPIPS where its weights are on disk.
+    """SRFlow's test protocol (its ``test.py`` and ``Measure.py``): per image, PSNR, SSIM, LR-PSNR and
+    LPIPS (where its weights are on disk) of ``n`` samples at ``temperature`` (official: one at 0.9;
+    the rows hold the means), plus PSNR at temperature 0, diversity over the ``n`` samples and NLL
+    (bits per HR pixel; with ``dequantize`` the +5 bits/px of the noise are included).
 
-    HR images are cropped to multiples of 2 * scale (top-left), or to a centre crop of at most
-    ``crop``; LR = ``lr_data``'s image of the same name, or the MATLAB-bicubic downscale.
-    Writes ``<out>/metrics.csv`` when ``out`` is given. ``bicubic_baseline`` adds a "bicubic" row
-    (bicubic upscaling of the LR) after the mean. The arguments are checked before the first image.
+    The protocol: the LR is ``lr_data``'s image of the same name (the dataset's LR files, as the
+    official test reads them) or else the official uint8 imresize of the HR; whole images, no border
+    dropped (the HR is cut only to a multiple of the scale when its LR is made here); an odd LR is
+    reflect-padded to even and the SR cropped back (:meth:`SRFlow.condition`); the SR is clamped and
+    converted to uint8 by truncation, and every metric is taken on uint8 RGB: PSNR and SSIM against
+    the HR (scikit-image, no border crop), LPIPS on the uint8 images, LR-PSNR between the LR and the
+    uint8 imresize of the SR. The NLL needs an even LR: it is "-" for odd ones. ``crop``: centre
+    crops of at most this size instead (a multiple of 2 * scale).
+
+    Writes ``<out>/metrics.csv`` when ``out`` is given. Baseline rows after the mean:
+    ``bicubic_baseline`` (MATLAB bicubic upscaling of the uint8 LR) and ``rrdb`` (the RRDB's own SR,
+    :func:`rrdb_sr`; e.g. the pretrained RRDB the SRFlow started from). The arguments are checked
+    before the first image.
     """
     _check_sampling(model, (temperature,), n, seed, min_scale)
     s = model.scale
@@ -326,34 +395,35 @@ def evaluate(
         raise ValueError(
             f"crop: expected a positive multiple of {2 * s} (2 x scale {s}: the LR must have even sides), got {crop}"
         )
+    if rrdb is not None and rrdb.scale != s:
+        raise ValueError(f"rrdb: an RRDB of scale {rrdb.scale} cannot be the baseline of a {s}x SRFlow")
     if out is not None:
         check_output_folder(out)
     dataset = HRImageDataset(
-        data, s, crop=crop, lr_root=lr_data, flips=False, multiple=2 * s, center=crop is not None, max_images=max_images
+        data, s, crop=crop, lr_root=lr_data, flips=False, center=crop is not None, max_images=max_images
     )
     device = next(model.parameters()).device
     lpips = metrics.lpips_model()
     if lpips is not None:
         lpips = lpips.to(device).eval()
     rows: list[dict[str, object]] = []
-    bicubic: dict[str, list[float]] = {"psnr": [], "ssim": [], "lr_psnr": []}
+    baselines: dict[str, list[dict[str, float]]] = {}
     nonfinite = 0
     for i in range(len(dataset)):
         hr, lr = dataset[i]
         hr_d, lr_d = hr[None].to(device), lr[None].to(device)
         cond = model.condition(lr_d)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        nll = float(model.nll(hr_d, cond=cond, add_noise=dequantize, generator=gen)[0])
-        hr8 = metrics.to_uint8(hr, rounding=True)
+        nll = float("nan")
+        if not cond.padded:
+            gen = torch.Generator(device=device).manual_seed(seed)
+            nll = float(model.nll(hr_d, cond=cond, add_noise=dequantize, generator=gen)[0])
+        hr8, lr8 = metrics.to_uint8(hr, rounding=True), metrics.to_uint8(lr, rounding=True)
         samples = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", NonFiniteSampleWarning)
             for k in range(n):
-                samples.append(
-                    _clean(model.sample(cond=cond, temperature=temperature, seed=seed + k, min_scale=min_scale))[
-                        0
-                    ].cpu()
-                )
+                sr = model.sample(cond=cond, temperature=temperature, seed=seed + k, min_scale=min_scale)
+                samples.append(_clean(sr)[0].cpu())
             sr0 = _clean(model.sample(cond=cond, temperature=0.0, min_scale=min_scale))[0].cpu()
         nonfinite += sum(issubclass(w.category, NonFiniteSampleWarning) for w in caught)
         sr8 = [metrics.to_uint8(sr) for sr in samples]
@@ -363,18 +433,19 @@ def evaluate(
             "nll_bits_px": nll,
             "psnr": _mean([metrics.psnr(x, hr8) for x in sr8]),
             "ssim": _mean([metrics.ssim(x, hr8) for x in sr8]),
-            "lr_psnr": _mean([metrics.lr_psnr(sr, lr, s) for sr in samples]),
+            "lr_psnr": _mean([metrics.lr_psnr(x, lr8, s) for x in sr8]),
             "psnr_t0": metrics.psnr(metrics.to_uint8(sr0), hr8),
             "diversity": metrics.diversity(samples) if n > 1 else float("nan"),
         }
         if lpips is not None:
-            row["lpips"] = _mean([metrics.lpips_distance(lpips, sr, hr) for sr in samples])
+            row["lpips"] = _mean([metrics.lpips_distance(lpips, x, hr8) for x in sr8])
         rows.append(row)
         if bicubic_baseline:
-            up = imresize(lr[None], float(s))[0]
-            bicubic["psnr"].append(metrics.psnr(metrics.to_uint8(up), hr8))
-            bicubic["ssim"].append(metrics.ssim(metrics.to_uint8(up), hr8))
-            bicubic["lr_psnr"].append(metrics.lr_psnr(up, lr, s))
+            up8 = imresize_uint8(lr8, float(s))
+            baselines.setdefault("bicubic", []).append(_baseline_metrics(up8, hr8, lr8, s, lpips))
+        if rrdb is not None:
+            up8 = metrics.to_uint8(rrdb_sr(rrdb, lr_d)[0])
+            baselines.setdefault("rrdb", []).append(_baseline_metrics(up8, hr8, lr8, s, lpips))
     if nonfinite:
         warnings.warn(
             f"{nonfinite} sample(s) had NaN pixels (counted as black); pass min_scale (e.g. 0.1) or lower the "
@@ -387,8 +458,8 @@ def evaluate(
     mean = {c: _mean([float(r[c]) for r in rows]) for c in numeric}
     csv_path = None
     all_rows = rows + [{"image": "mean", "size": "", **mean}]
-    if bicubic_baseline:
-        all_rows.append({"image": "bicubic", "size": "", **{c: _mean(v) for c, v in bicubic.items()}})
+    for name, values in baselines.items():
+        all_rows.append({"image": name, "size": "", **{c: _mean([v[c] for v in values]) for c in values[0]}})
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -399,6 +470,32 @@ def evaluate(
             for r in all_rows:
                 writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     return EvalResult(all_rows, mean, csv_path, columns)
+
+
+@torch.no_grad()
+def rrdb_validation_grid(rrdb: RRDBNet, val_set: HRImageDataset) -> tuple[dict[str, float], list[list[Tensor]]]:
+    """The RRDB stage's validation: ``val_psnr`` and ``val_lr_psnr`` (means over the images) of the
+    RRDB's SR against the HR and the LR, uint8 as in :func:`evaluate`, and grid rows [LR upscaled
+    by pixel repetition, HR, RRDB SR] on the CPU. The model runs in eval mode and gets its mode back."""
+    was_training = rrdb.training
+    rrdb.eval()
+    device = next(rrdb.parameters()).device
+    psnr, lr_psnr, rows = [], [], []
+    try:
+        for i in range(len(val_set)):
+            hr, lr = val_set[i]
+            sr = rrdb_sr(rrdb, lr[None].to(device))[0].cpu()
+            sr8, hr8, lr8 = (
+                metrics.to_uint8(sr),
+                metrics.to_uint8(hr, rounding=True),
+                metrics.to_uint8(lr, rounding=True),
+            )
+            psnr.append(metrics.psnr(sr8, hr8))
+            lr_psnr.append(metrics.lr_psnr(sr8, lr8, rrdb.scale))
+            rows.append([nearest_upscale(lr, rrdb.scale), hr, sr])
+    finally:
+        rrdb.train(was_training)
+    return {"val_psnr": _finite_mean(psnr), "val_lr_psnr": _finite_mean(lr_psnr)}, rows
 
 
 @torch.no_grad()
@@ -431,7 +528,7 @@ def validation_grid(
             nll.append(float(model.nll(hr_d, cond=cond, add_noise=dequantize, generator=gen)[0]))
             sr0 = _clean(model.sample(cond=cond, temperature=0.0, nonfinite="ignore"))[0].cpu()
             psnr0.append(metrics.psnr(metrics.to_uint8(sr0), metrics.to_uint8(hr, rounding=True)))
-            lrpsnr0.append(metrics.lr_psnr(sr0, lr, model.scale))
+            lrpsnr0.append(metrics.lr_psnr(metrics.to_uint8(sr0), metrics.to_uint8(lr, rounding=True), model.scale))
             row = [nearest_upscale(lr, model.scale), hr]
             for t in temperatures:
                 row.append(

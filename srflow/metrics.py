@@ -1,10 +1,12 @@
-"""Image-quality metrics as SRFlow and the NTIRE21 challenge report them.
+"""Image-quality metrics as SRFlow's ``test.py`` / ``Measure.py`` and the NTIRE21 challenge report them.
 
 Images are uint8 RGB, (H, W, 3) numpy arrays, as in the official test script: PSNR and SSIM
 with scikit-image on the full image (no border crop, no Y channel), LR-PSNR = PSNR between the
-LR input and the MATLAB-bicubic downscale of the SR (SRFlow reaches about 50 dB), and a
-pixel-space diversity over several samples. LPIPS runs only where the ``lpips`` package and
-its AlexNet weights are already on disk; nothing is ever downloaded.
+LR input and the official uint8 imresize of the SR (SRFlow reaches about 50 dB), LPIPS(AlexNet)
+on the uint8 images scaled to [-1, 1], and a pixel-space diversity over several samples. These
+equal the official code's values on its own outputs (``tests/test_srflow_official_eval.py``:
+PSNR, SSIM and LR-PSNR within 1e-6). LPIPS runs only where the ``lpips`` package and its AlexNet
+weights are already on disk; nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -16,20 +18,10 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from .imresize import imresize
+from .data import to_uint8
+from .imresize import imresize_uint8
 
 __all__ = ["to_uint8", "psnr", "ssim", "lr_psnr", "diversity", "lpips_model", "lpips_distance"]
-
-
-def to_uint8(img: torch.Tensor, rounding: bool = False) -> np.ndarray:
-    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8, clamped, x255, truncated (the official test
-    script's conversion of model outputs) or rounded (``rounding=True``, for images that were
-    uint8 already, where truncation could turn k/255*255 = k - 1e-6 into k - 1)."""
-    if img.dim() != 3 or img.shape[0] != 3:
-        raise ValueError(f"img: expected (3, H, W), got {tuple(img.shape)}")
-    arr = img.detach().float().clamp(0, 1) * 255.0
-    arr = (arr.round() if rounding else arr).to(torch.uint8)
-    return arr.permute(1, 2, 0).cpu().numpy()
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -51,15 +43,10 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(structural_similarity(a, b, channel_axis=2, data_range=255))
 
 
-def lr_psnr(sr: torch.Tensor, lr: torch.Tensor, scale: int) -> float:
-    """PSNR between the LR image and the bicubic downscale of the SR, both uint8.
-
-    sr: (3, H, W) in [0, 1]; lr: (3, H/scale, W/scale) in [0, 1]. As the official script: the SR
-    is converted to uint8 first, downscaled with MATLAB bicubic, rounded back to uint8.
-    """
-    sr8 = torch.from_numpy(to_uint8(sr)).permute(2, 0, 1).float()
-    down = imresize(sr8[None], 1.0 / scale)[0].round().clamp(0, 255).to(torch.uint8)
-    return psnr(down.permute(1, 2, 0).numpy(), to_uint8(lr, rounding=True))
+def lr_psnr(sr: np.ndarray, lr: np.ndarray, scale: int) -> float:
+    """PSNR between the LR image and the official uint8 imresize of the SR by 1/scale (``test.py``'s
+    "LRC PSNR"). sr: (H, W, 3) uint8; lr: (ceil(H/scale), ceil(W/scale), 3) uint8."""
+    return psnr(lr, imresize_uint8(sr, 1.0 / scale))
 
 
 def diversity(samples: Sequence[torch.Tensor]) -> float:
@@ -91,8 +78,10 @@ def lpips_model() -> torch.nn.Module | None:
 
 
 @torch.no_grad()
-def lpips_distance(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> float:
-    """LPIPS between two (3, H, W) images in [0, 1] (scaled to [-1, 1] as the metric expects)."""
+def lpips_distance(model: torch.nn.Module, a: np.ndarray, b: np.ndarray) -> float:
+    """LPIPS between two (H, W, 3) uint8 images, scaled to [-1, 1] as ``Measure.py`` does (x / 127.5 - 1)."""
     device = next(model.parameters()).device
-    x, y = (t.detach().float().clamp(0, 1)[None].to(device) * 2 - 1 for t in (a, b))
+    x, y = (
+        torch.from_numpy(np.ascontiguousarray(t)).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1 for t in (a, b)
+    )
     return float(model(x, y).mean())

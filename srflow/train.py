@@ -1,19 +1,32 @@
-"""SRFlow training: the official recipe, exact resume, non-finite guards, DistributedDataParallel.
+"""SRFlow training in two stages, the way the official models were made: the RRDB alone as an L1
+super-resolver (``stage="rrdb"``, ``srflow train-rrdb``), then the flow conditioned on it
+(``stage="srflow"``, ``srflow train --rrdb-weights <the RRDB run>``); exact resume, non-finite
+guards, DistributedDataParallel, the same machinery for both.
 
-Recipe (official configs ``SRFlow_{DF2K_4X,DF2K_8X,CelebA_8X}.yml``, DESIGN.md section 5):
-160x160 HR crops with random horizontal flips, LR by MATLAB bicubic; Adam with lr 2.5e-4 (4x) /
-5e-4 (8x), halved at 50/75/90/95% of the iterations; global batch 12 (4x) / 16 (8x); seed 10.
+RRDB recipe (official configs ``RRDB_{DF2K_4X,DF2K_8X,CelebA_8X}.yml``): ESRGAN's RRDBNet with its
+upsampling head, L1 loss, Adam lr 2e-4 with betas (0.9, 0.99), cosine annealing from 2e-4 to 1e-7
+over 50k iterations, restarted at 50k, 100k and 150k (after that one cosine continues without
+restarts, as the official scheduler does), batch 16, 160x160 crops with flips (CelebA: also
+rotations), 1M iterations at 4x and 200k at 8x. Validation: PSNR and LR-PSNR of its SR.
 
-Paper vs released code, and what :class:`~srflow.config.TrainConfig` does by default:
+SRFlow recipe (official configs ``SRFlow_{DF2K_4X,DF2K_8X,CelebA_8X}.yml``, DESIGN.md section 5):
+160x160 HR crops with random horizontal flips, LR by the official uint8 imresize; Adam with lr
+2.5e-4 (4x) / 5e-4 (8x), halved at 50/75/90/95% of the iterations; global batch 12 (4x) / 16 (8x);
+seed 10. The official presets refuse to start from a random RRDB (every published model started
+from a pretrained one) unless ``from_scratch`` says so; the tiny presets of the tests and the demo
+may.
+
+Paper vs released code: two named recipes (``recipe``, :data:`srflow.config.RECIPES`; YAML files in
+``srflow/configs``), ``released`` by default because it made the published checkpoints:
 
 * RRDB freeze: the paper trains the flow with the (pretrained) RRDB frozen for the first half,
   then jointly; the released code trains it from step 0 (its freeze option is never read,
-  andreas128/SRFlow#37). Default: the paper (``rrdb_freeze_fraction=0.5``); ``0`` gives the
-  released code's behaviour, ``1`` keeps the RRDB frozen throughout.
+  andreas128/SRFlow#37). ``released``: ``rrdb_freeze_fraction=0``; ``paper``: ``0.5``; ``1``
+  keeps the RRDB frozen throughout.
 * Dequantisation noise: the paper adds uniform noise to the HR; the released code does not.
-  Default: the paper (``dequantize=True``), used consistently for the training loss and the
-  validation NLL; reported NLLs then include ``log2(32) = +5`` bits per pixel from the noise
-  model (:meth:`SRFlow.nll`).
+  ``released``: off (NLLs comparable with the official logs); ``paper``: on, used consistently
+  for the training loss and the validation NLL; reported NLLs then include ``log2(32) = +5`` bits
+  per pixel from the noise model (:meth:`SRFlow.nll`).
 * Adam betas: the official configs ask for (0.9, 0.99), but the released code passes them as
   unrecognised param-group keys, so PyTorch silently uses (0.9, 0.999). We use (0.9, 0.999),
   i.e. what the published models were trained with.
@@ -78,6 +91,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,12 +103,21 @@ from tqdm.auto import tqdm
 
 import flowkernels as fk
 
-from .config import TRAJECTORY_FIELDS, ConfigError, TrainConfig, config_to_dict, config_to_yaml, resolve_config
+from .config import (
+    OFFICIAL_PRESETS,
+    TRAJECTORY_FIELDS,
+    ConfigError,
+    TrainConfig,
+    config_to_dict,
+    config_to_yaml,
+    resolve_config,
+)
 from .data import HRImageDataset, save_rgb
 from .distributed import Distributed, setup_distributed
 from .model import SRFlow
 from .official_checkpoint import CheckpointError, check_state_dict, read_state_dict, strip_prefix
 from .presets import get_preset
+from .rrdb import RRDBNet
 from .training_checkpoint import (
     CHECKPOINT_DIR,
     CheckpointFiles,
@@ -105,15 +128,18 @@ from .training_checkpoint import (
     load_training_checkpoint,
     newest_intact_checkpoint,
     prune_checkpoints,
+    read_rrdb_weights,
     resolve_checkpoint,
     save_training_checkpoint,
 )
 
 __all__ = [
     "NonFiniteTrainingError",
+    "RRDBObjective",
     "TrainResult",
     "Trainer",
     "TrainingObjective",
+    "cosine_learning_rate",
     "learning_rate_factor",
     "train",
 ]
@@ -144,6 +170,17 @@ def learning_rate_factor(step: int, steps: int, milestones: tuple[float, ...], g
     iterations ``int(fraction * steps)`` (the official MultiStepLR, stepped before each update)."""
     passed = sum(1 for f in milestones if int(f * steps) <= step + 1)
     return gamma**passed
+
+
+def cosine_learning_rate(step: int, base: float, period: int, restarts: int, lr_min: float) -> float:
+    """LR of 0-based step ``step`` under the official CosineAnnealingLR_Restart (stepped before each
+    update, so iteration ``t = step + 1``): ``lr_min + (base - lr_min) * (1 + cos(pi * (t - r) /
+    period)) / 2`` with ``r`` the last restart at or before ``t`` among ``period, 2 * period, ...,
+    restarts * period`` (0 before the first). Past the last restart the cosine goes on without
+    jumps: back up to ``base`` after ``2 * period``, as the official scheduler does."""
+    t = step + 1
+    last = min(t // period, restarts) * period
+    return lr_min + (base - lr_min) * (1 + math.cos(math.pi * (t - last) / period)) / 2
 
 
 def _mix(*values: int) -> int:
@@ -188,6 +225,24 @@ class TrainingObjective(nn.Module):
             if self.l1_weight:
                 loss = nll + self.l1_weight * self.model.l1_loss(hr, cond=cond)
         return loss, nll
+
+
+class RRDBObjective(nn.Module):
+    """The RRDB stage's per-sample loss: ``mean |RRDB(lr) - hr|`` over (3, H, W) (the official
+    ``pixel_criterion: l1``, weight 1; its batch mean is the official L1), the RRDB under bf16
+    autocast if asked. Returns (loss (B,), loss (B,)), the shape of :class:`TrainingObjective`'s."""
+
+    def __init__(self, rrdb: RRDBNet, bf16: bool) -> None:
+        super().__init__()
+        self.rrdb, self.bf16 = rrdb, bf16
+
+    def forward(
+        self, hr: Tensor, lr: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        with torch.autocast(hr.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            sr = self.rrdb(lr)
+        loss = (sr.float() - hr).abs().mean(dim=(1, 2, 3))
+        return loss, loss
 
 
 class _Batches(torch.utils.data.Sampler):
@@ -289,13 +344,26 @@ class Trainer:
         self.dist: Distributed | None = None
         self.bar = None  # the tqdm bar (rank 0)
         self.writer = None  # the TensorBoard SummaryWriter (rank 0, with tensorboard on)
-        self.model: SRFlow | None = None
-        self.objective: TrainingObjective | None = None
+        self.model: SRFlow | RRDBNet | None = None  # RRDBNet in the RRDB stage
+        self.objective: TrainingObjective | RRDBObjective | None = None
         self.wrapped: nn.Module | None = None  # the objective, or its DistributedDataParallel wrapper
         self.optimizer: torch.optim.Adam | None = None
         self.unfreeze_step = 0  # the RRDB is trainable from this step on
         self.actnorms_pending = True  # the first batch still has to initialise the ActNorms
         self.signals = _DeferredSignals()
+
+    @property
+    def _rrdb_stage(self) -> bool:
+        return self.config.stage == "rrdb"
+
+    @property
+    def _command(self) -> str:
+        return "train-rrdb" if self._rrdb_stage else "train"
+
+    @property
+    def _unit(self) -> str:
+        """The loss's unit: L1 (mean absolute error in [0, 1] units) or bits per HR pixel."""
+        return "L1" if self._rrdb_stage else "bits/px"
 
     def log(self, message: str) -> None:
         """Rank 0 only: through the progress bar when it is shown (so it is not broken up)."""
@@ -344,11 +412,24 @@ class Trainer:
         out = Path(c.out)
         ckpt_dir = out / CHECKPOINT_DIR
         resume = self._find_resume(ckpt_dir)
+        self._check_rrdb_source(resume)
         dataset, val_set = self._datasets()
         self.model = self._build_model(resume)
-        self.objective = TrainingObjective(self.model, c.dequantize, c.l1_weight, c.bf16)
+        if self._rrdb_stage:
+            self.objective = RRDBObjective(self.model, c.bf16)
+            self.actnorms_pending = False
+        else:
+            self.objective = TrainingObjective(self.model, c.dequantize, c.l1_weight, c.bf16)
         self.optimizer = self._make_optimizer(self.model)
         start, nonfinite_total, in_row = self._restore(resume) if resume is not None else (0, 0, 0)
+        if val_set is not None and (c.val_data is None or Path(c.val_data).resolve() == Path(c.data).resolve()):
+            # said once everything is checked, so that a refused start shows only its error
+            warnings.warn(
+                f"validation runs on training images (the first {c.val_images} of {c.data!r}), so its metrics "
+                "say how well the model fits its training data, not how it generalises; pass val_data "
+                "(--val-data) with held-out images",
+                stacklevel=3,
+            )
         if d.main:
             self._open_outputs(out, start)
         self.unfreeze_step = int(c.rrdb_freeze_fraction * c.steps)
@@ -427,7 +508,7 @@ class Trainer:
             self._update_bar(run.window)
         if d.main and run.step % c.log_every == 0 and run.window:
             self._log_loss(run)
-        if run.step == self.unfreeze_step:
+        if run.step == self.unfreeze_step and not self._rrdb_stage:
             self._set_rrdb_trainable(run.step)
             self.log(f"step {run.step}: RRDB unfrozen (trained jointly from now on)")
         final = run.step == run.end or run.stopped != "finished"
@@ -446,11 +527,11 @@ class Trainer:
         where = str(run.last_saved.weights) if run.last_saved else "none"
         if run.stopped in _SIGNAL_STOPS:
             self.log(
-                f"srflow train: stopped by {run.stopped} after finishing step {run.step}; its checkpoint is "
+                f"srflow {self._command}: stopped by {run.stopped} after finishing step {run.step}; its checkpoint is "
                 f"saved in {where!r} (resume 'auto' continues from it)"
             )
         else:
-            self.log(f"srflow train: {run.stopped} at step {run.step}; checkpoint {where}")
+            self.log(f"srflow {self._command}: {run.stopped} at step {run.step}; checkpoint {where}")
         return TrainResult(
             run.step, run.out, run.last_saved, run.losses, run.nonfinite_total, run.stopped, run.validation
         )
@@ -462,10 +543,28 @@ class Trainer:
         with which optimisation (the learning rates the next step uses), on what hardware."""
         c, d = self.config, self.dist
         origin = f"steps {start} to {c.steps}" + (f" (resuming {str(resume.files.state)!r})" if resume else "")
-        factor = learning_rate_factor(start, c.steps, c.lr_milestones, c.lr_gamma)
-        lr = f"lr {c.lr * factor:g}" + (f" (base {c.lr:g} x {factor:g} by the schedule)" if factor != 1 else "")
+        now = self._lr(start, c.lr)
+        lr = f"lr {now:g}" + (f" (base {c.lr:g}, {c.lr_schedule} schedule)" if now != c.lr else "")
+        data = (
+            f"global batch {c.batch} ({d.world} rank(s) x {c.batch // d.world}) of {c.crop}x{c.crop} crops from "
+            f"{images} images"
+        )
+        hardware = f"device {d.device}"
+        if resume is not None:
+            source = "weights from the checkpoint"
+        elif c.init_official is not None:
+            source = f"all weights from {c.init_official!r}"
+        elif c.rrdb_weights is not None:
+            source = f"RRDB from {c.rrdb_weights!r}"
+        else:
+            source = "random RRDB" + ("" if self._rrdb_stage else " (from scratch)")
+        if self._rrdb_stage:
+            return (
+                f"srflow train-rrdb: preset {c.preset}, {origin}, {source}; {data}; L1 loss, {lr}, "
+                f"Adam betas {tuple(c.betas)}; {hardware}"
+            )
         if c.lr_rrdb != c.lr:
-            lr += f", RRDB lr {c.lr_rrdb * factor:g}"
+            lr += f", RRDB lr {self._lr(start, c.lr_rrdb):g}"
         if self.unfreeze_step == 0:
             rrdb = "RRDB trainable from the start"
         elif self.unfreeze_step >= c.steps:
@@ -475,9 +574,8 @@ class Trainer:
         else:
             rrdb = f"RRDB frozen until step {self.unfreeze_step}"
         return (
-            f"srflow train: preset {c.preset}, {origin}; global batch {c.batch} "
-            f"({d.world} rank(s) x {c.batch // d.world}) of {c.crop}x{c.crop} crops from {images} images; "
-            f"{lr}, {rrdb}, dequantisation noise {'on' if c.dequantize else 'off'}; device {d.device}, "
+            f"srflow train: preset {c.preset}, recipe {c.recipe}, {origin}, {source}; {data}; "
+            f"{lr}, {rrdb}, dequantisation noise {'on' if c.dequantize else 'off'}; {hardware}, "
             f"backend {c.backend}, memory_saving {c.memory_saving}"
         )
 
@@ -496,9 +594,9 @@ class Trainer:
         if files is None:
             return None
         try:
-            resume = load_training_checkpoint(files, c.preset)
+            resume = load_training_checkpoint(files, c.preset, c.stage)
         except (CheckpointError, FileNotFoundError) as exc:
-            intact = newest_intact_checkpoint(ckpt_dir, files.step, c.preset) if c.resume == "auto" else None
+            intact = newest_intact_checkpoint(ckpt_dir, files.step, c.preset, c.stage) if c.resume == "auto" else None
             if intact is None:
                 raise
             # Not a silent fallback to the older checkpoint: the damaged files would also block
@@ -525,11 +623,18 @@ class Trainer:
         c = self.config
         scale = get_preset(c.preset).scale
         dataset = HRImageDataset(
-            c.data, scale, crop=c.crop, lr_root=c.lr_data, flips=c.flips, seed=c.seed, cache=c.cache_images
+            c.data,
+            scale,
+            crop=c.crop,
+            lr_root=c.lr_data,
+            flips=c.flips,
+            rotations=c.rotations,
+            seed=c.seed,
+            cache=c.cache_images,
         )
         # Small folders are repeated (each visit with its own crop) so that an epoch holds at
         # least _MIN_EPOCH_BATCHES global batches: epochs restart the DataLoader (and its workers).
-        dataset.repeat = max(1, math.ceil(c.batch * _MIN_EPOCH_BATCHES / len(dataset.files)))
+        dataset.repeat = max(1, math.ceil(c.batch * _MIN_EPOCH_BATCHES / dataset.base_len))
         if not (c.val_every and self.dist.main):
             return dataset, None
         val_set = HRImageDataset(
@@ -544,8 +649,24 @@ class Trainer:
         )
         return dataset, val_set
 
-    def _build_model(self, resume: TrainingCheckpoint | None) -> SRFlow:
+    def _check_rrdb_source(self, resume: TrainingCheckpoint | None) -> None:
+        """An official preset's SRFlow stage starts from pretrained RRDB weights, an official
+        checkpoint or a resume, or says that it does not on purpose (``from_scratch``)."""
         c = self.config
+        if self._rrdb_stage or c.preset not in OFFICIAL_PRESETS or c.from_scratch:
+            return
+        if resume is None and c.rrdb_weights is None and c.init_official is None:
+            raise ConfigError(
+                f"preset {c.preset}: every official SRFlow started from a pretrained RRDB, and this run has none. "
+                f"Train one with `srflow train-rrdb --preset {c.preset} --data ... --out runs/rrdb` (the official "
+                "RRDB recipe) and pass --rrdb-weights runs/rrdb, or pass --init-official SRFlow_*.pth; "
+                "--from-scratch starts from a random RRDB on purpose"
+            )
+
+    def _build_model(self, resume: TrainingCheckpoint | None) -> SRFlow | RRDBNet:
+        c = self.config
+        if self._rrdb_stage:
+            return self._build_rrdb(resume)
         model = SRFlow.from_preset(
             c.preset, memory_saving=c.memory_saving, backend=c.backend, keep_every=c.keep_every, seed=c.seed
         )
@@ -558,18 +679,40 @@ class Trainer:
             check_state_dict(model, state, f"checkpoint {c.init_official!r}", c.preset)
             model.load_state_dict(state, strict=True)
         elif c.rrdb_weights is not None:
-            state = strip_prefix(read_state_dict(c.rrdb_weights))
-            if state and all(k.startswith("RRDB.") for k in state):
-                state = strip_prefix(state, "RRDB.")
-            check_state_dict(model.RRDB, state, f"RRDB weights {c.rrdb_weights!r}", c.preset)
-            model.RRDB.load_state_dict(state, strict=True)
+            self._load_rrdb_weights(model.RRDB)
+        return self._placed(model)
+
+    def _build_rrdb(self, resume: TrainingCheckpoint | None) -> RRDBNet:
+        """The RRDB stage's model: ESRGAN's RRDBNet of the preset, with its image head."""
+        c = self.config
+        p = get_preset(c.preset)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            model = RRDBNet(p.nf, p.gc, p.nb, p.scale, p.block_idxs)
+        if resume is not None:
+            check_state_dict(model, resume.weights, f"checkpoint {str(resume.files.weights)!r}", c.preset)
+            model.load_state_dict(resume.weights, strict=True)
+        elif c.rrdb_weights is not None:
+            self._load_rrdb_weights(model)
+        return self._placed(model)
+
+    def _load_rrdb_weights(self, rrdb: RRDBNet) -> None:
+        c = self.config
+        state, _ = read_rrdb_weights(c.rrdb_weights)
+        check_state_dict(rrdb, state, f"RRDB weights {c.rrdb_weights!r}", c.preset)
+        rrdb.load_state_dict(state, strict=True)
+
+    def _placed(self, model: nn.Module) -> nn.Module:
         model = model.to(self.dist.device)
-        if c.channels_last:
+        if self.config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model.train()
 
-    def _make_optimizer(self, model: SRFlow) -> torch.optim.Adam:
+    def _make_optimizer(self, model: SRFlow | RRDBNet) -> torch.optim.Adam:
         c = self.config
+        if self._rrdb_stage:
+            groups = [{"params": list(model.parameters()), "lr": c.lr, "name": "rrdb", "base_lr": c.lr}]
+            return torch.optim.Adam(groups, lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps, weight_decay=c.weight_decay)
         rrdb = {id(p) for p in model.rrdb_parameters()}
         flow = [p for p in model.parameters() if p.requires_grad and id(p) not in rrdb]
         # Frozen RRDB parameters sit in their own group from the start: with no gradient Adam
@@ -640,7 +783,7 @@ class Trainer:
     def _set_rrdb_trainable(self, step: int) -> None:
         """RRDB frozen before ``unfreeze_step``, trainable from it; (re)build the DDP wrapper."""
         want = step >= self.unfreeze_step
-        changed = self.model.rrdb_trainable != want
+        changed = not self._rrdb_stage and self.model.rrdb_trainable != want
         if changed:
             self.model.set_rrdb_trainable(want)
         if self.wrapped is None or (changed and self.dist.world > 1):
@@ -653,9 +796,12 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- steps
 
-    def _lr(self, step: int) -> float:
+    def _lr(self, step: int, base: float) -> float:
+        """The learning rate of 0-based step ``step`` for a parameter group of base rate ``base``."""
         c = self.config
-        return c.lr * learning_rate_factor(step, c.steps, c.lr_milestones, c.lr_gamma)
+        if c.lr_schedule == "cosine":
+            return cosine_learning_rate(step, base, c.cosine_period, c.cosine_restarts, c.lr_min)
+        return base * learning_rate_factor(step, c.steps, c.lr_milestones, c.lr_gamma)
 
     def _stop_votes(self, t_start: float) -> list[float]:
         """This rank's flags for :data:`_STOP_REASONS` (1.0 = stop), summed over the ranks by
@@ -669,7 +815,7 @@ class Trainer:
         bar.update(1)
         postfix = {}
         if window:
-            postfix["bits/px"] = f"{sum(window) / len(window):.3f}"
+            postfix[self._unit] = f"{sum(window) / len(window):.4g}"
         rate = bar.format_dict.get("rate")
         if rate:
             postfix["samples/s"] = f"{rate * c.batch:.1f}"
@@ -705,9 +851,8 @@ class Trainer:
             if any(isinstance(m, fk.ActNorm) and not m.initialized for m in self.model.modules()):
                 self.model.initialize_actnorms(hr, lr)
             self.actnorms_pending = False
-        factor = learning_rate_factor(step, c.steps, c.lr_milestones, c.lr_gamma)
         for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
+            group["lr"] = self._lr(step, group["base_lr"])
         loss, _ = self.wrapped(hr, lr, self._noise_generators(step, hr.shape[0]))
         loss = loss.mean()
         loss.backward()
@@ -747,8 +892,11 @@ class Trainer:
         mean = sum(run.window) / len(run.window)
         elapsed = time.perf_counter() - run.t_window
         rate = len(run.window) / elapsed if elapsed > 0 else float("nan")
-        self._record(run.out, run.step, {"loss_bits_px": mean, "it_per_s": rate, "lr": self._lr(run.step - 1)})
-        self.log(f"step {run.step}: {mean:.4f} bits/px (mean of the last {len(run.window)} steps), {rate:.2f} it/s")
+        key = "loss_l1" if self._rrdb_stage else "loss_bits_px"
+        self._record(run.out, run.step, {key: mean, "it_per_s": rate, "lr": self._lr(run.step - 1, self.config.lr)})
+        self.log(
+            f"step {run.step}: {mean:.4f} {self._unit} (mean of the last {len(run.window)} steps), {rate:.2f} it/s"
+        )
         run.window, run.t_window = [], time.perf_counter()
 
     def _save(self, run: _RunState) -> CheckpointFiles:
@@ -761,13 +909,13 @@ class Trainer:
             "rng": rng,
             "nonfinite_total": run.nonfinite_total,
             "nonfinite_in_row": run.nonfinite_in_row,
-            "rrdb_trainable": self.model.rrdb_trainable,
+            "rrdb_trainable": self._rrdb_stage or self.model.rrdb_trainable,
             "world_size": self.dist.world,
             "config": config_to_dict(c),
             "torch_version": str(torch.__version__),
         }
         try:
-            files = save_training_checkpoint(run.ckpt_dir, step, c.preset, self.model.state_dict(), state)
+            files = save_training_checkpoint(run.ckpt_dir, step, c.preset, self.model.state_dict(), state, c.stage)
         except ValueError as exc:
             raise NonFiniteTrainingError(f"step {step}: {exc}") from exc
         prune_checkpoints(run.ckpt_dir, c.keep_last)
@@ -782,14 +930,23 @@ class Trainer:
 
     def _validate(self, run: _RunState) -> dict[str, float]:
         """Rank 0: validation metrics (logged and recorded) and the sample grid in ``<out>/val``."""
-        from .infer import make_grid, validation_grid  # noqa: PLC0415 (metrics need scikit-image)
+        from .infer import make_grid, rrdb_validation_grid, validation_grid  # noqa: PLC0415 (metrics need scikit-image)
 
         c = self.config
-        result, rows = validation_grid(self.model, run.val_set, c.val_temperatures, c.seed, c.dequantize)
+        if self._rrdb_stage:
+            result, rows = rrdb_validation_grid(self.model, run.val_set)
+        else:
+            result, rows = validation_grid(self.model, run.val_set, c.val_temperatures, c.seed, c.dequantize)
         (run.out / "val").mkdir(parents=True, exist_ok=True)
         grid_path = run.out / "val" / f"step-{run.step:09d}.png"
         save_rgb(make_grid(rows), grid_path)
         self._record(run.out, run.step, result)
+        if self._rrdb_stage:
+            self.log(
+                f"step {run.step}: validation PSNR {result['val_psnr']:.2f} dB, LR-PSNR {result['val_lr_psnr']:.2f} dB "
+                f"(RRDB SR); grid: {grid_path}"
+            )
+            return result
         self.log(
             f"step {run.step}: validation NLL {result['val_nll_bits_px']:.4f} bits/px, "
             f"PSNR(t=0) {result['val_psnr_t0']:.2f} dB, "

@@ -3,8 +3,10 @@
 A checkpoint of step ``S`` is two files in ``<out>/checkpoints/``:
 
 * ``step-{S:09d}.safetensors``: the model's state_dict (official key layout, so
-  :meth:`SRFlow.from_official` and ``srflow sample --checkpoint`` read it), with safetensors
-  metadata ``{"srflow": "training-checkpoint", "preset": name, "step": "S", "format_version": "1"}``.
+  :meth:`SRFlow.from_official` and ``srflow sample --checkpoint`` read it; in the RRDB stage the
+  RRDBNet's, which ``--rrdb-weights`` reads), with safetensors metadata ``{"srflow":
+  "training-checkpoint", "preset": name, "stage": "srflow" or "rrdb", "step": "S", "format_version": "1"}``
+  (no stage: srflow, as written before the RRDB stage existed).
 * ``step-{S:09d}.state.pt``: ``torch.save`` of plain containers of tensors/numbers/strings, so it
   loads with ``torch.load(weights_only=True)``: format_version, step, preset, the weights file's
   name and SHA-256, the optimiser state_dict, the global RNG states (CPU and CUDA), counters and
@@ -36,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .official_checkpoint import CheckpointError, as_state_dict, strip_prefix
+from .official_checkpoint import CheckpointError, as_state_dict, read_state_dict, strip_prefix
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -52,6 +54,7 @@ __all__ = [
     "save_training_checkpoint",
     "load_training_checkpoint",
     "read_weights",
+    "read_rrdb_weights",
     "prune_checkpoints",
 ]
 
@@ -191,6 +194,7 @@ def save_training_checkpoint(
     preset: str,
     model_state: Mapping[str, Tensor],
     state: dict,
+    stage: str = "srflow",
 ) -> CheckpointFiles:
     """Write step ``step``'s checkpoint into ``folder`` (weights first, then the state file).
 
@@ -209,13 +213,20 @@ def save_training_checkpoint(
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(f"refusing to save a checkpoint with non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")
-    metadata = {"srflow": _KIND, "preset": preset, "step": str(step), "format_version": str(FORMAT_VERSION)}
+    metadata = {
+        "srflow": _KIND,
+        "preset": preset,
+        "stage": stage,
+        "step": str(step),
+        "format_version": str(FORMAT_VERSION),
+    }
     atomic_write(files.weights, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=False)
     full = dict(state)
     full.update(
         format_version=FORMAT_VERSION,
         step=int(step),
         preset=preset,
+        stage=stage,
         weights_file=files.weights.name,
         weights_sha256=_sha256(files.weights),
     )
@@ -242,8 +253,28 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
     return strip_prefix(as_state_dict(tensors, f"checkpoint {str(path)!r}")), metadata
 
 
-def load_training_checkpoint(files: CheckpointFiles, preset: str | None = None) -> TrainingCheckpoint:
-    """Read and verify a checkpoint (state file, then weights and their hash; preset if given).
+def read_rrdb_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], str | None]:
+    """An RRDB state_dict (keys as in :class:`~srflow.rrdb.RRDBNet`) and the preset its metadata
+    names (None if it has none) from ``path``: a run folder or checkpoint of the RRDB stage (a folder:
+    its newest checkpoint), or a state_dict file (``.pth`` / ``.safetensors``, e.g. the official
+    ``RRDB_DF2K_4X.pth``); ``module.`` and ``RRDB.`` prefixes are stripped when every key has them."""
+    p = Path(path)
+    preset = None
+    if p.is_dir() or p.name.endswith(".state.pt") or (p.suffix == ".safetensors" and p.is_file()):
+        files = resolve_checkpoint(p) if p.is_dir() or p.name.endswith(".state.pt") else None
+        state, metadata = read_weights(files.weights if files is not None else p)
+        preset = metadata.get("preset")
+    else:
+        state = strip_prefix(read_state_dict(p))
+    if state and all(k.startswith("RRDB.") for k in state):
+        state = strip_prefix(state, "RRDB.")
+    return state, preset
+
+
+def load_training_checkpoint(
+    files: CheckpointFiles, preset: str | None = None, stage: str | None = None
+) -> TrainingCheckpoint:
+    """Read and verify a checkpoint (state file, then weights and their hash; preset and stage if given).
 
     Raises FileNotFoundError for a missing file and CheckpointError (naming the file) for an
     unreadable, truncated or mismatched one. Nothing is written.
@@ -271,6 +302,11 @@ def load_training_checkpoint(files: CheckpointFiles, preset: str | None = None) 
         raise CheckpointError(
             f"checkpoint {str(files.state)!r} was trained with preset {state['preset']!r}, but this run uses {preset!r}"
         )
+    saved_stage = state.get("stage", "srflow")
+    if stage is not None and saved_stage != stage:
+        raise CheckpointError(
+            f"checkpoint {str(files.state)!r} is of the {saved_stage} training stage, but this run trains {stage}"
+        )
     weights_path = files.state.with_name(state["weights_file"])
     if not weights_path.is_file():
         raise FileNotFoundError(
@@ -291,17 +327,17 @@ def load_training_checkpoint(files: CheckpointFiles, preset: str | None = None) 
 
 
 def newest_intact_checkpoint(
-    folder: str | os.PathLike, before: int, preset: str | None = None
+    folder: str | os.PathLike, before: int, preset: str | None = None, stage: str | None = None
 ) -> CheckpointFiles | None:
     """The newest complete checkpoint in ``folder`` older than step ``before`` that
-    :func:`load_training_checkpoint` reads and verifies (with ``preset`` if given), or None:
+    :func:`load_training_checkpoint` reads and verifies (with ``preset`` and ``stage`` if given), or None:
     where a run can continue when its newest checkpoint is damaged. Reads each candidate whole,
     newest first, until one passes."""
     for files in reversed(list_checkpoints(folder)):
         if files.step >= before:
             continue
         try:
-            load_training_checkpoint(files, preset)
+            load_training_checkpoint(files, preset, stage)
         except (CheckpointError, FileNotFoundError):
             continue
         return files

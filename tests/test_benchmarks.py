@@ -36,6 +36,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _run("benchmarks.bench_memory", *common)
     variants = "official,ms-reference-cl,ms-reference-perstep,ms-reference"
     _run("benchmarks.bench_srflow", *common, "--variants", variants, "--steps", "1")
+    _run("benchmarks.bench_loader", "--out", str(out), "--images", "2", "--size", "200", "120", "--crop", "32")
     _run("benchmarks.report", str(out))
     return out
 
@@ -53,6 +54,9 @@ def test_every_benchmark_writes_rows_without_errors(results: Path):
         "ms-reference",
     ]
     assert all("error" not in r and len(r["points"]) == 2 for r in srflow["results"])
+    loader = json.loads((results / "bench_loader.json").read_text())
+    assert [r["mode"] for r in loader["rows"]] == ["cold", "memory", "store", "bank"]
+    assert all(len(r["samples_per_s"]) == 5 and r["median"] > 0 for r in loader["rows"])
     speedup = srflow["batching_speedup"]["ms-reference vs ms-reference-perstep"]
     assert set(speedup) == {"batch 2", "batch 4"} and all(v["median"] > 0 for v in speedup.values())
 

@@ -128,6 +128,8 @@ TRANSFER = "transfer --checkpoint {ckpt} --out {out} --hr {hr_png}"
 EVAL = "eval --checkpoint {ckpt} --out {out} --data {data}"
 TRAIN = "train --preset tiny-4x --data {data} --out {out} --crop 32 --batch 2 --steps 1 --device cpu --no-progress"
 DEMO = "demo --out {out} --device cpu"
+TRAIN_RRDB = TRAIN.replace("train ", "train-rrdb ", 1)
+PREPARE = "prepare --data {data} --out {out}"
 NO_CUDA = "is built without CUDA; use cpu" if torch.version.cuda is None else "no CUDA device is visible; use cpu"
 
 # (command, expected part of the error line): checked before any model is built
@@ -231,6 +233,36 @@ BEFORE_MODEL = [
     (TRAIN + " --steps 1.5", "argument --steps: invalid int value: '1.5'"),
     (TRAIN + " --rrdb-weights {tiny4x_pth} --init-official {tiny4x_pth}", "pass at most one of rrdb_weights and init"),
     ("train --preset tiny-4x --out {out}", "data: a folder of HR training images is required"),
+    # recipes, the RRDB stage and its schedule
+    (TRAIN + " --recipe papper", "recipe: expected one of released, paper, got 'papper'"),
+    (TRAIN + " --stage flow", "stage: expected one of srflow, rrdb, got 'flow'"),
+    (TRAIN + " --lr-schedule linear", "lr_schedule: expected multistep or cosine, got 'linear'"),
+    (TRAIN + " --lr-schedule cosine --cosine-period 0", "cosine_period: expected a positive number of iterations"),
+    (TRAIN + " --cosine-restarts -1", "cosine_restarts: expected >= 0, got -1"),
+    (TRAIN_RRDB + " --lr-min 1", "lr_min: expected a value in [0, lr = 0.0002), got 1.0"),
+    (TRAIN_RRDB + " --dequantize", "dequantize: the RRDB stage trains an L1 regression"),
+    (TRAIN_RRDB + " --rrdb-freeze-fraction 0.5", "rrdb_freeze_fraction: the RRDB stage trains the RRDB"),
+    (TRAIN_RRDB + " --l1-weight 0.1", "l1_weight: the RRDB stage's loss is L1 already"),
+    (TRAIN_RRDB + " --init-official {tiny4x_pth}", "init_official: the RRDB stage starts from rrdb_weights"),
+    (TRAIN_RRDB + " --stage srflow", "--stage: train-rrdb trains the RRDB stage, got --stage srflow"),
+    # an official preset without pretrained weights (the check precedes the data and the model)
+    (
+        "train --data {data} --out {out} --device cpu --no-progress",
+        "preset df2k-4x: every official SRFlow started from a pretrained RRDB, and this run has none. Train one "
+        "with `srflow train-rrdb --preset df2k-4x",
+    ),
+    # prepare (image store, crop bank)
+    (PREPARE + " --bank 2", "scale: a crop bank needs the SR scale of its LR (e.g. 4), got None"),
+    (PREPARE + " --bank 2 --scale 4 --crop 30", "crop: expected a positive multiple of the scale 4, got 30"),
+    (PREPARE + " --bank -1", "argument --bank: expected a number of crops per image >= 0, got -1"),
+    (PREPARE + " --scale 3", "argument --scale: invalid choice: 3"),
+    (
+        PREPARE + " --bank 1 --scale 4 --crop 128",
+        "a.png: 64x64 is smaller than the 128x128 crop",
+    ),
+    (PREPARE.replace("{data}", "{missing}"), "data folder '{missing}' does not exist"),
+    (PREPARE.replace("{data}", "{bad_data}"), "broken.png: cannot read the image"),
+    (PREPARE.replace("{out}", "{hr_png}"), "--out: '{hr_png}' is a file; expected a folder"),
     # --config
     (TRAIN + " --config {empty}", "config file '{empty}' is a folder; expected a YAML file"),
     (TRAIN + " --config {missing}", "config file '{missing}' does not exist"),
@@ -301,6 +333,11 @@ AFTER_MODEL = [
     (TRAIN + " --init-official {missing}.pth", "checkpoint: no such file '{missing}.pth'"),
     (TRAIN + " --rrdb-weights {corrupt_pth}", "could not be read as a PyTorch"),
     (TRANSFER.replace("{hr_png}", "{odd_png}"), "60x64 cannot be encoded; HR sides must be multiples of 8"),
+    # --rrdb: the RRDB baseline
+    (SAMPLE + " --rrdb {missing}.pth", "checkpoint: no such file '{missing}.pth'"),
+    (EVAL + " --rrdb {ckpt}", "is a tiny-4x model checkpoint, not tiny-4x"),
+    ("sample --rrdb {tiny4x_pth} --out {out} {lr_png}", "name no preset; pass the preset they were trained with"),
+    ("sample --rrdb {tiny4x_pth} --preset tiny-4x --out {out} {lr_png}", "is a tiny-4x model checkpoint"),
 ]
 
 

@@ -21,7 +21,8 @@ from PIL import Image
 
 from srflow import metrics
 from srflow.data import HRImageDataset, list_images, load_rgb, make_lr, write_bundled_photos
-from srflow.imresize import imresize
+from srflow.imresize import imresize, imresize_uint8
+from srflow.store import prepare_store
 
 # ------------------------------------------------------------------------------------ imresize
 
@@ -101,9 +102,9 @@ def test_metrics_sanity_on_different_images() -> None:
 
 def test_lr_psnr_of_an_lr_consistent_sr_is_high() -> None:
     hr = load_rgb_astronaut(64)
-    lr = make_lr(hr[None], 4)[0]
-    assert metrics.lr_psnr(hr, lr, 4) > 45  # the HR itself is perfectly LR-consistent (up to uint8 rounding)
-    assert metrics.lr_psnr(torch.zeros_like(hr), lr, 4) < 15
+    lr8 = metrics.to_uint8(make_lr(hr[None], 4)[0], rounding=True)
+    assert metrics.lr_psnr(metrics.to_uint8(hr, rounding=True), lr8, 4) == math.inf  # the LR is made from this HR
+    assert metrics.lr_psnr(np.zeros((64, 64, 3), np.uint8), lr8, 4) < 15
 
 
 def load_rgb_astronaut(size: int) -> torch.Tensor:
@@ -236,3 +237,58 @@ def test_dataset_argument_checks(two_photos: Path) -> None:
         HRImageDataset(two_photos, 4, crop=32, lr_root=two_photos / "missing")
     with pytest.raises(IndexError):
         HRImageDataset(two_photos, 4, crop=32)[2]
+
+
+# ------------------------------------------------------------------------------------ image store
+
+
+def test_store_items_equal_the_folder_items(two_photos: Path, tmp_path: Path) -> None:
+    """A store holds the decoded images: random crops, flips and their LR are the folder's, item by
+    item, also through DataLoader workers (which map the file themselves) and for whole images."""
+    store = prepare_store(two_photos, tmp_path / "store", progress=False)
+    assert store.names == ["astronaut.png", "coffee.png"] and store.bank is None
+    kwargs = {"crop": 32, "seed": 5, "repeat": 2, "rotations": True}
+    folder, stored = HRImageDataset(two_photos, 4, **kwargs), HRImageDataset(tmp_path / "store", 4, **kwargs)
+    assert len(stored) == len(folder) == 4
+    for i in range(len(folder)):
+        assert all(torch.equal(a, b) for a, b in zip(folder[i], stored[i]))
+    loader = torch.utils.data.DataLoader(stored, batch_size=2, num_workers=2)
+    batches = [hr for hr, _ in loader]
+    assert torch.equal(torch.cat(batches), torch.stack([folder[i][0] for i in range(4)]))
+    whole = HRImageDataset(tmp_path / "store", 4, crop=None, flips=False)
+    assert torch.equal(whole[1][0], load_rgb(two_photos / "coffee.png")[:, :400, :600])
+
+
+def test_crop_bank_is_the_official_prepare_step(two_photos: Path, tmp_path: Path) -> None:
+    """``bank`` fixed crops per image with the official LR of each; training items are those crops
+    (flipped at random); a bank of another crop or scale is refused by name."""
+    store = prepare_store(two_photos, tmp_path / "store", bank=3, crop=32, scale=4, seed=1, progress=False)
+    assert (store.bank.count, store.bank.per_image) == (6, 3)
+    ds = HRImageDataset(tmp_path / "store", 4, crop=32, flips=False)
+    assert ds.bank and len(ds) == 6
+    astronaut = np.asarray(Image.open(two_photos / "astronaut.png"))
+    for i in range(3):  # the first image's crops: somewhere in it, with their official LR
+        hr, lr = ds[i]
+        hr8 = metrics.to_uint8(hr, rounding=True)
+        corners = np.argwhere((astronaut[:-31, :-31] == hr8[0, 0]).all(axis=2))  # where the crop may start
+        assert any(np.array_equal(astronaut[y : y + 32, x : x + 32], hr8) for y, x in corners)
+        assert np.array_equal(metrics.to_uint8(lr, rounding=True), imresize_uint8(hr8, 0.25))
+    with pytest.raises(ValueError, match=r"crop bank holds 32x32 crops at scale 4, this run needs 64x64 at scale 4"):
+        HRImageDataset(tmp_path / "store", 4, crop=64)
+    assert not HRImageDataset(tmp_path / "store", 4, crop=32, center=True).bank  # validation: the images
+    with pytest.raises(ValueError, match="scale: a crop bank needs the SR scale"):
+        prepare_store(two_photos, tmp_path / "other", bank=2)
+    with pytest.raises(ValueError, match=r"coffee.png: 400x600 is smaller than the 512x512 crop"):
+        prepare_store(two_photos, tmp_path / "other", bank=2, crop=512, scale=4)
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_store_older_than_its_folder_warns(tmp_path: Path) -> None:
+    photos = write_bundled_photos(tmp_path / "photos", ("chelsea",))[0].parent
+    prepare_store(photos, tmp_path / "store", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HRImageDataset(tmp_path / "store", 4, crop=32)
+    write_bundled_photos(photos, ("coffee",))
+    with pytest.warns(UserWarning, match=r"is older than its source folder .*coffee.png changed, appeared or vanished"):
+        HRImageDataset(tmp_path / "store", 4, crop=32)

@@ -21,6 +21,7 @@ steps at a time, on the CPU. Tolerances used here:
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -37,7 +38,7 @@ import flowkernels as fk
 from srflow import SRFlow, dequantize
 from srflow.config import ConfigError, TrainConfig, config_from_dict, config_to_yaml, load_config, resolve_config
 from srflow.official_checkpoint import CheckpointError
-from srflow.train import NonFiniteTrainingError, TrainingObjective, learning_rate_factor, train
+from srflow.train import NonFiniteTrainingError, TrainingObjective, cosine_learning_rate, learning_rate_factor, train
 from srflow.training_checkpoint import (
     checkpoint_files,
     list_checkpoints,
@@ -61,7 +62,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(photos: Path, out: Path, **changes: object) -> TrainConfig:
-    """A few-second run: tiny-4x, 6 steps of 4 x 32x32 crops, lr 1e-3, no validation."""
+    """A few-second run: tiny-4x, 6 steps of 4 x 32x32 crops, lr 1e-3, no validation, dequantisation
+    noise on (the paper recipe's; its per-sample generators are what resume and DDP must reproduce)."""
     config = TrainConfig(
         data=str(photos),
         out=str(out),
@@ -70,6 +72,7 @@ def tiny(photos: Path, out: Path, **changes: object) -> TrainConfig:
         batch=4,
         crop=32,
         lr=1e-3,
+        dequantize=True,
         val_every=0,
         save_every=100,
         log_every=100,
@@ -83,7 +86,8 @@ def tiny(photos: Path, out: Path, **changes: object) -> TrainConfig:
 def tiny_cli(photos: Path, out: Path, *extra: str) -> list[str]:
     """The ``srflow train`` arguments of the :func:`tiny` run, then ``extra`` (later flags win)."""
     args = ["train", "--preset", "tiny-4x", "--data", str(photos), "--out", str(out), "--steps", "6", "--batch", "4"]
-    args += ["--crop", "32", "--lr", "1e-3", "--val-every", "0", "--save-every", "100", "--log-every", "100"]
+    args += ["--crop", "32", "--lr", "1e-3", "--dequantize", "--val-every", "0", "--save-every", "100"]
+    args += ["--log-every", "100"]
     return [*args, "--no-progress", "--cache-images", "--device", "cpu", *extra]
 
 
@@ -135,18 +139,55 @@ def test_yaml_config_and_overrides(tmp_path: Path) -> None:
         load_config(path)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "srflow" / "configs").glob("*.yaml")))
-def test_example_configs_load(name: str) -> None:
+RECIPE_FILES = sorted(p.name for p in (REPO / "srflow" / "configs").glob("*.yaml"))
+
+
+def test_every_official_preset_has_both_recipes_and_the_rrdb_recipe() -> None:
+    assert (
+        sorted(f"{p}-{r}.yaml" for p in ("df2k-4x", "df2k-8x", "celeba-8x") for r in ("paper", "released", "rrdb"))
+        == RECIPE_FILES
+    )
+
+
+@pytest.mark.parametrize("name", RECIPE_FILES)
+def test_recipe_files_state_what_the_defaults_are(name: str) -> None:
+    """Each YAML file spells out a recipe; resolved, it is exactly what its preset, stage and recipe
+    give by default (so the files and the code cannot drift apart)."""
     config = resolve_config(load_config(REPO / "srflow" / "configs" / name).replace(data="somewhere"))
-    assert config.preset in ("df2k-4x", "df2k-8x", "celeba-8x")
+    default = resolve_config(
+        TrainConfig(data="somewhere", preset=config.preset, stage=config.stage, recipe=config.recipe)
+    )
+    assert config == default
+    assert name == f"{config.preset}-{'rrdb' if config.stage == 'rrdb' else config.recipe}.yaml"
 
 
 def test_official_defaults_and_validation() -> None:
     c4 = resolve_config(TrainConfig(data="x", preset="df2k-4x"))
     c8 = resolve_config(TrainConfig(data="x", preset="celeba-8x"))
-    assert (c4.batch, c4.lr, c4.lr_rrdb, c4.betas, c4.crop) == (12, 2.5e-4, 2.5e-4, (0.9, 0.999), 160)
-    assert (c8.batch, c8.lr) == (16, 5e-4)
-    assert (c4.rrdb_freeze_fraction, c4.dequantize, c4.memory_saving) == (0.5, True, True)
+    assert (c4.batch, c4.lr, c4.lr_rrdb, c4.betas, c4.crop, c4.steps) == (
+        12,
+        2.5e-4,
+        2.5e-4,
+        (0.9, 0.999),
+        160,
+        200_000,
+    )
+    assert (c8.batch, c8.lr, c8.lr_schedule) == (16, 5e-4, "multistep")
+    # the default recipe is the released code's; the paper's is one option away
+    assert (c4.recipe, c4.rrdb_freeze_fraction, c4.dequantize, c4.memory_saving) == ("released", 0.0, False, True)
+    paper = resolve_config(TrainConfig(data="x", recipe="paper"))
+    assert (paper.rrdb_freeze_fraction, paper.dequantize) == (0.5, True)
+    assert resolve_config(TrainConfig(data="x", recipe="paper", dequantize=False)).dequantize is False  # flags win
+    r4 = resolve_config(TrainConfig(data="x", stage="rrdb"))
+    r8 = resolve_config(TrainConfig(data="x", stage="rrdb", preset="celeba-8x"))
+    assert (r4.batch, r4.lr, r4.betas, r4.steps, r4.lr_schedule, r4.cosine_period, r4.lr_min) == (
+        16, 2e-4, (0.9, 0.99), 1_000_000, "cosine", 50_000, 1e-7
+    )  # fmt: skip
+    assert (r4.rotations, r8.rotations, r8.steps, r4.dequantize) == (False, True, 200_000, False)
+    with pytest.raises(ConfigError, match="recipe: expected one of released, paper, got 'papper'"):
+        resolve_config(TrainConfig(data="x", recipe="papper"))
+    with pytest.raises(ConfigError, match="dequantize: the RRDB stage .*; init_official: the RRDB stage"):
+        resolve_config(TrainConfig(data="x", stage="rrdb", dequantize=True, init_official="x.pth"))
     with pytest.raises(ConfigError, match="data: a folder of HR training images is required"):
         resolve_config(TrainConfig())
     with pytest.raises(ConfigError, match=r"crop: 100 is not a multiple of 16 .*; rrdb_freeze_fraction"):
@@ -189,6 +230,27 @@ def test_a_failed_start_leaves_nothing_behind(
     assert not (tmp_path / "run").exists()
 
 
+def test_rrdb_learning_rate_is_the_official_cosine_with_restarts() -> None:
+    """The closed form against the official CosineAnnealingLR_Restart's recursion (T_period 4 x 50k,
+    restarts at 50k, 100k, 150k, eta_min 1e-7), written out here step by step for 260k iterations."""
+    base, eta, period, restarts = 2e-4, 1e-7, 50_000, (50_000, 100_000, 150_000)
+    lr, last = base, 0
+    worst = 0.0
+    for t in range(1, 260_001):  # t: the scheduler's last_epoch when the update of step t - 1 runs
+        if t in restarts:
+            lr, last = base, t
+        elif (t - last - 1 - period) % (2 * period) == 0:
+            lr = lr + (base - eta) * (1 - math.cos(math.pi / period)) / 2
+        else:
+            ratio = (1 + math.cos(math.pi * (t - last) / period)) / (1 + math.cos(math.pi * (t - last - 1) / period))
+            lr = ratio * (lr - eta) + eta
+        worst = max(worst, abs(cosine_learning_rate(t - 1, base, period, 3, eta) - lr))
+    assert worst < 1e-12, f"closed form differs from the recursion by {worst:.2e}"
+    assert cosine_learning_rate(49_999, base, period, 3, eta) == base  # the restart at iteration 50k
+    assert cosine_learning_rate(199_999, base, period, 3, eta) == pytest.approx(eta)  # no 4th restart ...
+    assert cosine_learning_rate(249_999, base, period, 3, eta) == pytest.approx(base)  # ... the cosine goes on
+
+
 def test_learning_rate_schedule_is_the_official_multistep() -> None:
     # 200k iterations: x0.5 at iterations 100k, 150k, 180k, 190k (1-based, stepped before the update)
     factors = {
@@ -220,9 +282,9 @@ def test_resume_continues_exactly(photos: Path, tmp_path: Path) -> None:
     assert (second.step, second.stopped) == (6, "finished")
     # the banner gives the learning rate step 4 uses, and the RRDB's state from then on
     factor = learning_rate_factor(3, 6, TrainConfig().lr_milestones, TrainConfig().lr_gamma)
-    assert messages[0].startswith("srflow train: preset tiny-4x, steps 3 to 6 (resuming '")
-    assert "step-000000003.state.pt'); global batch 4" in messages[0]
-    assert f"lr {1e-3 * factor:g} (base 0.001 x {factor:g} by the schedule)" in messages[0]
+    assert messages[0].startswith("srflow train: preset tiny-4x, recipe released, steps 3 to 6 (resuming '")
+    assert "step-000000003.state.pt'), weights from the checkpoint; global batch 4" in messages[0]
+    assert f"lr {1e-3 * factor:g} (base 0.001, multistep schedule)" in messages[0]
     assert "RRDB trainable (unfrozen at step 3)" in messages[0]
     assert straight.losses == first.losses + second.losses
     wa, wb = weights_of(straight), weights_of(second)

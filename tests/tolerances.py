@@ -50,6 +50,12 @@ FP32_NOISE_FLOOR = 1e-6
 # steps (6 seeds x 4 paths). About half of the 8-step draws pass. At 54 steps the deviation is
 # 2.6e-6 and no input is that far from every kink: those tests smooth the ReLUs (tests/oracle.py).
 KINK_MARGIN = 5e-6
+# SRFlow's evaluation against the official test.py / Measure.py on the official imresize's own
+# outputs (tests/test_srflow_official_eval.py): PSNR, SSIM and LR-PSNR absolute, in dB (SSIM: units).
+# Measured 0.0 on all four fixture cases (the same uint8 arithmetic). The failure it catches: an
+# LR made by rounding once after both imresize passes (the float path) moves LR-PSNR by 0.014 to
+# 0.14 dB on these cases (8-11% of the LR values off by 1-2 levels).
+OFFICIAL_METRIC_ATOL = 1e-6
 BF16_ERROR_RATIO = 2.0  # a bf16 kernel may err at most 2x eager bf16, both measured against fp32
 
 
