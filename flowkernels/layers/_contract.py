@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops._common import logdet_buffer
+from ._channel_maps import MapTerms
 from ._cond_parts import CondProjection
 from ._folding import FoldTerms
 
@@ -94,7 +95,10 @@ class StepGrads(NamedTuple):
     it was given none), whose weight-column and cond gradients the caller completes;
     grad_folded: for each folded convolution the layer was given (``folded``), the gradients of
     its folded weight and bias (a ``Folded`` of them, or None); the caller maps them back to the
-    parameters through the fold, and leaves those parameters' entries of grad_params None.
+    parameters through the fold, and leaves those parameters' entries of grad_params None;
+    grad_map: for a layer given its ``channel_map``, the gradients (matrix (C, C), offset (C,)) of
+    the map it applied, which the caller turns into its parameters' gradients (whose entries of
+    grad_params it leaves None).
     """
 
     inp: Tensor
@@ -103,6 +107,7 @@ class StepGrads(NamedTuple):
     grad_params: list[Tensor | None]
     grad_parts: list[Tensor | None] | None = None
     grad_folded: list | None = None
+    grad_map: tuple[Tensor, Tensor] | None = None
 
 
 class RecomputableStep(Protocol):
@@ -119,6 +124,10 @@ class RecomputableStep(Protocol):
     def cond_projections(self) -> list[CondProjection]: ...
 
     def fold_terms(self) -> list[FoldTerms]: ...
+
+    def map_terms(self) -> MapTerms | None: ...
+
+    def map_param_grads(self, grad_weight: Tensor, grad_logs: Tensor, grad_bias: Tensor) -> list: ...
 
 
 def flat_grads(params: Sequence[Tensor], grads_by_id: dict[int, Tensor | None]) -> list[Tensor | None]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._channel_maps import ChunkMaps
 from ._cond_parts import PartChunk, plan_chunks
 from ._contract import RecomputableStep
 from ._folding import Folded, fold_convs, unfold_grads
@@ -92,6 +93,7 @@ class _InvertibleBackprop(torch.autograd.Function):
             for c in range(len(plan.chunks) - 1, -1, -1):
                 chunk = plan.chunks[c]
                 fold = _ChunkFold(plan.steps, chunk, differentiable=True)
+                maps = ChunkMaps(plan.steps, chunk.start, chunk.stop, plan.reverse, backward=True)
                 stacked = weight = None
                 if chunk.projections:
                     weight = chunk.weight(fold.folded)
@@ -100,14 +102,16 @@ class _InvertibleBackprop(torch.autograd.Function):
                 grad_stacked = None if stacked is None else torch.zeros_like(stacked)
                 grad_parts = chunk.split(grad_stacked)
                 for i in range(chunk.stop - 1, chunk.start - 1, -1):
+                    pixels = y.shape[2] * y.shape[3]
                     res = plan.steps[i].backward_from_output(
-                        y, grad_y, grad_logdet, cond, plan.reverse, **_step_extras(parts, fold.folded, i)
+                        y, grad_y, grad_logdet, cond, plan.reverse, **_step_extras(parts, fold, maps, i)
                     )
                     y, grad_y = kept_inputs.get(i, res.inp), res.grad_inp
                     if grad_cond is not None and res.grad_cond is not None:
                         grad_cond += res.grad_cond
                     grads[i] = res.grad_params
                     fold.add_grads(i, res.grad_folded)
+                    maps.add_grads(i, res.grad_map, pixels)
                     for dst, g in zip(grad_parts.get(i, ()), res.grad_parts or ()):
                         if g is not None:
                             dst.copy_(g)
@@ -116,6 +120,7 @@ class _InvertibleBackprop(torch.autograd.Function):
                     if g_cond is not None:
                         grad_cond += g_cond
                 fold.pull_into(grads, plan.param_index)
+                maps.pull_into(grads, plan.param_index, grad_logdet)
         flat = [g for step_grads in grads for g in step_grads]
         return (None, None, grad_y, grad_logdet, grad_cond, *flat)
 
@@ -158,6 +163,7 @@ def run_steps(
     kept_at, kept, kept_parts = [], [], []
     for chunk in chunks:
         fold = _ChunkFold(steps, chunk, differentiable=False)
+        maps = ChunkMaps(steps, chunk.start, chunk.stop, reverse)
         stacked = chunk.project(cond, chunk.weight(fold.folded)) if chunk.projections else None
         if keep_parts and stacked is not None:
             kept_parts.append(stacked)
@@ -166,18 +172,20 @@ def run_steps(
             if keep_every and i and i % keep_every == 0:
                 kept.append(x)
                 kept_at.append(i)
-            x = steps[i]._run(x, cond, logdet, reverse, **_step_extras(parts, fold.folded, i))
+            x = steps[i]._run(x, cond, logdet, reverse, **_step_extras(parts, fold, maps, i))
     return x, kept_at, kept, kept_parts
 
 
-def _step_extras(parts: dict[int, list[Tensor]], folded: dict[int, list[Folded]], i: int) -> dict:
-    """The extra keyword arguments of step ``i``: its conditioning ``parts`` and its ``folded``
-    convolutions, each only if it has some (layers without them take neither)."""
+def _step_extras(parts: dict[int, list[Tensor]], fold: _ChunkFold, maps: ChunkMaps, i: int) -> dict:
+    """The extra keyword arguments of step ``i``: its conditioning ``parts``, its ``folded``
+    convolutions and its ``channel_map``, each only if it has one (layers without take none)."""
     extras: dict = {}
     if i in parts:
         extras["parts"] = parts[i]
-    if i in folded:
-        extras["folded"] = folded[i]
+    if i in fold.folded:
+        extras["folded"] = fold.folded[i]
+    if i in maps.maps:
+        extras["channel_map"] = maps.maps[i]
     return extras
 
 

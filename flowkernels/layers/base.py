@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dispatch import select_backend
+from ._channel_maps import MapTerms
 from ._cond_parts import CondProjection
 from ._contract import (
     StepGrads,
@@ -188,6 +189,21 @@ class InvertibleModule(nn.Module):
         of those parameters, and return their gradients in ``StepGrads.grad_folded``.
         """
         return []
+
+    def map_terms(self) -> MapTerms | None:
+        """An ActNorm + 1x1 map whose folding (:mod:`flowkernels.layers._channel_maps`) a
+        :class:`~flowkernels.FlowSequence` may do for many steps at once; None by default.
+
+        A layer returning one must accept ``channel_map`` (a ``StepMap``) as a keyword of ``_run``
+        and ``backward_from_output``, return the applied map's gradients in ``StepGrads.grad_map``,
+        and map them to its parameters in :meth:`map_param_grads`.
+        """
+        return None
+
+    def map_param_grads(self, grad_weight: Tensor, grad_logs: Tensor, grad_bias: Tensor) -> list:
+        """``(parameter, gradient)`` pairs from the gradients of :meth:`map_terms`' weight, logs
+        and bias (shaped like them)."""
+        raise NotImplementedError(f"{type(self).__name__} has no map_terms")
 
     def backward_from_output(
         self, out: Tensor, grad_out: Tensor, grad_logdet: Tensor, cond: Tensor | None, reverse: bool

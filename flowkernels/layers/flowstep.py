@@ -18,7 +18,14 @@ import torch
 from torch import Tensor
 
 from ..dispatch import select_backend
-from ..ops.actnorm_conv import actnorm_conv_bwd, actnorm_conv_fwd, actnorm_conv_inv
+from ..ops.actnorm_conv import (
+    actnorm_conv_bwd,
+    actnorm_conv_fwd,
+    actnorm_conv_inv,
+    apply_channel_map,
+    channel_map_bwd,
+)
+from ._channel_maps import MapTerms, StepMap
 from ._cond_parts import CondProjection, Parts
 from ._contract import StepGrads, check_cond, check_flow_input, flat_grads, flow_precision, in_plain_mode
 from ._folding import Folded, FoldTerms
@@ -76,6 +83,16 @@ class FlowStep(FusedLayer):
         """The coupling's (see :meth:`AffineCoupling.fold_terms`); none without one."""
         return self.affine.fold_terms() if self.affine is not None else []
 
+    def map_terms(self) -> MapTerms:
+        """The ActNorm + 1x1 parameters (:mod:`flowkernels.layers._channel_maps`)."""
+        return MapTerms(self.invconv.matrix(), self.actnorm.logs, self.actnorm.bias)
+
+    def map_param_grads(self, grad_weight: Tensor, grad_logs: Tensor, grad_bias: Tensor) -> list:
+        """The ActNorm's and the 1x1's parameters with their gradients (the LU factors' through
+        :meth:`InvConv1x1.weight_grads`)."""
+        pairs = [(self.actnorm.logs, grad_logs), (self.actnorm.bias, grad_bias)]
+        return pairs + list(zip(self.invconv.trainable_parameters(), self.invconv.weight_grads(grad_weight)))
+
     def _run(
         self,
         x: Tensor,
@@ -84,16 +101,17 @@ class FlowStep(FusedLayer):
         reverse: bool,
         parts: Parts = None,
         folded: Sequence[Folded] | None = None,
+        channel_map: StepMap | None = None,
     ) -> Tensor:
         if in_plain_mode():
             return self._run_submodules(x, cond, logdet, reverse)
         backend = self.kernel_backend(x)
         if not reverse:
-            x = self._actnorm_conv(x, logdet, backend, reverse=False)
+            x = self._actnorm_conv(x, logdet, backend, False, channel_map)
         if self.affine is not None:
             x = self.affine.apply_stages(x, cond, logdet, reverse, backend, parts, folded)
         if reverse:
-            x = self._actnorm_conv(x, logdet, backend, reverse=True)
+            x = self._actnorm_conv(x, logdet, backend, True, channel_map)
         return x
 
     def _run_submodules(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool) -> Tensor:
@@ -106,7 +124,13 @@ class FlowStep(FusedLayer):
             logdet.copy_(new)
         return x
 
-    def _actnorm_conv(self, x: Tensor, logdet: Tensor, backend: str, reverse: bool) -> Tensor:
+    def _actnorm_conv(
+        self, x: Tensor, logdet: Tensor, backend: str, reverse: bool, channel_map: StepMap | None
+    ) -> Tensor:
+        if channel_map is not None:  # folded by the sequence for all its steps
+            term = channel_map.logdet_per_pixel * (x.shape[2] * x.shape[3])
+            with flow_precision(x):
+                return apply_channel_map(x, channel_map.matrix, channel_map.offset, term, logdet, backend)
         stats = {}
         if backend != "reference":
             weight_inv, logabsdet = self.invconv.inverse_stats()
@@ -125,27 +149,47 @@ class FlowStep(FusedLayer):
         reverse: bool,
         parts: Parts = None,
         folded: Sequence[Folded] | None = None,
+        channel_map: StepMap | None = None,
     ) -> StepGrads:
         """Fused backward with recompute: the coupling's stages (one subnet evaluation each),
-        then one pass of the actnorm+1x1 kernel (or the other way round for ``reverse``)."""
+        then one pass of the actnorm+1x1 kernel (or the other way round for ``reverse``). Given
+        its ``channel_map``, the step returns the gradients of that map (``grad_map``) and leaves
+        its ActNorm / 1x1 parameters to the caller's chain rule."""
         backend = select_backend(self.backend, out)
         grads_by_id: dict[int, Tensor | None] = {}
-        grad_cond = grad_parts = grad_folded = None
+        grad_cond = grad_parts = grad_folded = grad_map = None
         if reverse:
-            out, grad_out = self._actnorm_conv_backward(out, grad_out, grad_logdet, backend, True, grads_by_id)
+            out, grad_out, grad_map = self._actnorm_conv_backward(
+                out, grad_out, grad_logdet, backend, True, grads_by_id, channel_map
+            )
         if self.affine is not None:
             out, grad_out, grad_cond, coupling_grads, grad_parts, grad_folded = self.affine.backward_stages(
                 out, grad_out, grad_logdet, cond, reverse, backend, parts, folded
             )
             grads_by_id.update(coupling_grads)
         if not reverse:
-            out, grad_out = self._actnorm_conv_backward(out, grad_out, grad_logdet, backend, False, grads_by_id)
+            out, grad_out, grad_map = self._actnorm_conv_backward(
+                out, grad_out, grad_logdet, backend, False, grads_by_id, channel_map
+            )
         grad_params = flat_grads(self.trainable_parameters(), grads_by_id)
-        return StepGrads(out, grad_out, grad_cond, grad_params, grad_parts, grad_folded)
+        return StepGrads(out, grad_out, grad_cond, grad_params, grad_parts, grad_folded, grad_map)
 
     def _actnorm_conv_backward(
-        self, out: Tensor, grad_out: Tensor, grad_logdet: Tensor, backend: str, reverse: bool, grads_by_id: dict
-    ) -> tuple[Tensor, Tensor]:
+        self,
+        out: Tensor,
+        grad_out: Tensor,
+        grad_logdet: Tensor,
+        backend: str,
+        reverse: bool,
+        grads_by_id: dict,
+        channel_map: StepMap | None,
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        if channel_map is not None:
+            with flow_precision(out):
+                inp, grad_inp, g_map, g_off = channel_map_bwd(
+                    out, grad_out, channel_map.matrix, channel_map.matrix_inv, channel_map.inv_offset, backend
+                )
+            return inp, grad_inp, (g_map, g_off)
         weight_inv, _ = self.invconv.inverse_stats()
         with flow_precision(out):
             inp, grad_inp, g_w, g_logs, g_bias = actnorm_conv_bwd(
@@ -163,4 +207,4 @@ class FlowStep(FusedLayer):
         grads_by_id[id(self.actnorm.logs)] = g_logs
         inv_params = self.invconv.trainable_parameters()
         grads_by_id.update(zip(map(id, inv_params), self.invconv.weight_grads(g_w)))
-        return inp, grad_inp
+        return inp, grad_inp, None

@@ -82,7 +82,7 @@ class InvConv1x1(InvertibleModule):
     def _compute_stats(self) -> tuple[Tensor, Tensor]:
         w = self.matrix()
         w64 = w.double()
-        return torch.linalg.inv(w64).to(w.dtype), torch.linalg.slogdet(w64)[1].to(w.dtype)
+        return torch.linalg.inv_ex(w64)[0].to(w.dtype), torch.linalg.slogdet(w64)[1].to(w.dtype)
 
     def weight_grads(self, grad_weight: Tensor) -> list[Tensor | None]:
         """Map dL/dW to gradients of :meth:`trainable_parameters` (the LU factors when ``lu``)."""

@@ -42,7 +42,12 @@ from ._common import check_not_differentiating, kernel_op, logdet_buffer, pixels
 
 __all__ = [
     "ChannelAffine",
+    "StackedMaps",
+    "apply_channel_map",
+    "chain_rule_stacked",
+    "channel_map_bwd",
     "fold",
+    "fold_stacked",
     "actnorm_conv_fwd",
     "actnorm_conv_inv",
     "actnorm_conv_bwd",
@@ -94,49 +99,105 @@ def fold(
     (:meth:`~flowkernels.InvConv1x1.inverse_stats`); otherwise they are computed here in float64.
     The folding itself runs in ``dtype``: one rounding per entry of a C x C product. Not
     differentiable: the memory-saving backward applies the chain rule itself (:func:`actnorm_conv_bwd`).
+    One step of :func:`fold_stacked`.
     """
     with torch.no_grad():
-        weight_inv, logabsdet = _inverse_stats(weight, weight_inv, logabsdet, dtype)
-        ls, b = logs.reshape(-1).to(dtype), bias.reshape(-1).to(dtype)
-        matrix, offset, term = _applied_map(weight.to(dtype), weight_inv, ls, b, logabsdet, pixels, reverse)
-        matrix_inv, inv_offset = _inverse_map(weight.to(dtype), weight_inv, ls, b, reverse)
-        return ChannelAffine(matrix, offset, matrix_inv, inv_offset, term)
+        w_inv, lad = _inverse_stats(weight, weight_inv, logabsdet, dtype)
+        maps = fold_stacked(*_stacked_one(weight, logs, bias, w_inv, lad, dtype), reverse=reverse)
+        return ChannelAffine(
+            maps.matrix[0], maps.offset[0], maps.matrix_inv[0], maps.inv_offset[0], pixels * maps.logdet_per_pixel[0]
+        )
+
+
+class StackedMaps(NamedTuple):
+    """The folded channel maps of n calls (leading dim n; :func:`fold_stacked`): the map each call
+    applies (``matrix`` (n, C, C), ``offset`` (n, C)), the map that rebuilds its input from its
+    output (``matrix_inv``, ``inv_offset``), its log-det per pixel (n,) and the scales ``e^logs``
+    (n, C) that the chain rule reuses."""
+
+    matrix: Tensor
+    offset: Tensor
+    matrix_inv: Tensor
+    inv_offset: Tensor
+    logdet_per_pixel: Tensor
+    scale: Tensor
+
+
+def fold_stacked(
+    weight: Tensor, logs: Tensor, bias: Tensor, weight_inv: Tensor, logabsdet: Tensor | None, *, reverse: bool
+) -> StackedMaps:
+    """:func:`fold` for n calls at once (a FlowSequence's steps): weight, weight_inv (n, C, C);
+    logs, bias (n, C); logabsdet (n,). Forward ``A = W diag(e^logs)``, ``a = A bias``, log-det
+    ``+(sum logs + log|det W|)`` per pixel (None without ``logabsdet``: a backward needs none);
+    ``reverse``: the inverse map is applied and the forward one rebuilds. A handful of batched
+    ops, whatever n."""
+    scale = torch.exp(logs)
+    forward_map = weight * scale[:, None, :]
+    inverse_map = weight_inv / scale[:, :, None]
+    per_pixel = None if logabsdet is None else logs.sum(-1) + logabsdet
+    if reverse:
+        per_pixel = None if per_pixel is None else -per_pixel
+        return StackedMaps(inverse_map, -bias, forward_map, _matvec(forward_map, bias), per_pixel, scale)
+    return StackedMaps(forward_map, _matvec(forward_map, bias), inverse_map, -bias, per_pixel, scale)
+
+
+def _matvec(m: Tensor, v: Tensor) -> Tensor:
+    """Batched ``m @ v``: (n, C, C) x (n, C) -> (n, C)."""
+    return (m @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def _stacked_one(
+    weight: Tensor, logs: Tensor, bias: Tensor, weight_inv: Tensor, logabsdet: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor | None, ...]:
+    """One call's parameters as a stack of one for :func:`fold_stacked` / :func:`chain_rule_stacked`."""
+    return (
+        weight.to(dtype)[None],
+        logs.reshape(1, -1).to(dtype),
+        bias.reshape(1, -1).to(dtype),
+        weight_inv[None],
+        None if logabsdet is None else logabsdet.reshape(1),
+    )
 
 
 def _inverse_stats(
-    weight: Tensor, weight_inv: Tensor | None, logabsdet: Tensor | None, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """``(W^-1, log|det W|)`` in ``dtype``: the given ones, or computed in float64."""
-    return _weight_inverse(weight, weight_inv, dtype), _logabsdet(weight, logabsdet, dtype)
+    weight: Tensor,
+    weight_inv: Tensor | None,
+    logabsdet: Tensor | None,
+    dtype: torch.dtype,
+    *,
+    need_logabsdet: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """``(W^-1, log|det W|)`` in ``dtype``: the given ones, or computed in float64 (log|det W|
+    only if ``need_logabsdet``, else None)."""
+    if weight_inv is None or (logabsdet is None and need_logabsdet):
+        w = weight.detach().double()
+        weight_inv = torch.linalg.inv_ex(w)[0] if weight_inv is None else weight_inv
+        if logabsdet is None and need_logabsdet:
+            logabsdet = torch.linalg.slogdet(w)[1]
+    return weight_inv.to(dtype), None if logabsdet is None else logabsdet.to(dtype)
 
 
-def _weight_inverse(weight: Tensor, weight_inv: Tensor | None, dtype: torch.dtype) -> Tensor:
-    return (torch.linalg.inv(weight.detach().double()) if weight_inv is None else weight_inv).to(dtype)
+def apply_channel_map(
+    x: Tensor, matrix: Tensor, offset: Tensor, logdet_term: Tensor, logdet: Tensor, backend: str
+) -> Tensor:
+    """``y = matrix @ x + offset`` per pixel and ``logdet += logdet_term`` in place, on a concrete
+    ``backend`` (the registered ``channel_affine_fwd`` op, or the reference, differentiable)."""
+    if backend == "reference":
+        logdet.add_(logdet_term)
+        return reference.channel_affine(x, matrix, offset)
+    return kernel_op(backend, "channel_affine_fwd")(x, matrix, offset, logdet_term, logdet)
 
 
-def _logabsdet(weight: Tensor, logabsdet: Tensor | None, dtype: torch.dtype) -> Tensor:
-    return (torch.linalg.slogdet(weight.detach().double())[1] if logabsdet is None else logabsdet).to(dtype)
-
-
-def _applied_map(
-    w: Tensor, w_inv: Tensor, ls: Tensor, b: Tensor, logabsdet: Tensor, pixels: int, reverse: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(matrix, offset, logdet_term)`` of the map a call applies: the forward ``W diag(e^ls)``,
-    ``W diag(e^ls) b``, ``+pixels (sum ls + log|det W|)``, or (``reverse``) the inverse
-    ``diag(e^-ls) W^-1``, ``-b``, ``-pixels (...)``. w, w_inv (C, C); ls, b (C,)."""
-    term = pixels * (ls.sum() + logabsdet)
-    if reverse:
-        return w_inv * torch.exp(-ls)[:, None], -b, -term
-    matrix = w * torch.exp(ls)
-    return matrix, matrix @ b, term
-
-
-def _inverse_map(w: Tensor, w_inv: Tensor, ls: Tensor, b: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
-    """``(matrix_inv, inv_offset)``: the inverse of the map a call applied (what rebuilds its input)."""
-    if reverse:
-        matrix = w * torch.exp(ls)
-        return matrix, matrix @ b
-    return w_inv * torch.exp(-ls)[:, None], -b
+def channel_map_bwd(
+    out: Tensor, grad_out: Tensor, matrix: Tensor, matrix_inv: Tensor, inv_offset: Tensor, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward with recompute of :func:`apply_channel_map` from its output on a concrete
+    ``backend``: ``(inp, grad_inp, grad_matrix, grad_offset)`` (the ``channel_affine_bwd`` op)."""
+    with torch.no_grad():
+        if backend == "reference":
+            return reference.channel_affine_bwd(out, grad_out, matrix, matrix_inv, inv_offset)
+        grad_out = pixels_collapsible(grad_out, out)
+        return kernel_op(backend, "channel_affine_bwd")(out, grad_out, matrix, matrix_inv, inv_offset)
 
 
 def _fold_and_apply(
@@ -159,11 +220,11 @@ def _fold_and_apply(
         fn = reference.actnorm_conv_inv if reverse else reference.actnorm_conv_fwd
         out, dlogdet = fn(x, weight, logs, bias)
         return out, logdet.add_(dlogdet)
+    cmap = fold(
+        weight, logs, bias, x.shape[2] * x.shape[3], reverse=reverse, weight_inv=weight_inv, logabsdet=logabsdet
+    )
     with torch.no_grad():
-        weight_inv, logabsdet = _inverse_stats(weight, weight_inv, logabsdet, x.dtype)
-        ls, b = logs.reshape(-1), bias.reshape(-1)
-        maps = _applied_map(weight, weight_inv, ls, b, logabsdet, x.shape[2] * x.shape[3], reverse)
-        y = kernel_op(name, "channel_affine_fwd")(x, *maps, logdet)
+        y = apply_channel_map(x, cmap.matrix, cmap.offset, cmap.logdet_term, logdet, name)
     return y, logdet
 
 
@@ -242,52 +303,46 @@ def actnorm_conv_bwd(
     name = select_backend(backend, out)
     pixels = out.shape[2] * out.shape[3]
     with torch.no_grad():
-        w_inv = _weight_inverse(weight, weight_inv, out.dtype)
-        w, ls, b = weight.to(out.dtype), logs.reshape(-1).to(out.dtype), bias.reshape(-1).to(out.dtype)
-        scale = torch.exp(ls)
-        forward_map = w * scale  # W diag(e^logs)
-        inverse_map = w_inv / scale[:, None]  # diag(e^-logs) W^-1
-        # (applied map, the map that rebuilds its input, that map's offset); reverse: the call
-        # applied the inverse map, so its input is rebuilt with the forward one
-        args = (inverse_map, forward_map, forward_map @ b) if reverse else (forward_map, inverse_map, -b)
-        if name == "reference":
-            inp, grad_inp, g_map, g_off = reference.channel_affine_bwd(out, grad_out, *args)
-        else:
-            grad_out = pixels_collapsible(grad_out, out)
-            inp, grad_inp, g_map, g_off = kernel_op(name, "channel_affine_bwd")(out, grad_out, *args)
-        g_w, g_logs, g_b = _chain_rule(g_map, g_off, grad_logdet, w, w_inv, scale, b, pixels, reverse)
-    return inp, grad_inp, g_w, g_logs.reshape(logs.shape), g_b.reshape(bias.shape)
+        w_inv, _ = _inverse_stats(weight, weight_inv, None, out.dtype, need_logabsdet=False)
+        w, ls, b, w_inv, _ = _stacked_one(weight, logs, bias, w_inv, None, out.dtype)
+        maps = fold_stacked(w, ls, b, w_inv, None, reverse=reverse)
+        inp, grad_inp, g_map, g_off = channel_map_bwd(
+            out, grad_out, maps.matrix[0], maps.matrix_inv[0], maps.inv_offset[0], name
+        )
+        g = (pixels * grad_logdet.sum()).reshape(1)
+        g_w, g_logs, g_b = chain_rule_stacked(g_map[None], g_off[None], g, w, w_inv, b, maps, reverse=reverse)
+    return inp, grad_inp, g_w[0], g_logs.reshape(logs.shape), g_b.reshape(bias.shape)
 
 
-def _chain_rule(
+def chain_rule_stacked(
     g_map: Tensor,
     g_off: Tensor,
-    grad_logdet: Tensor,
-    w: Tensor,
-    w_inv: Tensor,
-    scale: Tensor,
-    b: Tensor,
-    pixels: int,
+    g_logdet: Tensor,
+    weight: Tensor,
+    weight_inv: Tensor,
+    bias: Tensor,
+    maps: StackedMaps,
+    *,
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """From dL/d(matrix, offset) of the applied map to dL/d(weight, logs, bias), all (C, C) / (C,)
-    in the flow's dtype (scale = e^logs).
+    """From dL/d(matrix, offset) of the maps n calls applied to dL/d(weight, logs, bias), stacked
+    (weight (n, C, C), logs and bias (n, C)); ``maps`` from :func:`fold_stacked`.
 
     Forward map ``A = W D, a = A b`` (D = diag(e^logs)); reverse map ``A = D^-1 W^-1, a = -b``.
     The log-det term ``±pixels * (sum(logs) + log|det W|)`` adds ``±g`` to logs and ``±g W^-T``
-    to W, with ``g = pixels * sum_b grad_logdet``.
+    to W, with ``g_logdet`` (n,) = ``pixels * sum_b grad_logdet`` of each call.
     """
-    g = pixels * grad_logdet.sum()
-    w_inv_t = w_inv.T
+    w_inv_t = weight_inv.transpose(1, 2)
+    scale, g = maps.scale, g_logdet
     if not reverse:
-        g_map = g_map + torch.outer(g_off, b)
-        g_b = (w * scale).T @ g_off
-        g_w = g_map * scale + g * w_inv_t
-        g_logs = (w * g_map).sum(0) * scale + g
+        g_map = g_map + g_off[:, :, None] * bias[:, None, :]
+        g_b = _matvec(maps.matrix.transpose(1, 2), g_off)
+        g_w = g_map * scale[:, None, :] + g[:, None, None] * w_inv_t
+        g_logs = (weight * g_map).sum(1) * scale + g[:, None]
         return g_w, g_logs, g_b
-    g_w_inv = g_map / scale[:, None]
-    g_logs = -(g_w_inv * w_inv).sum(1) - g
-    g_w = -(w_inv_t @ g_w_inv @ w_inv_t) - g * w_inv_t
+    g_w_inv = g_map / scale[:, :, None]
+    g_logs = -(g_w_inv * weight_inv).sum(2) - g[:, None]
+    g_w = -(w_inv_t @ g_w_inv @ w_inv_t) - g[:, None, None] * w_inv_t
     return g_w, g_logs, -g_off
 
 

@@ -1,0 +1,121 @@
+"""The ActNorm + 1x1 maps of a chunk of steps, folded and differentiated at once.
+
+Each :class:`~flowkernels.FlowStep` applies ``y = W diag(e^logs) (x + bias)`` per pixel: one
+registered ``channel_affine`` kernel per call, fed with C x C folded parameters. Folding them and
+applying the chain rule back to (W, logs, bias) is a dozen tiny ops per call; for the steps of a
+chunk it is the same dozen ops on stacks (:func:`~flowkernels.ops.actnorm_conv.fold_stacked`,
+:func:`~flowkernels.ops.actnorm_conv.chain_rule_stacked`): a 54-step SRFlow flow launches a few
+dozen instead of a thousand or two per training step.
+
+A layer takes part by returning :class:`MapTerms` from ``map_terms()``; it is then given its
+:class:`StepMap` (``channel_map=``) and, in a memory-saving backward, returns the gradients of
+the map it applied in ``StepGrads.grad_map``, which :meth:`ChunkMaps.pull_into` turns into
+parameter gradients through the layer's ``map_param_grads``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..ops.actnorm_conv import StackedMaps, chain_rule_stacked, fold_stacked
+
+__all__ = ["ChunkMaps", "MapTerms", "StepMap"]
+
+
+class MapTerms(NamedTuple):
+    """A step's ActNorm + 1x1 parameters: weight W (C, C); logs, bias (C elements each)."""
+
+    weight: Tensor
+    logs: Tensor
+    bias: Tensor
+
+
+class StepMap(NamedTuple):
+    """What a step is given: the map it applies (``matrix`` (C, C), ``offset`` (C,)), the one that
+    rebuilds its input from its output (``matrix_inv``, ``inv_offset``), and its log-det per
+    pixel (0-dim; None in a backward)."""
+
+    matrix: Tensor
+    offset: Tensor
+    matrix_inv: Tensor
+    inv_offset: Tensor
+    logdet_per_pixel: Tensor | None
+
+
+class _Group(NamedTuple):
+    steps: list[int]
+    weight: Tensor
+    weight_inv: Tensor
+    bias: Tensor
+    maps: StackedMaps
+    shapes: tuple[torch.Size, torch.Size]  # of a step's logs and bias
+
+
+class ChunkMaps:
+    """The :class:`StepMap` of every step of ``steps[start:stop]`` with ``map_terms()``, stacked
+    per channel count and folded in one go (``reverse``: the steps apply their inverses).
+
+    W^-1 and log|det W| are computed here for the whole stack, in float64 (a handful of batched
+    ops; the weights change every training step, so a per-layer cache would not save them), with
+    ``linalg.inv_ex``: no host sync on its error flag. Differentiable when autograd is on (a
+    plain run on the reference backend). ``backward``: no log-dets needed.
+    """
+
+    def __init__(self, steps: Sequence, start: int, stop: int, reverse: bool, backward: bool = False) -> None:
+        self.reverse = reverse
+        terms = {i: t for i in range(start, stop) if (t := steps[i].map_terms()) is not None}
+        self.steps = steps
+        by_key: dict[tuple, list[int]] = {}
+        for i, t in terms.items():
+            by_key.setdefault((t.weight.shape[0], t.weight.dtype, t.weight.device), []).append(i)
+        self.maps: dict[int, StepMap] = {}
+        self._groups: list[_Group] = []
+        self._grads: dict[int, tuple[Tensor, Tensor, int]] = {}
+        for members in by_key.values():
+            ts = [terms[i] for i in members]
+            weight = torch.stack([t.weight for t in ts])
+            logs = torch.stack([t.logs for t in ts]).reshape(len(ts), -1)
+            bias = torch.stack([t.bias for t in ts]).reshape(len(ts), -1)
+            w64 = weight.double()
+            weight_inv = torch.linalg.inv_ex(w64)[0].to(weight.dtype)
+            logabsdet = None if backward else torch.linalg.slogdet(w64)[1].to(weight.dtype)
+            maps = fold_stacked(weight, logs, bias, weight_inv, logabsdet, reverse=reverse)
+            per_pixel = [None] * len(ts) if maps.logdet_per_pixel is None else maps.logdet_per_pixel.unbind(0)
+            fields = zip(
+                maps.matrix.unbind(0), maps.offset.unbind(0), maps.matrix_inv.unbind(0), maps.inv_offset.unbind(0)
+            )
+            for i, f, lpp in zip(members, fields, per_pixel):
+                self.maps[i] = StepMap(*f, lpp)
+            self._groups.append(_Group(members, weight, weight_inv, bias, maps, (ts[0].logs.shape, ts[0].bias.shape)))
+
+    def add_grads(self, step: int, grad_map: tuple[Tensor, Tensor] | None, pixels: int) -> None:
+        """A step's gradients of the map it applied (``StepGrads.grad_map``) at ``pixels`` per sample."""
+        if grad_map is not None:
+            self._grads[step] = (*grad_map, pixels)
+
+    def pull_into(
+        self, grads: list[list[Tensor | None]], param_index: dict[int, tuple[int, int]], grad_logdet: Tensor
+    ) -> None:
+        """The chain rule of every group at once, into ``grads[step][index]`` at
+        ``param_index[id(parameter)]`` (through each layer's ``map_param_grads``)."""
+        total = grad_logdet.sum()
+        for g in self._groups:
+            if not all(i in self._grads for i in g.steps):
+                continue
+            g_map = torch.stack([self._grads[i][0] for i in g.steps])
+            g_off = torch.stack([self._grads[i][1] for i in g.steps])
+            pixels = torch.tensor([self._grads[i][2] for i in g.steps], dtype=total.dtype, device=total.device)
+            g_w, g_logs, g_b = chain_rule_stacked(
+                g_map, g_off, pixels * total, g.weight, g.weight_inv, g.bias, g.maps, reverse=self.reverse
+            )
+            n = len(g.steps)
+            g_logs, g_b = g_logs.reshape(n, *g.shapes[0]), g_b.reshape(n, *g.shapes[1])  # the parameters' shapes
+            for i, w, lg, b in zip(g.steps, g_w.unbind(0), g_logs.unbind(0), g_b.unbind(0)):
+                for param, value in self.steps[i].map_param_grads(w, lg, b):
+                    if id(param) in param_index:
+                        step, index = param_index[id(param)]
+                        grads[step][index] = value
