@@ -6,10 +6,12 @@ from ._unit import invertible_backprop
 from .actnorm import ActNorm, ActNorm2d, initialize_actnorms
 from .base import InvertibleModule
 from .coupling import (
+    AdditiveCoupling,
     AffineCoupling,
     CondAffineCoupling,
     Conv2dActNorm,
     Conv2dZeros,
+    Coupling,
     Subnet,
     make_subnet,
     validate_scale_floor,
@@ -25,10 +27,12 @@ __all__ = [
     "CondProjection",
     "ActNorm",
     "ActNorm2d",
+    "AdditiveCoupling",
     "AffineCoupling",
     "CondAffineCoupling",
     "Conv2dActNorm",
     "Conv2dZeros",
+    "Coupling",
     "FlowSequence",
     "FlowStep",
     "InvConv1x1",

@@ -21,7 +21,7 @@ from ._cond_parts import CondProjection, Parts
 from ._contract import StepGrads, check_cond, check_flow_input, flat_grads, flow_precision, in_plain_mode
 from .actnorm import ActNorm2d
 from .base import FusedLayer
-from .coupling import AffineCoupling
+from .coupling import Coupling
 from .invconv import InvConv1x1
 
 __all__ = ["FlowStep"]
@@ -32,7 +32,8 @@ class FlowStep(FusedLayer):
 
     Args:
         channels: C.
-        coupling: an :class:`AffineCoupling` / :class:`CondAffineCoupling` over C channels, or None.
+        coupling: a :class:`~flowkernels.Coupling` over C channels (:class:`AffineCoupling`,
+            :class:`AdditiveCoupling`, :class:`CondAffineCoupling`), or None.
         lu: LU-parametrised 1x1 conv.
         backend: ``"cuda" | "triton" | "reference" | "auto"`` or None for the global default;
             it applies to the whole step, coupling included.
@@ -42,7 +43,7 @@ class FlowStep(FusedLayer):
     def __init__(
         self,
         channels: int,
-        coupling: AffineCoupling | None = None,
+        coupling: Coupling | None = None,
         *,
         lu: bool = False,
         backend: str | None = None,
