@@ -18,6 +18,8 @@ from .coupling import (
 )
 from .flowstep import FlowStep
 from .invconv import InvConv1x1
+from .multiscale import FlowLevel, MultiScaleFlow
+from .prior import GaussianPrior
 from .sequence import DEFAULT_COND_CHUNK_BYTES, FlowSequence, validate_keep_every
 from .split import Split2d
 from .squeeze import Squeeze
@@ -33,10 +35,13 @@ __all__ = [
     "Conv2dActNorm",
     "Conv2dZeros",
     "Coupling",
+    "FlowLevel",
     "FlowSequence",
     "FlowStep",
+    "GaussianPrior",
     "InvConv1x1",
     "InvertibleModule",
+    "MultiScaleFlow",
     "Split2d",
     "Squeeze",
     "StepGrads",
