@@ -36,6 +36,7 @@ with their input checks done once by the container.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -268,9 +269,15 @@ class MultiScaleFlow(nn.Module):
                 raise ValueError(f"cond[{lvl}]: expected batch {batch}, got {c.shape[0]}")
         return list(cond)
 
-    def _checked(self, x: Tensor, conds: list[Tensor | None]) -> object:
-        """Validate once at the top (as InvertibleModule does); nested layers skip their checks."""
-        if not torch.compiler.is_compiling() and not inputs_checked():
+    def _checked(self, x: Tensor, conds: list[Tensor | None]) -> contextlib.AbstractContextManager:
+        """Validate once at the top (as InvertibleModule does) and return the context in which
+        nested layers skip their own checks. Traced by torch.compile: no NaN scan (a
+        data-dependent branch) and no mode change (Dynamo would replay it)."""
+        if torch.compiler.is_compiling():
+            if self.training and not in_plain_mode():
+                check_initialized(self)
+            return contextlib.nullcontext()
+        if not inputs_checked():
             if self.training and not in_plain_mode():
                 check_initialized(self)
             if self.check_inputs:
