@@ -215,6 +215,7 @@ def _saved_mib(steps: int, memory_saving: bool) -> float:
     return nbytes / 2**20
 
 
+@pytest.mark.slow
 def test_glow_training_step_memory_is_flat_in_depth():
     """The same activation memory at K = 8 and K = 32 with memory saving (measured: 0.059 MiB
     both), growing with K with stored activations (measured: 1.63 and 6.38 MiB, 0.2 MiB per step)."""
