@@ -201,7 +201,7 @@ def _version(library: str) -> str | None:
 
 def run(args: argparse.Namespace) -> dict:
     rows, skipped = [], {}
-    for library in LIBRARIES:
+    for library in args.libraries:
         reason = _unavailable(library)
         if reason is not None:
             skipped[library] = reason
@@ -265,6 +265,9 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", type=lambda s: [int(v) for v in s.split(",")], default=[4, 8, 16, 32])
+    parser.add_argument(
+        "--libraries", type=lambda s: s.split(","), default=list(LIBRARIES), help=f"comma-separated, of {LIBRARIES}"
+    )
     parser.add_argument("--levels", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
@@ -274,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for bench_peers.json and bench_peers.png")
     parser.add_argument("--child", choices=LIBRARIES, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.libraries) - set(LIBRARIES))
+    if unknown:
+        parser.error(f"--libraries: unknown {unknown}; expected some of {LIBRARIES}")
     torch.set_num_threads(args.threads)
     if args.child is not None:
         row = measure(args.child, args.levels, args.depths[0], args.hidden, args.batch, args.size, args.steps)

@@ -67,11 +67,11 @@ def test_report_has_every_section(results: Path):
 
 def test_bench_peers_runs_and_skips_absent_peers(tmp_path: Path):
     """flowkernels always runs; normflows and FrEIA run where installed and are skipped with the
-    reason where not (they are optional: CI does not install them). Memory saving keeps the
-    activations that autograd saves the same at K = 1 and K = 2."""
+    reason where not (they are optional: CI does not install them). (That memory saving keeps a
+    Glow step's activations flat in depth: tests/test_multiscale.py.)"""
     _run(
         "benchmarks.bench_peers",
-        *("--depths", "1,2", "--levels", "2", "--hidden", "4", "--batch", "2", "--size", "8", "--steps", "1"),
+        *("--depths", "1", "--levels", "2", "--hidden", "4", "--batch", "2", "--size", "8", "--steps", "1"),
         *("--out", str(tmp_path)),
     )
     result = json.loads((tmp_path / "bench_peers.json").read_text())
@@ -83,5 +83,4 @@ def test_bench_peers_runs_and_skips_absent_peers(tmp_path: Path):
         else:
             assert library in ran and library not in result["skipped"]
     ours = [r for r in result["rows"] if r["library"] == "flowkernels"]
-    assert [r["depth"] for r in ours] == [1, 2] and all(r["step_ms"] > 0 for r in ours)
-    assert ours[0]["saved_mib"] == ours[1]["saved_mib"]
+    assert len(ours) == 1 and ours[0]["step_ms"] > 0 and ours[0]["saved_mib"] > 0
