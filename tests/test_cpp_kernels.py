@@ -259,7 +259,10 @@ def test_cpu_reductions_do_not_depend_on_the_thread_count(cpp_isa: Kernel):
             torch.set_num_threads(n)
             ld = torch.zeros(4)
             cpp.op("affine_coupling_fwd")(x, h, ld, 6, True, EPS)
-            results.append((ld, *cpp.op("channel_affine_bwd")(x, h, cmap.matrix, cmap.matrix_inv, cmap.inv_offset)[2:]))
+            additive = cpp.op("additive_coupling_bwd")(x, h[:, :6], h, 6, False)  # elementwise, 2 tasks per sample
+            results.append(
+                (ld, *additive, *cpp.op("channel_affine_bwd")(x, h, cmap.matrix, cmap.matrix_inv, cmap.inv_offset)[2:])
+            )
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results):

@@ -532,6 +532,15 @@ def test_cuda_matches_triton(shape, layout, h_dtype):
         # bf16 grad_h: both round the same float32 value, but 1-ulp float32 differences can flip
         # a rounding; allow one bf16 ulp relative to the largest element.
         assert_rel_close(a.float(), b.float(), "grad", tol=2.0**-8 if a.dtype == torch.bfloat16 else None)
+    shifts = h[:, :passive].contiguous(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
+    assert_rel_close(
+        cuda.op("additive_coupling_fwd")(x, shifts, passive),
+        triton.op("additive_coupling_fwd")(x, shifts, passive),
+        "forward",
+    )
+    add_args = (x, shifts, g, passive, True)
+    for a, b in zip(cuda.op("additive_coupling_bwd")(*add_args), triton.op("additive_coupling_bwd")(*add_args)):
+        assert_rel_close(a.float(), b.float(), "grad")  # the additive grad_h is +-grad_out: rounded alike
     cmap = channel_map(shape[1], shape[2] * shape[3], "cuda")
     map_args = (x, cmap.matrix, cmap.offset, cmap.logdet_term)
     assert_rel_close(
