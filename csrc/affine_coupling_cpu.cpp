@@ -3,24 +3,20 @@
 //
 // Work is split into tasks of (sample, block of kPixelBlock pixels), run by at::parallel_for
 // (OpenMP; setup.py compiles with -fopenmp, see _C.with_openmp). A task walks the channels of its
-// block one row (one channel, n <= kPixelBlock pixels) at a time: rows with unit pixel stride
-// (NCHW, float32) are used in place, others (channels_last, bfloat16 h) are gathered into
-// thread-local float buffers, and the row math runs in a vectorised loop (`omp simd`, exp / log
-// from cpu_vec.h, AVX-512 / AVX2 / baseline variants picked per call). Each task sums its log s (a float
-// per row, added into a double) into its own slot; the slots are added per sample in task order
-// afterwards, so the log-det does not depend on the thread count.
-#include <ATen/Parallel.h>
+// block one row at a time (cpu_rows.h: rows gathered into float buffers where needed), and the
+// row math runs in a vectorised loop (`omp simd`, exp / log from cpu_vec.h, AVX-512 / AVX2 /
+// baseline variants picked per call). Each task sums its log s (a float per row, added into a
+// double) into its own slot; the slots are added per sample in task order afterwards, so the
+// log-det does not depend on the thread count.
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include <cstring>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
-#include "affine_coupling_host.h"
-#include "cpu_common.h"
+#include "coupling_host.h"
+#include "cpu_rows.h"
 #include "cpu_vec.h"
 #include "kernels/coupling_math.h"
 
@@ -30,54 +26,6 @@ namespace {
 // Pixels per task: a row buffer is 2 KiB, a channels_last block of 12 channels 24 KiB (L1/L2), and
 // a level-1 batch (16 x 6400 pixels) gives ~200 tasks to balance over the threads.
 constexpr int64_t kPixelBlock = 512;
-
-// n values at `stride` as a float row: the memory itself when it already is one, else `buf`.
-template <typename T>
-const float* load_row(const T* src, int64_t stride, int64_t n, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (stride == 1) {
-      return src;
-    }
-  }
-  for (int64_t k = 0; k < n; ++k) {
-    buf[k] = static_cast<float>(src[k * stride]);
-  }
-  return buf;
-}
-
-// Where a kernel writes an output row: the tensor itself when it is a float row, else `buf`
-// (then store_row converts and scatters it; float -> bfloat16 rounds to nearest even).
-template <typename T>
-float* out_row(T* dst, int64_t stride, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (stride == 1) {
-      return dst;
-    }
-  }
-  return buf;
-}
-
-template <typename T>
-void store_row(const float* row, T* dst, int64_t stride, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (stride == 1) {
-      return;  // written in place
-    }
-  }
-  for (int64_t k = 0; k < n; ++k) {
-    dst[k * stride] = static_cast<T>(row[k]);
-  }
-}
-
-void copy_row(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t n) {
-  if (src_stride == 1 && dst_stride == 1) {
-    std::memcpy(dst, src, n * sizeof(float));
-    return;
-  }
-  for (int64_t k = 0; k < n; ++k) {
-    dst[k * dst_stride] = src[k * src_stride];
-  }
-}
 
 // ---- row kernels: contiguous float rows of n elements, vectorised ----
 
@@ -155,34 +103,22 @@ void coupling_apply(const CouplingApplyIO<HT>& io, float* logdet, int64_t passiv
   const FlowView<const HT>& h = io.h;
   const FlowView<float>& out = io.out.view;
   const TaskGrid tasks(io.g, kPixelBlock);
-  std::vector<double> partial(tasks.count, 0.0);
+  std::vector<double> partial(tasks.count, 0.0);  // one slot per task, written by its one thread
 
-  at::parallel_for(0, tasks.count, tasks.grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(4 * kPixelBlock);
-    float* bx = buf.data();
-    float* bt = bx + kPixelBlock;
-    float* br = bt + kPixelBlock;
-    float* by = br + kPixelBlock;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = tasks.sample(task), p0 = tasks.first_pixel(task), n = tasks.pixels_in(task);
-      double ld = 0.0;
-      for (int64_t c = 0; c < io.g.channels; ++c) {
-        const float* src = in.ptr(b, c, p0);
-        float* dst = out.ptr(b, c, p0);
-        if (c < passive) {
-          copy_row(src, in.s.p, dst, out.s.p, n);
-          continue;
-        }
-        const int64_t a = c - passive;
-        const float* x = load_row(src, in.s.p, n, bx);
-        const float* t = load_row(h.ptr(b, 2 * a, p0), h.s.p, n, bt);
-        const float* raw = load_row(h.ptr(b, 2 * a + 1, p0), h.s.p, n, br);
-        float* y = out_row(dst, out.s.p, by);
-        ld += static_cast<double>(apply_row(x, t, raw, y, n, eps, shift_first, inverse));
-        store_row(y, dst, out.s.p, n);
-      }
-      partial[task] = ld;
+  parallel_rows<4>(tasks, io.g.channels, [&](const TaskRows<4>& r, int64_t c) {
+    const float* src = in.ptr(r.b, c, r.p0);
+    float* dst = out.ptr(r.b, c, r.p0);
+    if (c < passive) {
+      copy_row(src, in.s.p, dst, out.s.p, r.n);
+      return;
     }
+    const int64_t a = c - passive;
+    const float* x = load_row(src, in.s.p, r.n, r.buf[0]);
+    const float* t = load_row(h.ptr(r.b, 2 * a, r.p0), h.s.p, r.n, r.buf[1]);
+    const float* raw = load_row(h.ptr(r.b, 2 * a + 1, r.p0), h.s.p, r.n, r.buf[2]);
+    float* y = out_row(dst, out.s.p, r.buf[3]);
+    partial[r.task] += static_cast<double>(apply_row(x, t, raw, y, r.n, eps, shift_first, inverse));
+    store_row(y, dst, out.s.p, r.n);
   });
 
   // Fixed-order reduction of the task partials: deterministic for any thread count.
@@ -206,42 +142,31 @@ void coupling_bwd(const CouplingBwdIO<HT>& io, const at::Tensor& grad_logdet, in
   const FlowView<HT>& grad_h = io.grad_h.view;
   const float* gl_ptr = grad_logdet.data_ptr<float>();
   const int64_t gl_stride = grad_logdet.stride(0);
-  const TaskGrid tasks(io.g, kPixelBlock);
 
-  at::parallel_for(0, tasks.count, tasks.grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(8 * kPixelBlock);
-    float* rows[8];
-    for (int r = 0; r < 8; ++r) {
-      rows[r] = buf.data() + r * kPixelBlock;
+  parallel_rows<8>(TaskGrid(io.g, kPixelBlock), io.g.channels, [&](const TaskRows<8>& r, int64_t c) {
+    const float* o_src = out.ptr(r.b, c, r.p0);
+    const float* g_src = grad_out.ptr(r.b, c, r.p0);
+    float* i_dst = inp.ptr(r.b, c, r.p0);
+    float* gi_dst = grad_inp.ptr(r.b, c, r.p0);
+    if (c < passive) {
+      // Passive channels: unchanged, and only the direct gradient (the subnet path is the caller's).
+      copy_row(o_src, out.s.p, i_dst, inp.s.p, r.n);
+      copy_row(g_src, grad_out.s.p, gi_dst, grad_inp.s.p, r.n);
+      return;
     }
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = tasks.sample(task), p0 = tasks.first_pixel(task), n = tasks.pixels_in(task);
-      const float gl = gl_ptr[b * gl_stride];
-      for (int64_t c = 0; c < io.g.channels; ++c) {
-        const float* o_src = out.ptr(b, c, p0);
-        const float* g_src = grad_out.ptr(b, c, p0);
-        float* i_dst = inp.ptr(b, c, p0);
-        float* gi_dst = grad_inp.ptr(b, c, p0);
-        if (c < passive) {
-          // Passive channels: unchanged, and only the direct gradient (the subnet path is the caller's).
-          copy_row(o_src, out.s.p, i_dst, inp.s.p, n);
-          copy_row(g_src, grad_out.s.p, gi_dst, grad_inp.s.p, n);
-          continue;
-        }
-        const int64_t a = c - passive;
-        HT* gt_dst = grad_h.ptr(b, 2 * a, p0);
-        HT* gr_dst = grad_h.ptr(b, 2 * a + 1, p0);
-        const BwdRows res{out_row(i_dst, inp.s.p, rows[4]), out_row(gi_dst, grad_inp.s.p, rows[5]),
-                          out_row(gt_dst, grad_h.s.p, rows[6]), out_row(gr_dst, grad_h.s.p, rows[7])};
-        bwd_row(load_row(o_src, out.s.p, n, rows[0]), load_row(g_src, grad_out.s.p, n, rows[1]),
-                load_row(h.ptr(b, 2 * a, p0), h.s.p, n, rows[2]), load_row(h.ptr(b, 2 * a + 1, p0), h.s.p, n, rows[3]),
-                gl, eps, res, n, shift_first, reverse);
-        store_row(res.inp, i_dst, inp.s.p, n);
-        store_row(res.grad_inp, gi_dst, grad_inp.s.p, n);
-        store_row(res.grad_shift, gt_dst, grad_h.s.p, n);
-        store_row(res.grad_raw, gr_dst, grad_h.s.p, n);
-      }
-    }
+    const int64_t a = c - passive;
+    HT* gt_dst = grad_h.ptr(r.b, 2 * a, r.p0);
+    HT* gr_dst = grad_h.ptr(r.b, 2 * a + 1, r.p0);
+    const BwdRows res{out_row(i_dst, inp.s.p, r.buf[4]), out_row(gi_dst, grad_inp.s.p, r.buf[5]),
+                      out_row(gt_dst, grad_h.s.p, r.buf[6]), out_row(gr_dst, grad_h.s.p, r.buf[7])};
+    bwd_row(load_row(o_src, out.s.p, r.n, r.buf[0]), load_row(g_src, grad_out.s.p, r.n, r.buf[1]),
+            load_row(h.ptr(r.b, 2 * a, r.p0), h.s.p, r.n, r.buf[2]),
+            load_row(h.ptr(r.b, 2 * a + 1, r.p0), h.s.p, r.n, r.buf[3]), gl_ptr[r.b * gl_stride], eps, res, r.n,
+            shift_first, reverse);
+    store_row(res.inp, i_dst, inp.s.p, r.n);
+    store_row(res.grad_inp, gi_dst, grad_inp.s.p, r.n);
+    store_row(res.grad_shift, gt_dst, grad_h.s.p, r.n);
+    store_row(res.grad_raw, gr_dst, grad_h.s.p, r.n);
   });
 }
 
@@ -252,7 +177,8 @@ at::Tensor affine_coupling_apply_cpu(const at::Tensor& in, const at::Tensor& h, 
   return dispatch_h<c10::BFloat16>(h, [&](auto h_tag) {
     using HT = decltype(h_tag);
     const char* name = kInverse ? "y" : "x";
-    const CouplingApplyIO<HT> io = coupling_apply_prologue<HT>(in, name, h, logdet, passive, kCpuTarget);
+    const CouplingApplyIO<HT> io =
+        coupling_apply_prologue<HT>(CouplingKind::kAffine, in, name, h, &logdet, passive, kCpuTarget);
     if (in.numel() > 0) {
       coupling_apply(io, logdet.data_ptr<float>(), passive, shift_first, static_cast<float>(eps), kInverse);
     }
@@ -266,7 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_bwd_cpu(const at:
                                                                        bool shift_first, double eps, bool reverse) {
   return dispatch_h<c10::BFloat16>(h, [&](auto h_tag) {
     using HT = decltype(h_tag);
-    const CouplingBwdIO<HT> io = coupling_bwd_prologue<HT>(out, h, grad_out, grad_logdet, passive, kCpuTarget);
+    const CouplingBwdIO<HT> io =
+        coupling_bwd_prologue<HT>(CouplingKind::kAffine, out, h, grad_out, &grad_logdet, passive, kCpuTarget);
     if (out.numel() > 0) {
       coupling_bwd(io, grad_logdet, passive, shift_first, static_cast<float>(eps), reverse);
     }

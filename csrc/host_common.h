@@ -1,6 +1,6 @@
 // Host-side helpers shared by the CPU (*_cpu.cpp) and CUDA (*_cuda.cu) entry points: input checks,
 // checked tensor views, poisoned outputs, the subnet-output dtype switch and the CUDA grid limits.
-// The per-op prologues built from them are in channel_affine_host.h and affine_coupling_host.h.
+// The per-op prologues built from them are in channel_affine_host.h and coupling_host.h.
 // Every check names the argument, what was expected and what arrived (STYLE.md 7): a wrong dtype
 // raises TypeError (TORCH_CHECK_TYPE), any other bad input ValueError (TORCH_CHECK_VALUE).
 #pragma once

@@ -1,10 +1,9 @@
 // Schemas of the flowkernels ops, declared once. Each backend file registers its own
-// implementation with TORCH_LIBRARY_IMPL (channel_affine_cpu.cpp, affine_coupling_cpu.cpp,
-// channel_affine_cuda.cu, affine_coupling_cuda.cu); fake (meta) implementations are registered
-// from Python, each op module's beside its wrappers once this extension loads
-// (flowkernels/ops/*.py, @on_extension_load). Semantics: the module docstrings of
-// flowkernels/ops/actnorm_conv.py (channel_affine, oracle reference.channel_affine) and
-// affine_coupling.py.
+// implementation with TORCH_LIBRARY_IMPL (<op>_cpu.cpp, <op>_cuda.cu for channel_affine,
+// affine_coupling and additive_coupling); fake (meta) implementations are registered from
+// Python, each op module's beside its wrappers once this extension loads (flowkernels/ops/*.py,
+// @on_extension_load). Semantics: the module docstrings of flowkernels/ops/actnorm_conv.py
+// (channel_affine, oracle reference.channel_affine), affine_coupling.py and additive_coupling.py.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -60,6 +59,29 @@ TORCH_LIBRARY(flowkernels, m) {
       "int passive, "
       "bool shift_first, "
       "float eps, "
+      "bool reverse"
+      ") -> (Tensor, Tensor, Tensor)");
+  // y[:, passive:] = x2 + shift; the log-det is 0 (no buffer: nothing to add).
+  m.def(
+      "additive_coupling_fwd("
+      "Tensor x, "
+      "Tensor h, "
+      "int passive"
+      ") -> Tensor");
+  // x2 = y2 - shift.
+  m.def(
+      "additive_coupling_inv("
+      "Tensor y, "
+      "Tensor h, "
+      "int passive"
+      ") -> Tensor");
+  // From the output of the forward (reverse=false) or inverse: (inp, grad_inp = grad_out, grad_h).
+  m.def(
+      "additive_coupling_bwd("
+      "Tensor out, "
+      "Tensor h, "
+      "Tensor grad_out, "
+      "int passive, "
       "bool reverse"
       ") -> (Tensor, Tensor, Tensor)");
 }

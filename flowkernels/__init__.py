@@ -1,9 +1,9 @@
 """flowkernels: fused Glow/SRFlow flow-step kernels with memory-saving invertible backprop.
 
 Layers (``forward(x, cond=None, logdet=None) -> (y, logdet)``, ``inverse`` likewise):
-ActNorm2d, InvConv1x1, AffineCoupling, CondAffineCoupling, FlowStep, Squeeze, Split2d,
-FlowSequence. Fused ops: :mod:`flowkernels.ops`. Oracle: :mod:`flowkernels.reference`.
-Backends: :mod:`flowkernels.dispatch`.
+ActNorm2d, InvConv1x1, AffineCoupling, AdditiveCoupling, CondAffineCoupling, FlowStep, Squeeze,
+Split2d, FlowSequence; the multi-scale container MultiScaleFlow and Glow on it. Fused ops:
+:mod:`flowkernels.ops`. Oracle: :mod:`flowkernels.reference`. Backends: :mod:`flowkernels.dispatch`.
 """
 
 from . import cpu_isa, ops, reference
@@ -17,19 +17,25 @@ from .dispatch import (
     use_backend,
     validate_backend,
 )
+from .glow import Glow
 from .layers import (
     DEFAULT_COND_CHUNK_BYTES,
     ActNorm,
     ActNorm2d,
+    AdditiveCoupling,
     AffineCoupling,
     CondAffineCoupling,
     CondProjection,
     Conv2dActNorm,
     Conv2dZeros,
+    Coupling,
+    FlowLevel,
     FlowSequence,
     FlowStep,
+    GaussianPrior,
     InvConv1x1,
     InvertibleModule,
+    MultiScaleFlow,
     Split2d,
     Squeeze,
     Subnet,
@@ -47,16 +53,22 @@ __all__ = [
     "DEFAULT_COND_CHUNK_BYTES",
     "ActNorm",
     "ActNorm2d",
+    "AdditiveCoupling",
     "AffineCoupling",
     "BackendUnavailableError",
     "CondAffineCoupling",
     "CondProjection",
     "Conv2dActNorm",
     "Conv2dZeros",
+    "Coupling",
+    "FlowLevel",
     "FlowSequence",
     "FlowStep",
+    "GaussianPrior",
+    "Glow",
     "InvConv1x1",
     "InvertibleModule",
+    "MultiScaleFlow",
     "Split2d",
     "Squeeze",
     "Subnet",

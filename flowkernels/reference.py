@@ -16,6 +16,10 @@ Conventions (DESIGN.md section 2, the official SRFlow):
   ``s = sigmoid(raw + 2) + eps``: SRFlow ``y2 = (x2 + shift) * s`` (``shift_first=True``) or
   Glow-style ``y2 = x2 * s + shift``; ``dlogdet = sum(log s)``. ``passive=0`` is SRFlow's
   conditional affine injector, ``passive=C//2`` the coupling.
+* Additive coupling (NICE, Glow's additive variant) on channels ``[passive:]`` given a subnet
+  output ``h`` of one shift per active channel: ``y2 = x2 + h``, ``dlogdet = 0``.
+* Gaussian standardisation (the priors of a multi-scale flow): ``eps = (z - mean) * exp(-logs)``,
+  ``dlogdet = -sum(logs)``.
 
 This module imports only torch.
 """
@@ -42,9 +46,14 @@ __all__ = [
     "affine_coupling_fwd",
     "affine_coupling_inv",
     "affine_coupling_bwd",
+    "additive_coupling_fwd",
+    "additive_coupling_inv",
+    "additive_coupling_bwd",
     "squeeze2d",
     "unsqueeze2d",
     "gaussian_log_prob",
+    "gaussian_standardize",
+    "gaussian_unstandardize",
     "split2d_fwd",
     "split2d_inv",
 ]
@@ -155,11 +164,13 @@ def _shift_and_scale(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return shift, sig + eps, sig
 
 
-def _check_passive(x: Tensor, h: Tensor, passive: int) -> None:
+def _check_passive(x: Tensor, h: Tensor, passive: int, per_channel: int = 2) -> None:
+    """h must carry ``per_channel`` values (shift and raw scale, or the shift alone) per active channel."""
     active = x.shape[1] - passive
-    if h.shape[1] != 2 * active:
+    if h.shape[1] != per_channel * active:
+        what = "shift and scale" if per_channel == 2 else "a shift"
         raise ValueError(
-            f"h: expected {2 * active} channels (shift and scale for the {active} active channels of x), "
+            f"h: expected {per_channel * active} channels ({what} for the {active} active channels of x), "
             f"got {h.shape[1]}"
         )
 
@@ -245,6 +256,44 @@ def affine_coupling_bwd(
     return torch.cat([o1, i2], dim=1), torch.cat([g1, g_i2], dim=1), grad_h
 
 
+def additive_coupling_fwd(x: Tensor, h: Tensor, passive: int) -> tuple[Tensor, Tensor]:
+    """Additive coupling on channels ``[passive:]``: ``y2 = x2 + h``; ``y[:, :passive] = x[:, :passive]``.
+
+    x: (B, C, H, W); h: (B, C - passive, H, W) shift, any float dtype (computed in float32).
+    Returns (y, dlogdet), dlogdet (B,) exactly zero: the map is volume preserving.
+    """
+    _check_passive(x, h, passive, per_channel=1)
+    shift = h.to(_compute_dtype(h))
+    y = torch.cat([x[:, :passive], x[:, passive:] + shift], dim=1)
+    return y, x.new_zeros(x.shape[0])
+
+
+def additive_coupling_inv(y: Tensor, h: Tensor, passive: int) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`additive_coupling_fwd`: ``x2 = y2 - h``. Returns (x, dlogdet = 0)."""
+    _check_passive(y, h, passive, per_channel=1)
+    shift = h.to(_compute_dtype(h))
+    return torch.cat([y[:, :passive], y[:, passive:] - shift], dim=1), y.new_zeros(y.shape[0])
+
+
+def additive_coupling_bwd(
+    out: Tensor, h: Tensor, grad_out: Tensor, passive: int, reverse: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward-with-recompute of the additive coupling from its output (explicit formulas).
+
+    ``reverse=False``: ``out = additive_coupling_fwd(inp, h)``; ``reverse=True``: ``out`` came from
+    :func:`additive_coupling_inv`. The log-det is constant, so no gradient of it is needed.
+    Returns ``(inp, grad_inp, grad_h)``; grad_h has h's dtype:
+
+    * forward: ``inp = out - t``, ``g_inp = g``, ``g_t = g2``;
+    * reverse: ``inp = out + t``, ``g_inp = g``, ``g_t = -g2``.
+    """
+    _check_passive(out, h, passive, per_channel=1)
+    shift = h.to(_compute_dtype(h))
+    o2, g2 = out[:, passive:], grad_out[:, passive:]
+    i2, g_shift = (o2 + shift, -g2) if reverse else (o2 - shift, g2)
+    return torch.cat([out[:, :passive], i2], dim=1), grad_out.clone(), g_shift.to(h.dtype)
+
+
 def squeeze2d(x: Tensor, factor: int = 2) -> Tensor:
     """Space-to-depth: (B, C, H, W) -> (B, C*f*f, H/f, W/f); channel ``c*f*f + i*f + j`` holds
     pixel ``(f*h + i, f*w + j)`` of channel c (the official SRFlow/Glow order, = pixel_unshuffle)."""
@@ -264,6 +313,22 @@ def gaussian_log_prob(z: Tensor, mean: Tensor | None = None, logs: Tensor | None
     if mean is None:
         return -0.5 * (z.pow(2) + _LOG_2PI).sum(dim=(1, 2, 3))
     return -0.5 * (2.0 * logs + (z - mean).pow(2) * torch.exp(-2.0 * logs) + _LOG_2PI).sum(dim=(1, 2, 3))
+
+
+def gaussian_standardize(z: Tensor, mean: Tensor, logs: Tensor) -> tuple[Tensor, Tensor]:
+    """The standardising bijection of N(mean, exp(logs)^2): ``eps = (z - mean) * exp(-logs)``.
+
+    mean, logs broadcast against z (B, C, H, W). Returns (eps, dlogdet = -sum(logs) per sample),
+    so that ``log N(z; mean, exp(logs)^2) = log N(eps; 0, I) + dlogdet``.
+    """
+    eps = (z - mean) * torch.exp(-logs)
+    return eps, -logs.expand_as(z).sum(dim=(1, 2, 3))
+
+
+def gaussian_unstandardize(eps: Tensor, mean: Tensor, logs: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`gaussian_standardize`: ``z = mean + exp(logs) * eps``; dlogdet = +sum(logs)."""
+    z = mean + torch.exp(logs) * eps
+    return z, logs.expand_as(eps).sum(dim=(1, 2, 3))
 
 
 def split2d_fwd(z: Tensor, h: Tensor, passive: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -65,10 +65,19 @@ def trained_like_(module: nn.Module, *inputs: torch.Tensor, last_scale: float = 
     return module
 
 
-def trained_level(depth: int, channels: int, cond_channels: int, x: torch.Tensor, cond: torch.Tensor, **kw):
-    """A FlowSequence of one SRFlow level (2 transitional + couplings), trained-like on (x, cond)."""
+def trained_level(
+    depth: int,
+    channels: int,
+    cond_channels: int,
+    x: torch.Tensor,
+    cond: torch.Tensor,
+    coupling: type[fk.Coupling] = fk.CondAffineCoupling,
+    **kw,
+):
+    """A FlowSequence of one SRFlow level (2 transitional + ``coupling`` steps, hidden 16),
+    trained-like on (x, cond)."""
     steps = [fk.FlowStep(channels) for _ in range(2)]
-    steps += [fk.FlowStep(channels, fk.CondAffineCoupling(channels, cond_channels, 16)) for _ in range(depth - 2)]
+    steps += [fk.FlowStep(channels, coupling(channels, cond_channels, 16)) for _ in range(depth - 2)]
     return trained_like_(fk.FlowSequence(steps, **kw), x, cond)
 
 

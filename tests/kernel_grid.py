@@ -26,7 +26,11 @@ EPS = SRFLOW_EPS  # SRFlow's affine_eps, the floor of every coupling scale
 
 # The registered name of op <name> on each kernel backend: torch.ops.flowkernels.<name><suffix>.
 OP_SUFFIX = {"cuda": "", "triton": "_triton"}
-TRITON_MODULES = ("flowkernels.ops._channel_affine_kernels", "flowkernels.ops._affine_coupling_kernels")
+TRITON_MODULES = (
+    "flowkernels.ops._channel_affine_kernels",
+    "flowkernels.ops._affine_coupling_kernels",
+    "flowkernels.ops._additive_coupling_kernels",
+)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 # The instruction-set variants of the C++ CPU kernels (flowkernels.cpu_isa), highest first: each

@@ -102,6 +102,9 @@ def stored_activation(seq: nn.Module, dtype: torch.dtype = torch.float32) -> nn.
         if isinstance(m, fk.FlowSequence):
             m.memory_saving = False
             m.set_cond_batching(False)
+        if isinstance(m, fk.MultiScaleFlow):  # its level sequences are not registered submodules
+            m.set_memory_saving(False)
+            m.set_cond_batching(False)
         if isinstance(m, fk.layers.base.FusedLayer):
             m.backend = None  # the global default, which the caller sets to the reference
     return plain

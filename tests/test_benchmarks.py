@@ -4,6 +4,7 @@ scarce to find a broken script there. Nothing here looks at timings."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -66,3 +67,24 @@ def test_report_has_every_section(results: Path):
     for title in ("ActNorm + 1x1 conv", "Affine coupling", "16-step stack", "SRFlow tiny-4x", "memory vs depth"):
         assert title in report
     assert (results / "memory_vs_depth.png").stat().st_size > 0
+
+
+def test_bench_peers_runs_and_skips_absent_peers(tmp_path: Path):
+    """flowkernels always runs; normflows and FrEIA run where installed and are skipped with the
+    reason where not (they are optional: CI does not install them). (That memory saving keeps a
+    Glow step's activations flat in depth: tests/test_multiscale.py.)"""
+    _run(
+        "benchmarks.bench_peers",
+        *("--depths", "1", "--levels", "2", "--hidden", "4", "--batch", "2", "--size", "8", "--steps", "1"),
+        *("--out", str(tmp_path)),
+    )
+    result = json.loads((tmp_path / "bench_peers.json").read_text())
+    assert (tmp_path / "bench_peers.png").stat().st_size > 0
+    ran = {r["library"] for r in result["rows"]}
+    for library in ("normflows", "FrEIA"):
+        if importlib.util.find_spec(library) is None:
+            assert library not in ran and "is not installed" in result["skipped"][library]
+        else:
+            assert library in ran and library not in result["skipped"]
+    ours = [r for r in result["rows"] if r["library"] == "flowkernels"]
+    assert len(ours) == 1 and ours[0]["step_ms"] > 0 and ours[0]["saved_mib"] > 0

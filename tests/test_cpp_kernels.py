@@ -139,6 +139,34 @@ def test_affine_coupling_rejects_bad_inputs(cpp: Kernel, case):
         cpp.op("affine_coupling_fwd")(x, h, ld, passive, True, EPS)
 
 
+ADDITIVE_ERRORS = {
+    "x_float64": (lambda x, h: (x.double(), h, 3), r"x: expected dtype float32"),
+    "h_affine_shape": (  # an affine coupling's h (shift and scale) where one shift per channel is expected
+        lambda x, h: (x, torch.cat([h, h], dim=1), 3),
+        r"h: expected shape \(2, 3, 4, 5\) \(one shift each for the 3 active channels of x\), got \[2, 6, 4, 5\]",
+    ),
+    "h_float16": (lambda x, h: (x, h.half(), 3), r"h: expected dtype float32 or bfloat16, got Half"),
+    "passive_range": (lambda x, h: (x, h, -1), r"passive: expected 0 <= passive < 6.*got -1"),
+    "h_3d": (lambda x, h: (x, h[0], 3), r"h: expected a 4-D \(B, C, H, W\) tensor, got shape \[3, 4, 5\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(ADDITIVE_ERRORS))
+def test_additive_coupling_rejects_bad_inputs(cpp: Kernel, case):
+    make, message = ADDITIVE_ERRORS[case]
+    x, h, passive = make(torch.randn(2, 6, 4, 5), torch.randn(2, 3, 4, 5))
+    with pytest.raises(_error_type(message), match=message):
+        cpp.op("additive_coupling_fwd")(x, h, passive)
+
+
+def test_additive_coupling_bwd_rejects_bad_inputs(cpp: Kernel):
+    out, h = torch.randn(2, 6, 4, 5), torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match=r"grad_out: expected shape \[2, 6, 4, 5\].*got \[2, 6, 4, 4\]"):
+        cpp.op("additive_coupling_bwd")(out, h, out[..., :4], 3, False)
+    with pytest.raises(TypeError, match=r"grad_out: expected dtype float32, got Double"):
+        cpp.op("additive_coupling_bwd")(out, h, out.double(), 3, True)
+
+
 def test_affine_coupling_bwd_rejects_bad_inputs(cpp: Kernel):
     x, h, _ = _good_coupling()
     with pytest.raises(ValueError, match=r"grad_out: expected shape \[2, 6, 4, 5\].*got \[2, 6, 4, 4\]"):
@@ -189,6 +217,9 @@ def _opcheck_cases(kernel: Kernel) -> dict[str, tuple]:
         "affine_coupling_fwd": (x, h, logdet, 3, True, EPS),
         "affine_coupling_inv": (x, h, logdet, 3, False, EPS),
         "affine_coupling_bwd": (x, h.bfloat16(), torch.randn_like(x), grad_logdet, 3, True, EPS, True),
+        "additive_coupling_fwd": (x, h[:, :3], 3),
+        "additive_coupling_inv": (x, h[:, :3].contiguous(), 3),
+        "additive_coupling_bwd": (x, h[:, :3].bfloat16(), torch.randn_like(x), 3, True),
     }
 
 
@@ -200,7 +231,12 @@ OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
 @pytest.mark.parametrize(
-    "op_name", ["channel_affine_fwd", "channel_affine_bwd", *(f"affine_coupling_{d}" for d in ("fwd", "inv", "bwd"))]
+    "op_name",
+    [
+        "channel_affine_fwd",
+        "channel_affine_bwd",
+        *(f"{kind}_coupling_{d}" for kind in ("affine", "additive") for d in ("fwd", "inv", "bwd")),
+    ],
 )
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device, op_name):
@@ -223,7 +259,10 @@ def test_cpu_reductions_do_not_depend_on_the_thread_count(cpp_isa: Kernel):
             torch.set_num_threads(n)
             ld = torch.zeros(4)
             cpp.op("affine_coupling_fwd")(x, h, ld, 6, True, EPS)
-            results.append((ld, *cpp.op("channel_affine_bwd")(x, h, cmap.matrix, cmap.matrix_inv, cmap.inv_offset)[2:]))
+            additive = cpp.op("additive_coupling_bwd")(x, h[:, :6], h, 6, False)  # elementwise, 2 tasks per sample
+            results.append(
+                (ld, *additive, *cpp.op("channel_affine_bwd")(x, h, cmap.matrix, cmap.matrix_inv, cmap.inv_offset)[2:])
+            )
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results):

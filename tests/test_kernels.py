@@ -51,16 +51,17 @@ shift_firsts = pytest.mark.parametrize("shift_first", [True, False], ids=["shift
 reverses = pytest.mark.parametrize("reverse", [False, True], ids=["of_forward", "of_inverse"])
 
 
-def coupling_grid(shape_list: list):
-    """Parametrise a coupling test over shape x (x, h) layouts x passive kind x shift_first."""
+def coupling_grid(shape_list: list, shift_first: bool = True):
+    """Parametrise a coupling test over shape x (x, h) layouts x passive kind, and x shift_first
+    for the affine ops (``shift_first=False``: the additive ops, which have no scale)."""
+    marks = [
+        passive_kinds,
+        pytest.mark.parametrize("layout", list(LAYOUTS)),
+        pytest.mark.parametrize("shape", shape_list),
+    ]
 
     def apply(test):
-        for mark in (
-            shift_firsts,
-            passive_kinds,
-            pytest.mark.parametrize("layout", list(LAYOUTS)),
-            pytest.mark.parametrize("shape", shape_list),
-        ):
+        for mark in [shift_firsts, *marks] if shift_first else marks:
             test = mark(test)
         return test
 
@@ -166,6 +167,77 @@ def test_affine_coupling_bwd_bf16_h(kernel: Kernel, shape, layout, passive_kind,
         _assert_bf16_as_good_as_eager(g.float(), e.float(), o, what)
 
 
+# ---- additive coupling ----
+
+ADDITIVE_DIRECTIONS = {  # op direction -> (reference, tolerance key)
+    "fwd": (reference.additive_coupling_fwd, "forward"),
+    "inv": (reference.additive_coupling_inv, "inverse"),
+}
+
+
+def additive_inputs(shape, passive: int, layout: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow state and a subnet output of one shift per active channel, in the layout's formats."""
+    b, c, height, width = shape
+    x_cl, h_cl = LAYOUTS[layout]
+    h = to_layout(torch.randn(b, c - passive, height, width, device=device), h_cl)
+    return to_layout(torch.randn(shape, device=device), x_cl), h
+
+
+@pytest.mark.parametrize("direction", list(ADDITIVE_DIRECTIONS))
+@coupling_grid(SHAPES, shift_first=False)
+def test_additive_coupling(kernel: Kernel, shape, layout, passive_kind, direction):
+    """y (or x) in the input's layout; the op takes no log-det (it is 0)."""
+    passive = PASSIVE[passive_kind](shape[1])
+    inp, h = additive_inputs(shape, passive, layout, kernel.device)
+    ref, what = ADDITIVE_DIRECTIONS[direction]
+    out = kernel.op(f"additive_coupling_{direction}")(inp, h, passive)
+    want, dlogdet = ref(*f64(inp, h), passive)
+    assert is_layout(out, LAYOUTS[layout][0])
+    assert_rel_close(out, want, what)
+    assert torch.equal(dlogdet, torch.zeros_like(dlogdet))
+
+
+@reverses
+@coupling_grid(SHAPES, shift_first=False)
+def test_additive_coupling_bwd(kernel: Kernel, shape, layout, passive_kind, reverse):
+    """(inp, grad_inp, grad_h): inp and grad_inp in out's layout, grad_h in h's, grad_out in h's."""
+    passive = PASSIVE[passive_kind](shape[1])
+    out, h = additive_inputs(shape, passive, layout, kernel.device)
+    x_cl, h_cl = LAYOUTS[layout]
+    grad_out = to_layout(torch.randn(shape, device=kernel.device), h_cl)
+    got = kernel.op("additive_coupling_bwd")(out, h, grad_out, passive, reverse)
+    want = reference.additive_coupling_bwd(*f64(out, h, grad_out), passive, reverse)
+    assert is_layout(got[0], x_cl) and is_layout(got[1], x_cl) and is_layout(got[2], h_cl)
+    for g, w, what in zip(got, want, ("inverse", "grad", "grad")):
+        assert_rel_close(g, w, what)
+
+
+@pytest.mark.parametrize("direction", list(ADDITIVE_DIRECTIONS))
+@coupling_grid(BF16_SHAPES, shift_first=False)
+def test_additive_coupling_bf16_h(kernel: Kernel, shape, layout, passive_kind, direction):
+    passive = PASSIVE[passive_kind](shape[1])
+    x, h32 = additive_inputs(shape, passive, layout, kernel.device)
+    h16 = to_layout(h32.to(torch.bfloat16), LAYOUTS[layout][1])
+    ref, what = ADDITIVE_DIRECTIONS[direction]
+    got = kernel.op(f"additive_coupling_{direction}")(x, h16, passive)
+    _assert_bf16_as_good_as_eager(got, ref(x, h16, passive)[0], ref(*f64(x, h32), passive)[0], what)
+
+
+@reverses
+@coupling_grid(BF16_SHAPES, shift_first=False)
+def test_additive_coupling_bwd_bf16_h(kernel: Kernel, shape, layout, passive_kind, reverse):
+    passive = PASSIVE[passive_kind](shape[1])
+    out, h32 = additive_inputs(shape, passive, layout, kernel.device)
+    h16 = to_layout(h32.to(torch.bfloat16), LAYOUTS[layout][1])
+    grad_out = torch.randn_like(out)
+    got = kernel.op("additive_coupling_bwd")(out, h16, grad_out, passive, reverse)
+    assert got[2].dtype == torch.bfloat16
+    oracle = reference.additive_coupling_bwd(*f64(out, h32, grad_out), passive, reverse)
+    eager = reference.additive_coupling_bwd(out, h16, grad_out, passive, reverse)
+    for g, e, o, what in zip(got, eager, oracle, ("inverse", "grad", "grad")):
+        _assert_bf16_as_good_as_eager(g.float(), e.float(), o, what)
+
+
 # ---- actnorm + 1x1 conv folded into one channel map ----
 
 
@@ -226,6 +298,13 @@ def _channel_slice(device: str) -> torch.Tensor:
     return torch.randn(2, 20, 6, 7, device=device)[:, 3:15]
 
 
+def test_additive_coupling_takes_channel_slices(kernel: Kernel):
+    """x and h both channel slices of wider tensors."""
+    x, h = _channel_slice(kernel.device), _channel_slice(kernel.device)[:, :6]
+    y = kernel.op("additive_coupling_fwd")(x, h, 6)
+    assert_rel_close(y, reference.additive_coupling_fwd(*f64(x, h), 6)[0], "forward")
+
+
 def test_channel_slice_is_handled(kernel: Kernel):
     x = _channel_slice(kernel.device)
     cmap = channel_map(12, 42, kernel.device)
@@ -244,7 +323,7 @@ def test_column_major_matrix_is_handled(kernel: Kernel):
     assert_rel_close(y, reference.channel_affine(*f64(x, cmap.matrix, cmap.offset)), "forward")
 
 
-@pytest.mark.parametrize("op_name", ["channel_affine_bwd", "affine_coupling_bwd"])
+@pytest.mark.parametrize("op_name", ["channel_affine_bwd", "affine_coupling_bwd", "additive_coupling_bwd"])
 def test_bwd_takes_a_channel_slice_and_an_expanded_gradient(kernel: Kernel, op_name):
     """The gradient of a sum arrives expanded (stride 0 everywhere), here with a channel-slice
     output."""
@@ -255,6 +334,10 @@ def test_bwd_takes_a_channel_slice_and_an_expanded_gradient(kernel: Kernel, op_n
         args = (cmap.matrix, cmap.matrix_inv, cmap.inv_offset)
         got = kernel.op(op_name)(out, grad_out, *args)
         want = reference.channel_affine_bwd(*f64(out, grad_out, *args))
+    elif op_name == "additive_coupling_bwd":
+        h = torch.randn(2, 6, 6, 7, device=kernel.device)
+        got = kernel.op(op_name)(out, h, grad_out, 6, True)
+        want = reference.additive_coupling_bwd(*f64(out, h, grad_out), 6, True)
     else:
         h = torch.randn(2, 24, 6, 7, device=kernel.device)
         grad_logdet = torch.ones((), device=kernel.device).expand(2)
@@ -334,7 +417,38 @@ def test_public_affine_coupling_bwd(kernel: Kernel, passive_kind, shift_first, r
         assert_rel_close(g, w, "grad")
 
 
-@pytest.mark.parametrize("wrapper", ["affine_coupling_bwd", "actnorm_conv_bwd"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "inverse"])
+@passive_kinds
+def test_public_additive_coupling(kernel: Kernel, passive_kind, reverse):
+    """Against the reference; the log-det buffer comes back as the same tensor, bitwise unchanged."""
+    passive = PASSIVE[passive_kind](12)
+    x, h = additive_inputs((2, 12, 5, 7), passive, "cl", kernel.device)
+    op = fk.ops.additive_coupling_inv if reverse else fk.ops.additive_coupling_fwd
+    results = {}
+    for backend in (kernel.backend, "reference"):
+        logdet = torch.randn(2, device=kernel.device)
+        before = logdet.clone()
+        y, logdet_out = op(x, h, logdet, passive=passive, backend=backend)
+        assert logdet_out is logdet and torch.equal(logdet, before)
+        results[backend] = y
+    assert_rel_close(results[kernel.backend], results["reference"], "inverse" if reverse else "forward")
+
+
+@reverses
+@passive_kinds
+def test_public_additive_coupling_bwd(kernel: Kernel, passive_kind, reverse):
+    passive = PASSIVE[passive_kind](12)
+    out, h = additive_inputs((2, 12, 5, 7), passive, "cl", kernel.device)
+    grad_out = torch.randn_like(out)
+    kw = {"passive": passive, "reverse": reverse}
+    got = fk.ops.additive_coupling_bwd(out, h, grad_out, backend=kernel.backend, **kw)
+    want = fk.ops.additive_coupling_bwd(out, h, grad_out, backend="reference", **kw)
+    assert got[1] is not grad_out  # a fresh tensor: the caller adds the subnet path into it in place
+    for g, w in zip(got, want):
+        assert_rel_close(g, w, "grad")
+
+
+@pytest.mark.parametrize("wrapper", ["affine_coupling_bwd", "additive_coupling_bwd", "actnorm_conv_bwd"])
 def test_bwd_wrappers_accept_upstream_gradients_in_any_layout(kernel: Kernel, wrapper):
     """A gradient whose H and W do not collapse (here a transposed one) is made dense by the
     public *_bwd wrappers instead of being refused by the kernels."""
@@ -343,6 +457,8 @@ def test_bwd_wrappers_accept_upstream_gradients_in_any_layout(kernel: Kernel, wr
     grad_logdet = torch.randn(2, device=kernel.device)
     if wrapper == "affine_coupling_bwd":
         args, kw = (out, torch.randn(2, 6, 4, 5, device=kernel.device), grad, grad_logdet), {"passive": 3}
+    elif wrapper == "additive_coupling_bwd":
+        args, kw = (out, torch.randn(2, 3, 4, 5, device=kernel.device), grad), {"passive": 3}
     else:
         args, kw = (out, grad, grad_logdet, *_actnorm_params(6, kernel.device)), {}
     got = getattr(fk.ops, wrapper)(*args, backend=kernel.backend, **kw)
@@ -375,6 +491,11 @@ def test_flow_sequence_gradients(kernel: Kernel, channels_last, reverse, one_thr
     """4 steps (2 transitional, 2 conditional couplings) with trained-like weights, odd sizes; the
     inverse direction on a latent-like (half-scale) input."""
     _check_level(kernel, level_case(4, C, COND, (5, 7), reverse=reverse), channels_last)
+
+
+def test_flow_sequence_gradients_additive(kernel: Kernel, one_thread):
+    """The same with conditional additive couplings (Glow's volume-preserving variant)."""
+    _check_level(kernel, level_case(4, C, COND, (5, 7), coupling=fk.AdditiveCoupling))
 
 
 @pytest.mark.slow
@@ -411,6 +532,15 @@ def test_cuda_matches_triton(shape, layout, h_dtype):
         # bf16 grad_h: both round the same float32 value, but 1-ulp float32 differences can flip
         # a rounding; allow one bf16 ulp relative to the largest element.
         assert_rel_close(a.float(), b.float(), "grad", tol=2.0**-8 if a.dtype == torch.bfloat16 else None)
+    shifts = h[:, :passive].contiguous(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
+    assert_rel_close(
+        cuda.op("additive_coupling_fwd")(x, shifts, passive),
+        triton.op("additive_coupling_fwd")(x, shifts, passive),
+        "forward",
+    )
+    add_args = (x, shifts, g, passive, True)
+    for a, b in zip(cuda.op("additive_coupling_bwd")(*add_args), triton.op("additive_coupling_bwd")(*add_args)):
+        assert_rel_close(a.float(), b.float(), "grad")  # the additive grad_h is +-grad_out: rounded alike
     cmap = channel_map(shape[1], shape[2] * shape[3], "cuda")
     map_args = (x, cmap.matrix, cmap.offset, cmap.logdet_term)
     assert_rel_close(

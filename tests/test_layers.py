@@ -32,8 +32,11 @@ def _layers(channels: int) -> dict[str, fk.InvertibleModule]:
         "coupling_glow": fk.AffineCoupling(channels, hidden=8, shift_first=False),
         "coupling_srflow_cond": fk.AffineCoupling(channels, cond_channels=COND, hidden=8, shift_first=True),
         "cond_affine": fk.CondAffineCoupling(channels, COND, hidden=8),
+        "coupling_additive": fk.AdditiveCoupling(channels, hidden=8),
+        "coupling_additive_cond": fk.AdditiveCoupling(channels, cond_channels=COND, hidden=8),
         "flowstep_transitional": fk.FlowStep(channels),
         "flowstep_cond": fk.FlowStep(channels, fk.CondAffineCoupling(channels, COND, hidden=8), lu=True),
+        "flowstep_additive": fk.FlowStep(channels, fk.AdditiveCoupling(channels, COND, hidden=8), lu=True),
         "squeeze": fk.Squeeze(2),
         "sequence": fk.FlowSequence(
             [fk.FlowStep(channels), fk.FlowStep(channels, fk.CondAffineCoupling(channels, COND, hidden=8))]
@@ -76,7 +79,7 @@ def test_logdet_matches_brute_force_jacobian(name: str):
         assert_rel_close(ld[b : b + 1], torch.linalg.slogdet(jac)[1].reshape(1), "logdet_jacobian")
 
 
-@pytest.mark.parametrize("name", ["flowstep_cond", "coupling_glow", "split"])
+@pytest.mark.parametrize("name", ["flowstep_cond", "coupling_glow", "coupling_additive_cond", "split"])
 def test_gradcheck_float64(name: str):
     layer = randomize_(fk.Split2d(4)).to(f64).eval() if name == "split" else _make(name, dtype=f64)
     x = torch.randn(2, 4, 3, 2, dtype=f64, requires_grad=True)
@@ -103,6 +106,42 @@ def test_split2d_round_trip_and_sampling():
     zero, _ = split.inverse(z1, temperature=0.0)
     mean = split.prior(z1)[:, 0::2]
     assert torch.equal(zero[:, 3:], mean)
+
+
+def test_additive_coupling_logdet_is_exactly_zero():
+    """The volume-preserving coupling passes the running log-det through unchanged, both ways."""
+    layer = _make("coupling_additive_cond")
+    x, cond, ld_in = torch.randn(2, 4, 3, 5), torch.randn(2, COND, 3, 5), torch.randn(2)
+    with torch.no_grad():
+        z, ld = layer(x, cond, ld_in)
+        _, ld_back = layer.inverse(z, cond, ld)
+    assert torch.equal(ld, ld_in) and torch.equal(ld_back, ld_in)
+
+
+def test_split2d_conditional_prior():
+    """The prior reads cond: the bijection z -> (z1, eps) has log-det -sum(logs) (brute-force
+    Jacobian), agrees with the objective convention (log p(z2) = log N(eps) + log-det), and
+    inverts."""
+    split = randomize_(fk.Split2d(4, cond_channels=COND)).to(f64).eval()
+    z, cond = torch.randn(2, 4, 2, 3, dtype=f64), torch.randn(2, COND, 2, 3, dtype=f64)
+    z1, eps, ld = split.standardize(z, cond)
+    for b in range(2):
+        zb, cb = z[b : b + 1], cond[b : b + 1]
+
+        def flat(v, zb=zb, cb=cb):
+            out = split.standardize(v.reshape(zb.shape), cb)
+            return torch.cat([out[0].reshape(-1), out[1].reshape(-1)])
+
+        jac = jacobian(flat, zb.reshape(-1))
+        assert_rel_close(ld[b : b + 1], torch.linalg.slogdet(jac)[1].reshape(1), "logdet_jacobian")
+    _, eps_enc, logp = split.encode(z, cond=cond)
+    assert torch.equal(eps_enc, eps)
+    assert_rel_close(logp, fk.reference.gaussian_log_prob(eps) + ld, "forward")
+    z_back, ld_back = split.unstandardize(z1, eps, cond, ld)
+    assert_rel_close(z_back, z, "inverse")
+    assert ld_back.abs().max().item() <= 1e-12
+    other = split.standardize(z, torch.randn_like(cond))[1]
+    assert not torch.allclose(other, eps)  # the prior really depends on cond
 
 
 def test_forward_returns_new_logdet_and_keeps_input():
@@ -198,6 +237,18 @@ def test_constructor_errors():
         fk.FlowSequence([torch.nn.Conv2d(1, 1, 1)])
     with pytest.raises(ValueError, match="keep_every"):
         fk.FlowSequence([fk.FlowStep(4)], keep_every=0)
+    with pytest.raises(ValueError, match="channels: a coupling needs at least 2 channels, got 1"):
+        fk.AdditiveCoupling(1)
+    with pytest.raises(ValueError, match="cond_channels: expected a non-negative integer, got -1"):
+        fk.Split2d(4, cond_channels=-1)
+
+
+def test_conditional_split_needs_its_cond():
+    split = fk.Split2d(4, cond_channels=COND)
+    with pytest.raises(ValueError, match=r"cond: this layer needs a \(2, 3, 4, 4\) tensor, got None"):
+        split.standardize(torch.randn(2, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"eps: expected shape \(2, 2, 4, 4\), got \(2, 2, 4, 3\)"):
+        split.unstandardize(torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 3), torch.randn(2, COND, 4, 4))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cuda"])

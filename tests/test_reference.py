@@ -75,6 +75,31 @@ def test_affine_coupling_logdet_matches_jacobian(passive: int, shift_first: bool
     assert_rel_close(ld, brute, "logdet_jacobian")
 
 
+@pytest.mark.parametrize("direction", ["fwd", "inv"])
+def test_additive_coupling_is_volume_preserving(direction: str):
+    """With h fixed the map is a translation of x2: Jacobian the identity, log-det exactly 0."""
+    x, h = torch.randn(2, 5, 2, 3, dtype=f64), torch.randn(2, 3, 2, 3, dtype=f64)
+    fn = ref.additive_coupling_fwd if direction == "fwd" else ref.additive_coupling_inv
+    _, ld = fn(x, h, 2)
+    assert torch.equal(ld, torch.zeros(2, dtype=f64))
+    jac = jacobian(lambda v: fn(v.reshape(x.shape), h, 2)[0].reshape(-1), x.reshape(-1))
+    assert torch.equal(jac, torch.eye(x.numel(), dtype=f64))
+
+
+def test_gaussian_standardize_logdet_matches_jacobian():
+    z = torch.randn(2, 3, 2, 2, dtype=f64)
+    mean, logs = torch.randn(2, 3, 2, 2, dtype=f64), 0.5 * torch.randn(2, 3, 2, 2, dtype=f64)
+    _, ld = ref.gaussian_standardize(z, mean, logs)
+    brute = _brute_logdet(lambda v, b: ref.gaussian_standardize(v, mean[b : b + 1], logs[b : b + 1])[0], z)
+    assert_rel_close(ld, brute, "logdet_jacobian")
+    eps, _ = ref.gaussian_standardize(z, mean, logs)
+    # log N(z; mean, e^logs) = log N(eps; 0, I) + dlogdet
+    assert_rel_close(ref.gaussian_log_prob(eps) + ld, ref.gaussian_log_prob(z, mean, logs), "forward")
+    z_back, ld_back = ref.gaussian_unstandardize(eps, mean, logs)
+    assert_rel_close(z_back, z, "inverse")
+    assert_rel_close(ld_back, -ld, "inverse")
+
+
 def test_squeeze_is_a_permutation():
     x = torch.randn(2, 3, 4, 6, dtype=f64)
     jac = jacobian(lambda v: ref.squeeze2d(v.reshape(x.shape)).reshape(-1), x.reshape(-1))
@@ -120,6 +145,13 @@ def test_gradcheck_affine_coupling(passive: int, shift_first: bool):
     assert gradcheck(lambda a, b: ref.affine_coupling_inv(a, b, passive, shift_first), _req(x, h))
 
 
+@pytest.mark.parametrize("passive", [0, 3], ids=["all_channels", "coupling"])
+def test_gradcheck_additive_coupling(passive: int):
+    x, h = torch.randn(2, 5, 2, 3, dtype=f64), torch.randn(2, 5 - passive, 2, 3, dtype=f64)
+    assert gradcheck(lambda a, b: ref.additive_coupling_fwd(a, b, passive)[0], _req(x, h))
+    assert gradcheck(lambda a, b: ref.additive_coupling_inv(a, b, passive)[0], _req(x, h))
+
+
 def test_gradcheck_split_and_prior():
     z, h = torch.randn(2, 4, 3, 2, dtype=f64), torch.randn(2, 4, 3, 2, dtype=f64) * 0.3
     assert gradcheck(lambda a, b: ref.split2d_fwd(a, b, 2), _req(z, h))
@@ -159,6 +191,21 @@ def test_affine_coupling_bwd_formulas_match_autograd(passive: int, shift_first: 
     assert_rel_close(got_h, want_h, "grad")
 
 
+@pytest.mark.parametrize("passive", [0, 3], ids=["all_channels", "coupling"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "inv"])
+def test_additive_coupling_bwd_formulas_match_autograd(passive: int, reverse: bool):
+    inp, h = torch.randn(3, 7, 4, 5, dtype=f64), torch.randn(3, 7 - passive, 4, 5, dtype=f64)
+    g_out = torch.randn(3, 7, 4, 5, dtype=f64)
+    fn = ref.additive_coupling_inv if reverse else ref.additive_coupling_fwd
+    inp_r, h_r = _req(inp, h)
+    out, _ = fn(inp_r, h_r, passive)
+    want_inp, want_h = torch.autograd.grad(out, (inp_r, h_r), g_out)
+    rebuilt, got_inp, got_h = ref.additive_coupling_bwd(out.detach(), h, g_out, passive, reverse)
+    assert_rel_close(rebuilt, inp, "inverse")
+    assert_rel_close(got_inp, want_inp, "grad")
+    assert_rel_close(got_h, want_h, "grad")
+
+
 def test_channel_affine_bwd_matches_autograd():
     c = 5
     m = _w(c)
@@ -184,6 +231,8 @@ def test_round_trips_of_reference_ops():
     h = torch.randn(2, 6, 4, 4, dtype=f64)
     y, _ = ref.affine_coupling_fwd(x, h, 3)
     assert_rel_close(ref.affine_coupling_inv(y, h, 3)[0], x, "inverse")
+    y, _ = ref.additive_coupling_fwd(x, h[:, :3], 3)
+    assert_rel_close(ref.additive_coupling_inv(y, h[:, :3], 3)[0], x, "inverse")
     z1, eps, logp = ref.split2d_fwd(x, h, 3)
     z, logp2 = ref.split2d_inv(z1, h, eps)
     assert_rel_close(z, x, "inverse")

@@ -22,6 +22,9 @@ OPS = [
     "affine_coupling_fwd",
     "affine_coupling_inv",
     "affine_coupling_bwd",
+    "additive_coupling_fwd",
+    "additive_coupling_inv",
+    "additive_coupling_bwd",
 ]
 
 
@@ -67,6 +70,9 @@ def _opcheck_samples(triton: Kernel) -> dict[str, tuple]:
         "affine_coupling_fwd": (x, h, logdet, c // 2, True, EPS),
         "affine_coupling_inv": (x, h, logdet, c // 2, False, EPS),
         "affine_coupling_bwd": (x, h, x, logdet, c // 2, True, EPS, True),
+        "additive_coupling_fwd": (x, h[:, : c // 2], c // 2),
+        "additive_coupling_inv": (x, h[:, : c // 2], c // 2),
+        "additive_coupling_bwd": (x, h[:, : c // 2], x, c // 2, False),
     }
 
 

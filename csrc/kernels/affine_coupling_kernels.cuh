@@ -27,13 +27,13 @@
 // and 10.6-17.7 us (channels_last, 47-52%).
 #pragma once
 
+#include "coupling_layout.cuh"
 #include "coupling_math.h"
 #include "cuda_common.cuh"
 
 namespace flowkernels {
 namespace kernels {
 
-constexpr int kCouplingThreads = 256;
 constexpr int kFinalizeThreads = 128;
 
 template <typename HT>
@@ -282,28 +282,6 @@ __global__ void __launch_bounds__(kCouplingThreads) coupling_bwd_interleaved_ker
   }
   store4(prm.inp.sample(b) + e0, inp);
   store4(prm.grad_inp.sample(b) + e0, gi);
-}
-
-// ---- host-side layout tests (torch-free) ----
-
-// 4 unit-stride pixels per access: float4 of float32 tensors, 4 elements of h.
-inline bool planar_vec_ok(const FlowAddress& t, const PixelGeometry& g, int elem_bytes) {
-  const PixelStrides& s = t.s;
-  return s.p == 1 && g.pixels % 4 == 0 && s.c % 4 == 0 && (s.b % 4 == 0 || g.batch == 1) &&
-         aligned(t.data, 4 * elem_bytes);
-}
-
-// A float32 tensor whose sample plane is dense channels_last, read 4 elements at a time.
-inline bool interleaved_vec_ok(const FlowAddress& t, const PixelGeometry& g) {
-  const PixelStrides& s = t.s;
-  return s.c == 1 && s.p == g.channels && (g.pixels * g.channels) % 4 == 0 && (s.b % 4 == 0 || g.batch == 1) &&
-         aligned(t.data, 16);
-}
-
-// h (or grad_h) read as adjacent (shift, raw) pairs.
-inline bool pair_ok(const FlowAddress& t, const PixelGeometry& g, int elem_bytes) {
-  const PixelStrides& s = t.s;
-  return s.c == 1 && s.p % 2 == 0 && (s.b % 2 == 0 || g.batch == 1) && aligned(t.data, 2 * elem_bytes);
 }
 
 }  // namespace kernels

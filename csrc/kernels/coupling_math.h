@@ -1,6 +1,7 @@
-// Per-element math of the affine coupling, shared by the C++ CPU and the CUDA kernels so that both
-// compute exactly the formulas of reference.affine_coupling_{fwd,inv,bwd} (same operation order).
-// All arithmetic is float32; h (float32 or bfloat16) is converted to float before it gets here.
+// Per-element math of the affine and the additive coupling, shared by the C++ CPU and the CUDA
+// kernels so that both compute exactly the formulas of reference.affine_coupling_{fwd,inv,bwd} and
+// reference.additive_coupling_{fwd,inv,bwd} (same operation order). All arithmetic is float32; h
+// (float32 or bfloat16) is converted to float before it gets here.
 #pragma once
 
 #include <math.h>
@@ -79,6 +80,24 @@ FK_HOST_DEVICE CouplingGrads coupling_backward_scaled(float o, float g, float t,
 template <bool kShiftFirst, bool kReverse>
 FK_HOST_DEVICE CouplingGrads coupling_backward(float o, float g, float t, float raw, float gl, float eps) {
   return coupling_backward_scaled<kShiftFirst, kReverse>(o, g, t, coupling_scale(raw, eps), gl);
+}
+
+// Additive coupling (NICE, Glow's additive variant): y = x + t, x = y - t; log-det 0.
+template <bool kInverse>
+FK_HOST_DEVICE float additive_apply(float v, float t) {
+  return kInverse ? v - t : v + t;
+}
+
+struct AdditiveGrads {
+  float inp;         // the rebuilt input of the call that produced `out`
+  float grad_shift;  // dL/dh[:, a]; dL/dinp is g itself
+};
+
+// Backward with recompute from the output o of the forward (kReverse = false) or of the inverse
+// (kReverse = true); g = dL/do. Formulas: reference.additive_coupling_bwd.
+template <bool kReverse>
+FK_HOST_DEVICE AdditiveGrads additive_backward(float o, float g, float t) {
+  return kReverse ? AdditiveGrads{o + t, -g} : AdditiveGrads{o - t, g};
 }
 
 }  // namespace flowkernels

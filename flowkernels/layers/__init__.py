@@ -6,16 +6,20 @@ from ._unit import invertible_backprop
 from .actnorm import ActNorm, ActNorm2d, initialize_actnorms
 from .base import InvertibleModule
 from .coupling import (
+    AdditiveCoupling,
     AffineCoupling,
     CondAffineCoupling,
     Conv2dActNorm,
     Conv2dZeros,
+    Coupling,
     Subnet,
     make_subnet,
     validate_scale_floor,
 )
 from .flowstep import FlowStep
 from .invconv import InvConv1x1
+from .multiscale import FlowLevel, MultiScaleFlow
+from .prior import GaussianPrior
 from .sequence import DEFAULT_COND_CHUNK_BYTES, FlowSequence, validate_keep_every
 from .split import Split2d
 from .squeeze import Squeeze
@@ -25,14 +29,19 @@ __all__ = [
     "CondProjection",
     "ActNorm",
     "ActNorm2d",
+    "AdditiveCoupling",
     "AffineCoupling",
     "CondAffineCoupling",
     "Conv2dActNorm",
     "Conv2dZeros",
+    "Coupling",
+    "FlowLevel",
     "FlowSequence",
     "FlowStep",
+    "GaussianPrior",
     "InvConv1x1",
     "InvertibleModule",
+    "MultiScaleFlow",
     "Split2d",
     "Squeeze",
     "StepGrads",

@@ -1,12 +1,19 @@
-"""Affine couplings: Glow-style :class:`AffineCoupling` and SRFlow's :class:`CondAffineCoupling`.
+"""Couplings: the shared :class:`Coupling` base, Glow-style :class:`AffineCoupling`, the
+volume-preserving :class:`AdditiveCoupling` (NICE, Glow's additive variant) and SRFlow's
+:class:`CondAffineCoupling`.
 
-A coupling is a list of *stages*; each stage evaluates a subnet and applies the fused affine op
-(``flowkernels.ops.affine_coupling_*``) to the channels ``[passive:]`` of the flow state:
+A coupling is a list of *stages*; each stage evaluates a subnet ``h = subnet(cat(x[:, :passive],
+cond))`` (or ``subnet(cond)`` for a stage that does not read the flow state, SRFlow's affine
+injector) and applies the coupling's fused op to the channels ``[passive:]`` of the flow state.
+The base owns the split, the concatenation, the conditioning, the stages and their one-evaluation
+backward (STYLE rule 10, FrEIA's ``_BaseCouplingBlock``); a subclass writes only its rule, i.e.
+its two op calls (:meth:`Coupling._transform`, :meth:`Coupling._transform_bwd`) and how many
+subnet outputs it needs per active channel (``H_PER_CHANNEL``):
 
-* ``h = subnet(cat(x[:, :passive], cond))`` (or ``subnet(cond)`` for a stage that does not read
-  the flow state, SRFlow's affine injector), shift ``h[:, 0::2]``, raw scale ``h[:, 1::2]``,
-  ``s = sigmoid(raw + 2) + eps``;
-* ``y2 = (x2 + shift) * s`` (SRFlow, ``shift_first=True``) or ``y2 = x2 * s + shift`` (Glow).
+* affine (``flowkernels.ops.affine_coupling_*``, 2 per channel): shift ``h[:, 0::2]``, raw scale
+  ``h[:, 1::2]``, ``s = sigmoid(raw + 2) + eps``; ``y2 = (x2 + shift) * s`` (SRFlow and the
+  official Glow code, ``shift_first=True``) or ``y2 = x2 * s + shift`` (the Glow paper);
+* additive (``flowkernels.ops.additive_coupling_*``, 1 per channel): ``y2 = x2 + h``, log-det 0.
 
 Because the passive channels are unchanged, the memory-saving backward evaluates each subnet
 exactly once, on the OUTPUT's passive channels, and gets from that one evaluation both the
@@ -39,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dispatch import select_backend
+from ..ops.additive_coupling import additive_coupling_bwd, additive_coupling_fwd, additive_coupling_inv
 from ..ops.affine_coupling import SRFLOW_EPS, affine_coupling_bwd, affine_coupling_fwd, affine_coupling_inv
 from ._cond_parts import CondProjection, Parts
 from ._contract import StepGrads, check_cond, check_flow_input, flat_grads, flow_precision
@@ -50,6 +58,8 @@ __all__ = [
     "Conv2dActNorm",
     "Conv2dZeros",
     "make_subnet",
+    "Coupling",
+    "AdditiveCoupling",
     "AffineCoupling",
     "CondAffineCoupling",
     "Stage",
@@ -191,57 +201,55 @@ class Stage(NamedTuple):
     reads_x: bool
 
 
-class AffineCoupling(FusedLayer):
-    """Affine coupling: ``y1 = x1``, ``y2 = affine(x2, subnet(cat(x1, cond)))``, x1 = x[:, :C//2].
+class Coupling(FusedLayer):
+    """Base of the couplings: ``y1 = x1``, ``y2 = rule(x2, subnet(cat(x1, cond)))``, x1 = x[:, :C//2].
 
     Args:
         channels: C (>= 2).
         cond_channels: channels of the conditioning tensor (0: unconditional).
         hidden: subnet width.
-        shift_first: ``(x2 + t) * s`` (SRFlow) if True, ``x2 * s + t`` (Glow-style) if False.
-            The default differs on purpose from the op's (``ops.affine_coupling_fwd`` defaults to
-            SRFlow's True): this class is the generic Glow coupling, while SRFlow's layer,
-            :class:`CondAffineCoupling`, always passes True.
-        eps: scale floor, ``s = sigmoid(raw + 2) + eps``.
         backend: kernel backend of this layer (None: the global default).
-    Parameters: ``net`` (the subnet; ``make_subnet`` layout).
+    Parameters: ``net`` (the subnet; ``make_subnet`` layout), unless a subclass builds others.
 
-    Attribute ``inverse_scale_floor`` (None by default): if set, the inverse uses
-    ``max(s, floor)`` instead of s, trading exact invertibility for bounded amplification
-    (a sampling remedy; see :func:`floor_scale`). The forward is never affected.
+    To add a coupling rule, subclass and set ``H_PER_CHANNEL`` (subnet outputs per active
+    channel) and implement :meth:`_transform` and :meth:`_transform_bwd` with a fused op (or
+    any differentiable-free computation that rebuilds its input from its output); forward,
+    inverse, level batching and the memory-saving backward then come from this class.
     """
 
-    def __init__(
-        self,
-        channels: int,
-        cond_channels: int = 0,
-        hidden: int = 64,
-        shift_first: bool = False,
-        eps: float = SRFLOW_EPS,
-        backend: str | None = None,
-    ) -> None:
+    H_PER_CHANNEL = 2
+
+    def __init__(self, channels: int, cond_channels: int = 0, hidden: int = 64, backend: str | None = None) -> None:
         super().__init__()
         if channels < 2:
             raise ValueError(f"channels: a coupling needs at least 2 channels, got {channels}")
         self.channels = channels
         self.cond_channels = cond_channels
-        self.shift_first = shift_first
-        self.eps = eps
         self.backend = backend
-        self.inverse_scale_floor: float | None = None
         self._build_subnets(hidden)
 
     def _build_subnets(self, hidden: int) -> None:
-        self.net = make_subnet(
-            self.channels // 2 + self.cond_channels, 2 * (self.channels - self.channels // 2), hidden
-        )
+        c = self.channels
+        self.net = make_subnet(c // 2 + self.cond_channels, self.H_PER_CHANNEL * (c - c // 2), hidden)
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, cond_channels={self.cond_channels}, shift_first={self.shift_first}, eps={self.eps}"
+        return f"{self.channels}, cond_channels={self.cond_channels}"
 
     def stages(self) -> list[Stage]:
         """The stages in forward order."""
         return [Stage(self.net, self.channels // 2, True)]
+
+    def _transform(self, x: Tensor, h: Tensor, logdet: Tensor, passive: int, reverse: bool, backend: str) -> Tensor:
+        """The rule on channels ``[passive:]`` given the subnet output ``h`` (its inverse when
+        ``reverse``), ``logdet`` (B,) updated in place; runs with autocast off."""
+        raise NotImplementedError
+
+    def _transform_bwd(
+        self, out: Tensor, h: Tensor, grad_out: Tensor, grad_logdet: Tensor, passive: int, reverse: bool, backend: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Backward with recompute of :meth:`_transform` from its output: ``(inp, grad_inp, grad_h)``
+        (``grad_inp`` of the passive channels: only the direct part); runs with autocast off."""
+        raise NotImplementedError
 
     def _check_input(self, x: Tensor, cond: Tensor | None) -> None:
         check_flow_input(x, self.channels)
@@ -324,18 +332,13 @@ class AffineCoupling(FusedLayer):
         subnets as plain Sequentials (the official maths)."""
         stages = self.stages()
         stage_folds = self._stage_folds(folded)
-        op = affine_coupling_inv if reverse else affine_coupling_fwd
         order = range(len(stages) - 1, -1, -1) if reverse else range(len(stages))
         for i in order:
             stage, part = stages[i], None if parts is None else parts[i]
             inp = self._subnet_input(stage, x, cond, part is not None)
             h = stage.subnet(inp) if stage_folds[i] is None else stage.subnet.run_folded(inp, stage_folds[i], part)
-            if reverse and self.inverse_scale_floor is not None:
-                h, _ = floor_scale(h, self.inverse_scale_floor, self.eps)
             with flow_precision(x):
-                x, _ = op(
-                    x, h, logdet, passive=stage.passive, shift_first=self.shift_first, eps=self.eps, backend=backend
-                )
+                x = self._transform(x, h, logdet, stage.passive, reverse, backend)
         return x
 
     def backward_from_output(
@@ -393,23 +396,10 @@ class AffineCoupling(FusedLayer):
                 h, pull = module_pullback(stage.subnet, inp, input_grads=[wants_inp])
             else:
                 h, pull = _folded_pullback(stage.subnet, inp, part, stage_folds[i], wants_inp)
-            keep = None
-            if reverse and self.inverse_scale_floor is not None:
-                h, keep = floor_scale(h, self.inverse_scale_floor, self.eps)
             with flow_precision(out):
-                out, grad_out, grad_h = affine_coupling_bwd(
-                    out,
-                    h,
-                    grad_out,
-                    grad_logdet,
-                    passive=stage.passive,
-                    shift_first=self.shift_first,
-                    eps=self.eps,
-                    reverse=reverse,
-                    backend=backend,
+                out, grad_out, grad_h = self._transform_bwd(
+                    out, h, grad_out, grad_logdet, stage.passive, reverse, backend
                 )
-            if keep is not None:
-                grad_h[:, 1::2] *= keep
             g_inputs, g_params = pull(grad_h)
             g_in = g_inputs[0]
             if grad_parts is not None:
@@ -456,6 +446,98 @@ def _folded_pullback(
         return (g[0], g[1]), pairs
 
     return h, pull
+
+
+class AffineCoupling(Coupling):
+    """Affine coupling: ``y1 = x1``, ``y2 = affine(x2, subnet(cat(x1, cond)))``, x1 = x[:, :C//2].
+
+    Args:
+        channels: C (>= 2).
+        cond_channels: channels of the conditioning tensor (0: unconditional).
+        hidden: subnet width.
+        shift_first: ``(x2 + t) * s`` (SRFlow, and the official Glow code) if True, ``x2 * s + t``
+            (the Glow paper's formula) if False. The default differs on purpose from the op's
+            (``ops.affine_coupling_fwd`` defaults to SRFlow's True): this class is the generic
+            coupling of the paper, while SRFlow's layer, :class:`CondAffineCoupling`, and
+            :class:`~flowkernels.Glow` pass True.
+        eps: scale floor, ``s = sigmoid(raw + 2) + eps``.
+        backend: kernel backend of this layer (None: the global default).
+    Parameters: ``net`` (the subnet; ``make_subnet`` layout).
+
+    Attribute ``inverse_scale_floor`` (None by default): if set, the inverse uses
+    ``max(s, floor)`` instead of s, trading exact invertibility for bounded amplification
+    (a sampling remedy; see :func:`floor_scale`). The forward is never affected.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        cond_channels: int = 0,
+        hidden: int = 64,
+        shift_first: bool = False,
+        eps: float = SRFLOW_EPS,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(channels, cond_channels, hidden, backend)
+        self.shift_first = shift_first
+        self.eps = eps
+        self.inverse_scale_floor: float | None = None
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, shift_first={self.shift_first}, eps={self.eps}"
+
+    def _transform(self, x: Tensor, h: Tensor, logdet: Tensor, passive: int, reverse: bool, backend: str) -> Tensor:
+        if reverse and self.inverse_scale_floor is not None:
+            h, _ = floor_scale(h, self.inverse_scale_floor, self.eps)
+        op = affine_coupling_inv if reverse else affine_coupling_fwd
+        return op(x, h, logdet, passive=passive, shift_first=self.shift_first, eps=self.eps, backend=backend)[0]
+
+    def _transform_bwd(
+        self, out: Tensor, h: Tensor, grad_out: Tensor, grad_logdet: Tensor, passive: int, reverse: bool, backend: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        keep = None
+        if reverse and self.inverse_scale_floor is not None:
+            h, keep = floor_scale(h, self.inverse_scale_floor, self.eps)
+        inp, grad_inp, grad_h = affine_coupling_bwd(
+            out,
+            h,
+            grad_out,
+            grad_logdet,
+            passive=passive,
+            shift_first=self.shift_first,
+            eps=self.eps,
+            reverse=reverse,
+            backend=backend,
+        )
+        if keep is not None:  # the clamped raw scales are constants: no gradient through them
+            grad_h[:, 1::2] *= keep
+        return inp, grad_inp, grad_h
+
+
+class AdditiveCoupling(Coupling):
+    """Additive coupling (NICE; Glow's ``flow_coupling=0``): ``y1 = x1``, ``y2 = x2 + subnet(cat(x1, cond))``.
+
+    Volume preserving: the log-det of a call is exactly 0 and the passed ``logdet`` comes back
+    unchanged (the fused op ``flowkernels.ops.additive_coupling_*`` adds nothing). Cheaper than
+    the affine coupling (half the subnet outputs, no scale, no division on the inverse, so no
+    error amplification), less expressive per step.
+
+    Args:
+        channels: C (>= 2); cond_channels: conditioning channels (0: unconditional);
+        hidden: subnet width; backend: kernel backend (None: the global default).
+    Parameters: ``net`` (the subnet, ``make_subnet`` layout, ``C - C//2`` outputs).
+    """
+
+    H_PER_CHANNEL = 1
+
+    def _transform(self, x: Tensor, h: Tensor, logdet: Tensor, passive: int, reverse: bool, backend: str) -> Tensor:
+        op = additive_coupling_inv if reverse else additive_coupling_fwd
+        return op(x, h, logdet, passive=passive, backend=backend)[0]
+
+    def _transform_bwd(
+        self, out: Tensor, h: Tensor, grad_out: Tensor, grad_logdet: Tensor, passive: int, reverse: bool, backend: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return additive_coupling_bwd(out, h, grad_out, passive=passive, reverse=reverse, backend=backend)
 
 
 class CondAffineCoupling(AffineCoupling):

@@ -31,7 +31,7 @@ from ._contract import StepGrads, check_cond, check_flow_input, flat_grads, flow
 from ._folding import Folded, FoldTerms
 from .actnorm import ActNorm2d
 from .base import FusedLayer
-from .coupling import AffineCoupling
+from .coupling import Coupling
 from .invconv import InvConv1x1
 
 __all__ = ["FlowStep"]
@@ -42,7 +42,8 @@ class FlowStep(FusedLayer):
 
     Args:
         channels: C.
-        coupling: an :class:`AffineCoupling` / :class:`CondAffineCoupling` over C channels, or None.
+        coupling: a :class:`~flowkernels.Coupling` over C channels (:class:`AffineCoupling`,
+            :class:`AdditiveCoupling`, :class:`CondAffineCoupling`), or None.
         lu: LU-parametrised 1x1 conv.
         backend: ``"cuda" | "triton" | "reference" | "auto"`` or None for the global default;
             it applies to the whole step, coupling included.
@@ -52,7 +53,7 @@ class FlowStep(FusedLayer):
     def __init__(
         self,
         channels: int,
-        coupling: AffineCoupling | None = None,
+        coupling: Coupling | None = None,
         *,
         lu: bool = False,
         backend: str | None = None,

@@ -39,20 +39,9 @@ from torch.library import triton_op
 
 from .._layout import require_pixel_strides
 from ._common import check_coupling_args
-from ._triton_utils import launcher, poison, pow2_block
+from ._triton_utils import CouplingTiles, coupling_tile, launcher, poison, round_to
 from .affine_coupling import affine_coupling_bwd_fake, affine_coupling_fwd_fake
 
-# Tiles of channels x pixels, channel block a power of two in [2, 64] covering C when C <= 64,
-# so that in channels_last one tile row is a whole pixel's channels (contiguous). The tile is
-# 1024 elements: at SRFlow level 1 (B16, C12, 80x80) that is 16 x 64, 1600 programs (12 per SM
-# on 132 SMs), each thread holding 8 fp32 values per tensor (x, shift, raw) at 4 warps. Chosen
-# by the H200 tile sweep in benchmarks/results/nvidia-h200-2026-11-26-dev/triton-device-time.txt
-# (1024 fastest, 8192 spills, 8 warps gained nothing), taken on the kernels of 90d8e88, before
-# 756d21d merged forward and inverse and 3b96f2d added _tile; not re-measured since.
-_MIN_BLOCK_C = 2
-_MAX_BLOCK_C = 64
-_TILE = 1024
-_NUM_WARPS = 4
 # Pixel chunk of the log-det row reduction (one program per sample).
 _REDUCE_BLOCK = 1024
 
@@ -67,31 +56,6 @@ def _shift_and_scale(h_ptr, b64, a, p, mask, stride_hb, stride_hc, stride_hw, ep
     raw = tl.load(base + (2 * a + 1)[:, None] * stride_hc, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(raw + 2.0)
     return shift, sig + eps, sig
-
-
-@triton.jit
-def _tile(C, HW, passive, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """This program's tile: channels c (BLOCK_C) and pixels p (BLOCK_P) of sample b (grid axes
-    2, 0, 1), its bounds mask, which channels are active (c >= passive) and their index a into
-    the h pairs. Returns ``(c, p, b as int64, tile_ok, active, act_ok, a)``."""
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = (p < HW)[None, :]
-    active = (c >= passive) & (c < C)
-    a = tl.where(active, c - passive, 0)
-    return c, p, tl.program_id(1).to(tl.int64), (c < C)[:, None] & p_ok, active, active[:, None] & p_ok, a
-
-
-@triton.jit
-def _round_to(v, dtype: tl.constexpr):
-    """fp32 ``v`` to ``dtype``; to bfloat16 by explicit round-to-nearest-even on the bits (what
-    torch's ``.to(torch.bfloat16)`` does). Compiled Triton rounds to nearest even by default too,
-    but the interpreter truncates; rounding here makes both backends agree with torch."""
-    if dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        v = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-    return v.to(dtype)
 
 
 @triton.jit
@@ -126,7 +90,7 @@ def _affine_coupling_apply_kernel(
     copied) and the tile's fp32 ``sum log s`` to ``logs_part[b, pid_p * n_cblocks + pid_c]`` (for
     the inverse too: the reduction subtracts it).
     """
-    c, p, b64, tile_ok, active, act_ok, a = _tile(C, HW, passive, BLOCK_C, BLOCK_P)
+    c, p, b64, tile_ok, active, act_ok, a = coupling_tile(C, HW, passive, BLOCK_C, BLOCK_P)
     n_cblocks = tl.num_programs(2)
     v = tl.load(in_ptr + b64 * stride_inb + c[:, None] * stride_inc + p[None, :] * stride_inw, mask=tile_ok, other=0.0)
     shift, s, _ = _shift_and_scale(h_ptr, b64, a, p, act_ok, stride_hb, stride_hc, stride_hw, eps)
@@ -215,7 +179,7 @@ def _affine_coupling_bwd_kernel(
       ``g_inp = g/s``, ``g_t = -g/s``, ``g_s = -(g out + gl)/s``.
     * ``g_raw = g_s sig (1 - sig)``.
     """
-    c, p, b64, tile_ok, active, act_ok, a = _tile(C, HW, passive, BLOCK_C, BLOCK_P)
+    c, p, b64, tile_ok, active, act_ok, a = coupling_tile(C, HW, passive, BLOCK_C, BLOCK_P)
     out = tl.load(
         out_ptr + b64 * stride_outb + c[:, None] * stride_outc + p[None, :] * stride_outw, mask=tile_ok, other=0.0
     )
@@ -257,8 +221,8 @@ def _affine_coupling_bwd_kernel(
     )
     gh = grad_h_ptr + b64 * stride_ghb + p[None, :] * stride_ghw
     gh_type = grad_h_ptr.dtype.element_ty
-    tl.store(gh + (2 * a)[:, None] * stride_ghc, _round_to(g_shift, gh_type), mask=act_ok)
-    tl.store(gh + (2 * a + 1)[:, None] * stride_ghc, _round_to(g_raw, gh_type), mask=act_ok)
+    tl.store(gh + (2 * a)[:, None] * stride_ghc, round_to(g_shift, gh_type), mask=act_ok)
+    tl.store(gh + (2 * a + 1)[:, None] * stride_ghc, round_to(g_raw, gh_type), mask=act_ok)
 
 
 def _apply(
@@ -267,11 +231,9 @@ def _apply(
     """Launch the forward (``inverse=False``) or inverse kernel and the log-det reduction: two
     launches, the output allocated like ``inp``."""
     check_coupling_args(inp, h, passive, kernel_dtypes=True)
-    batch, c, height, width = inp.shape
-    hw = height * width
-    block_c = pow2_block(c, _MIN_BLOCK_C, _MAX_BLOCK_C)
-    block_p = _TILE // block_c
-    grid = (triton.cdiv(hw, block_p), batch, triton.cdiv(c, block_c))
+    batch = inp.shape[0]
+    tiles = CouplingTiles.of(inp)
+    grid = tiles.grid
     out = torch.empty_like(inp)
     logs_part = inp.new_empty((batch, grid[0] * grid[2]), dtype=torch.float32)
     poison(out, logs_part)
@@ -280,8 +242,8 @@ def _apply(
         h,
         out,
         logs_part,
-        c,
-        hw,
+        tiles.channels,
+        tiles.pixels,
         passive,
         eps,
         *require_pixel_strides("x", inp),
@@ -289,9 +251,7 @@ def _apply(
         *require_pixel_strides("out", out),
         SHIFT_FIRST=shift_first,
         INVERSE=inverse,
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-        num_warps=_NUM_WARPS,
+        **tiles.meta,
     )
     launcher(_logdet_reduce_kernel)[(batch,)](
         logs_part,
@@ -300,7 +260,7 @@ def _apply(
         logdet.stride(0),
         SUBTRACT=inverse,
         BLOCK=_REDUCE_BLOCK,
-        num_warps=_NUM_WARPS,
+        num_warps=tiles.num_warps,
     )
     return out
 
@@ -352,16 +312,12 @@ def _affine_coupling_bwd_triton(
             f"grad_logdet: expected a float32 tensor of shape ({out.shape[0]},), "
             f"got {grad_logdet.dtype} {tuple(grad_logdet.shape)}"
         )
-    batch, c, height, width = out.shape
-    hw = height * width
-    block_c = pow2_block(c, _MIN_BLOCK_C, _MAX_BLOCK_C)
-    block_p = _TILE // block_c
+    tiles = CouplingTiles.of(out)
     inp = torch.empty_like(out)
     grad_inp = torch.empty_like(out)
     grad_h = torch.empty_like(h)
     poison(inp, grad_inp, grad_h)
-    grid = (triton.cdiv(hw, block_p), batch, triton.cdiv(c, block_c))
-    launcher(_affine_coupling_bwd_kernel)[grid](
+    launcher(_affine_coupling_bwd_kernel)[tiles.grid](
         out,
         h,
         grad_out,
@@ -369,8 +325,8 @@ def _affine_coupling_bwd_triton(
         inp,
         grad_inp,
         grad_h,
-        c,
-        hw,
+        tiles.channels,
+        tiles.pixels,
         passive,
         eps,
         *require_pixel_strides("out", out),
@@ -382,9 +338,7 @@ def _affine_coupling_bwd_triton(
         grad_logdet.stride(0),
         SHIFT_FIRST=shift_first,
         REVERSE=reverse,
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-        num_warps=_NUM_WARPS,
+        **tiles.meta,
     )
     return inp, grad_inp, grad_h
 

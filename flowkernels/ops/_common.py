@@ -45,20 +45,24 @@ def logdet_buffer(x: Tensor, logdet: Tensor | None, *, clone: bool) -> Tensor:
     return logdet.clone() if clone else logdet
 
 
-def check_coupling_args(x: Tensor, h: Tensor, passive: int, *, kernel_dtypes: bool = False) -> None:
-    """Coupling inputs: x (B, C, H, W), ``0 <= passive < C``, h (B, 2*(C - passive), H, W) on x's
-    device. ``kernel_dtypes`` also requires what the kernels take (the reference takes any float):
-    x float32, h float32 or bfloat16. ValueError for shapes and devices, TypeError for dtypes."""
+def check_coupling_args(
+    x: Tensor, h: Tensor, passive: int, *, kernel_dtypes: bool = False, per_channel: int = 2
+) -> None:
+    """Coupling inputs: x (B, C, H, W), ``0 <= passive < C``, h (B, per_channel*(C - passive), H, W)
+    on x's device (``per_channel`` 2: the affine ops' interleaved shift and raw scale; 1: the
+    additive ops' shift). ``kernel_dtypes`` also requires what the kernels take (the reference
+    takes any float): x float32, h float32 or bfloat16. ValueError for shapes and devices,
+    TypeError for dtypes."""
     if x.dim() != 4:
         raise ValueError(f"x: expected a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}")
     b, c, height, width = x.shape
     if not 0 <= passive < c:
         raise ValueError(f"passive: expected 0 <= passive < {c} (x's channels), got {passive}")
-    expected = (b, 2 * (c - passive), height, width)
+    expected = (b, per_channel * (c - passive), height, width)
     if tuple(h.shape) != expected:
+        what = "shift and raw scale interleaved" if per_channel == 2 else "one shift each"
         raise ValueError(
-            f"h: expected shape {expected} (shift and raw scale interleaved for the {c - passive} "
-            f"active channels), got {tuple(h.shape)}"
+            f"h: expected shape {expected} ({what} for the {c - passive} active channels), got {tuple(h.shape)}"
         )
     if h.device != x.device:
         raise ValueError(f"h is on {h.device} but x is on {x.device}")
