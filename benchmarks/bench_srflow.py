@@ -6,11 +6,15 @@ One training step = RRDB conditioning + flow NLL forward + backward + Adam step,
 * ``official``: stored-activation autograd over the reference ops (the official model's maths);
 * ``checkpoint``: the same with torch.utils.checkpoint (non-reentrant) around every flow step,
   what a user can do today;
-* ``ms-<backend>[-bf16][-cl][-perstep|-keep]``: memory-saving flow levels with a flowkernels
-  backend, optionally bf16 autocast (RRDB and subnets; the flow state stays fp32) and
-  channels_last; level batching of the conditioning convolutions is on (FlowSequence's
-  ``cond_batching``), ``-perstep`` turns it off (every step convolves the RRDB features itself),
-  ``-keep`` keeps the batched parts from forward to backward (``keep_cond_parts``).
+* ``ms-<backend>[-bf16][-cl][-perstep|-batched|-keep]``: memory-saving flow levels with a
+  flowkernels backend, optionally bf16 autocast (RRDB and subnets; the flow state stays fp32) and
+  channels_last; level batching of the conditioning convolutions (FlowSequence's
+  ``cond_batching``) as the library's default (batched on CUDA, per step on a CPU), ``-perstep``
+  off (every step convolves the RRDB features itself), ``-batched`` on, ``-keep`` on and keeping
+  the batched parts from forward to backward (``keep_cond_parts``);
+* any of them with ``-compile`` (``torch.compile(fullgraph=True)`` of the whole loss, forward and
+  backward; the sampling call too) or ``-graph`` (the same in ``mode="reduce-overhead"``: CUDA
+  graphs, with fused Adam). ``warmup_s`` holds the compile time.
 
 For each variant and batch: median step time over timed steps, samples/s and peak memory
 (``max_memory_allocated``, model and optimizer state included; on the CPU each variant runs in
@@ -21,7 +25,7 @@ memory ``official`` needs at batch 16, which is then measured. Sampling: ``sampl
 of 40x40 LR at temperature 0.9.
 
     python -m benchmarks.bench_srflow [--preset df2k-4x] [--variants ...] [--smoke] [--out DIR]
-    python -m benchmarks.bench_srflow --device cpu --variants ms-cuda-perstep,ms-cuda,ms-cuda-keep \
+    python -m benchmarks.bench_srflow --device cpu --variants ms-cuda-perstep,ms-cuda-batched,ms-cuda-keep \
         --batches 4 --hr-size 96 --sample-batch 0        # level batching vs per-step on the CPU
 """
 
@@ -47,30 +51,35 @@ DEFAULT_VARIANTS = "official,checkpoint,ms-cuda,ms-triton,ms-cuda-cl,ms-cuda-bf1
 BUDGETS_GIB = (10, 24, 80)
 
 
+COMPILE_SUFFIXES = {"compile": "default", "graph": "reduce-overhead"}
+
+
 def parse_variant(name: str) -> dict:
     parts = name.split("-")
-    if parts[0] in ("official", "checkpoint"):
+    compiled = [COMPILE_SUFFIXES[p] for p in parts if p in COMPILE_SUFFIXES]
+    common = {"bf16": "bf16" in parts, "channels_last": "cl" in parts, "compile": compiled[0] if compiled else None}
+    if parts[0] in ("official", "checkpoint") and len(compiled) <= 1:
         return {
             "memory_saving": False,
             "backend": "reference",
             "checkpoint": parts[0] == "checkpoint",
-            "bf16": "bf16" in parts,
-            "channels_last": "cl" in parts,
             "cond_batching": False,
             "keep_cond_parts": False,
+            **common,
         }
-    if parts[0] != "ms" or len(parts) < 2 or ("perstep" in parts and "keep" in parts):
+    batching_flags = [p for p in parts if p in ("perstep", "batched", "keep")]
+    if parts[0] != "ms" or len(parts) < 2 or len(batching_flags) > 1 or len(compiled) > 1:
         raise ValueError(
-            f"variant: expected official, checkpoint or ms-<backend>[-bf16][-cl][-perstep|-keep], got {name!r}"
+            "variant: expected official, checkpoint or ms-<backend>[-bf16][-cl][-perstep|-batched|-keep]"
+            f"[-compile|-graph], got {name!r}"
         )
     return {
         "memory_saving": True,
         "backend": parts[1],
         "checkpoint": False,
-        "bf16": "bf16" in parts,
-        "channels_last": "cl" in parts,
-        "cond_batching": "perstep" not in parts,
+        "cond_batching": {"perstep": False, "batched": True, "keep": True}.get(next(iter(batching_flags), "")),
         "keep_cond_parts": "keep" in parts,
+        **common,
     }
 
 
@@ -94,7 +103,7 @@ def build(
         rrdb_trainable=rrdb_trainable,
         seed=0,
     ).to(device)
-    chunk = fk.DEFAULT_COND_CHUNK_BYTES if chunk_mib is None else int(chunk_mib * 2**20)
+    chunk = None if chunk_mib is None else int(chunk_mib * 2**20)
     model.set_cond_batching(variant["cond_batching"], chunk_bytes=chunk, keep_parts=variant["keep_cond_parts"])
     if variant["checkpoint"]:
         _checkpoint_steps(model)
@@ -111,24 +120,41 @@ def batch_of(model: srflow.SRFlow, batch: int, hr_size: int, device: torch.devic
     return hr.contiguous(memory_format=fmt), lr.contiguous(memory_format=fmt)
 
 
+def compiled_loss(model: srflow.SRFlow, mode: str | None):
+    """The training loss ``(hr, lr) -> mean NLL``, whole-step compiled (``fullgraph``) in ``mode``
+    (None: eager). Compiled, the input value check is off (it reads values: a host sync), as in
+    ``srflow train --compile``."""
+    loss = lambda hr, lr: model.nll(hr, lr).mean()  # noqa: E731
+    if mode is None:
+        return loss
+    fk.check_backend_available(model.backend, next(model.parameters()).device)  # load it before tracing
+    model.check_inputs = False
+    return torch.compile(loss, mode=mode, fullgraph=True)
+
+
 def measure_training(model, variant: dict, batch: int, hr_size: int, device, steps: int, warmup: int = 2) -> dict:
     """Median step time, samples/s and peak memory of ``steps`` timed steps after ``warmup`` ones."""
     hr, lr = batch_of(model, batch, hr_size, device, variant["channels_last"])
     rss_before = _rss_gib() if device.type == "cpu" else None
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    graphs = variant["compile"] == "reduce-overhead" and device.type == "cuda"
+    # fused Adam: the optimizer step as a few multi-tensor launches beside the captured step
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=graphs or None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if variant["bf16"] else contextlib.nullcontext()
+    loss_fn = compiled_loss(model, variant["compile"])
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with autocast:
-            loss = model.nll(hr, lr).mean()
+            loss = loss_fn(hr, lr)
         loss.backward()
         opt.step()
 
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    t0 = time.perf_counter()
     for _ in range(warmup):
         step()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
     sync(device)
+    warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -139,6 +165,7 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
         times.append((time.perf_counter() - t0) * 1e3)
     ms = statistics.median(times)
     out = {"batch": batch, "ms": ms, "ms_min": min(times), "ms_max": max(times), "samples_per_s": batch / ms * 1e3}
+    out["warmup_s"] = warmup_s  # compile time included for the compiled variants
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:
@@ -159,17 +186,24 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def measure_sampling(model, batch: int, lr_size: int, device, reps: int) -> dict:
+def measure_sampling(model, batch: int, lr_size: int, device, reps: int, mode: str | None = None) -> dict:
+    """Median time of ``sample`` at temperature 0.9; compiled in ``mode`` if given (then seeded
+    through the global RNG: Dynamo cannot trace a Generator)."""
     model.eval()
     lr = torch.rand(batch, 3, lr_size, lr_size, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    sample = lambda lr: model.sample(lr, temperature=0.9, nonfinite="ignore")  # noqa: E731
+    if mode is not None:
+        sample = torch.compile(sample, mode=mode, fullgraph=True)
     with torch.no_grad():
-        model.sample(lr, temperature=0.9, seed=0)
+        torch.manual_seed(0)
+        sample(lr)
         sync(device)
         times = []
         for i in range(reps):
+            torch.manual_seed(i)
             t0 = time.perf_counter()
-            model.sample(lr, temperature=0.9, seed=i)
+            sample(lr)
             sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
     model.train()
@@ -178,7 +212,7 @@ def measure_sampling(model, batch: int, lr_size: int, device, reps: int) -> dict
 
 def batching_speedups(results: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     """Per batch, the per-step variant's step time over each batched variant's (``X-perstep``
-    against ``X`` and ``X-keep``; > 1: batching is faster), from the medians and from the fastest
+    against ``X-batched`` and ``X-keep``; > 1: batching is faster), from the medians and from the fastest
     steps (on a shared machine other load only adds time, so the minimum is the steadier
     estimate). A variant listed several times (to interleave the runs) counts with all its steps:
     the median of its medians and the minimum of its minima."""
@@ -192,7 +226,7 @@ def batching_speedups(results: list[dict]) -> dict[str, dict[str, dict[str, floa
         if not name.endswith("-perstep"):
             continue
         base = name.removesuffix("-perstep")
-        for batched in (base, f"{base}-keep"):
+        for batched in (f"{base}-batched", f"{base}-keep"):
             if (batched, batch) not in times:
                 continue
             other = times[(batched, batch)]
@@ -251,7 +285,8 @@ def run_variant(name: str, args, device, official_b16_peak: float | None, deadli
                 result["at_official_b16_memory"] = point
                 print(f"{name} at the official batch-16 memory ({official_b16_peak:.2f} GiB): {point}", flush=True)
         if args.sample_batch and not variant["checkpoint"] and time.perf_counter() < deadline:
-            result["sampling"] = measure_sampling(model, args.sample_batch, args.hr_size // model.scale, device, 5)
+            size = args.hr_size // model.scale
+            result["sampling"] = measure_sampling(model, args.sample_batch, size, device, 5, variant["compile"])
             print(f"{name} sampling: {result['sampling']}", flush=True)
     except Exception as exc:  # noqa: BLE001 (record and go on with the next variant)
         result["error"] = f"{type(exc).__name__}: {exc}"[:800]

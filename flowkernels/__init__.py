@@ -19,7 +19,6 @@ from .dispatch import (
 )
 from .glow import Glow
 from .layers import (
-    DEFAULT_COND_CHUNK_BYTES,
     ActNorm,
     ActNorm2d,
     AdditiveCoupling,
@@ -50,7 +49,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
-    "DEFAULT_COND_CHUNK_BYTES",
     "ActNorm",
     "ActNorm2d",
     "AdditiveCoupling",

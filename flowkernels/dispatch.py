@@ -136,11 +136,20 @@ def refusals(backend: str, x: Tensor, h: Tensor | None = None) -> list[str]:
 def check_backend_available(backend: str | None, device: torch.device | str) -> None:
     """Raise :class:`BackendUnavailableError` now, naming every reason, if ``backend`` cannot run
     float32 flow state on ``device`` (a preflight for applications: check before writing output
-    files, not at the first forward). ``"auto"`` and None always have a backend (the reference)."""
+    files, not at the first forward). ``"auto"`` and None always have a backend (the reference).
+
+    It also loads what the backend needs (the extension, triton), which ``torch.compile`` cannot
+    do while tracing: call it before compiling a model, so that ``"auto"`` picks in a compiled
+    graph what it picks eagerly."""
     name = validate_backend(backend, allow_none=True)
+    probe = torch.empty(1, 2, 1, 1, device=device)
     if name in (None, "auto"):
-        return
-    why = refusals(name, torch.empty(1, 2, 1, 1, device=device))
+        if name is None and get_backend() != "auto":
+            return check_backend_available(get_backend(), device)
+        for candidate in AUTO_PRIORITY[probe.device.type]:
+            refusals(candidate, probe)  # loads each candidate that can load
+        return None
+    why = refusals(name, probe)
     if why:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: " + "; ".join(why))
 

@@ -118,7 +118,7 @@ class Glow(MultiScaleFlow):
         image_size: tuple[int, int] | None = None,
         memory_saving: bool = True,
         keep_every: int | None = None,
-        cond_batching: bool = True,
+        cond_batching: bool | None = None,
         backend: str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: build the CUDA extension, run the GPU tests, run the benchmarks, write JSON.
 #
-#   bash scripts/gpu_check.sh [build|test|ops|stack|memory|srflow|lvlbatch|report|all]...   (default: all)
+#   bash scripts/gpu_check.sh [build|test|ops|stack|memory|srflow|lvlbatch|compiled|host|report|all]...   (default: all)
 #
 # Logs and JSON accumulate in $WORK (default /tmp/gpu-run, so stages can run as separate calls
 # on one machine; the build stays in the tree); at the end each call copies the JSON files and
@@ -61,9 +61,21 @@ if want lvlbatch; then
     # parts kept for backward), fp32 and bf16 channels_last, df2k-4x 160x160, in one run.
     mkdir -p "$WORK/lvlbatch"
     run bench-srflow-lvlbatch "$PY" -m benchmarks.bench_srflow --out "$WORK/lvlbatch" \
-        --variants ms-cuda-perstep,ms-cuda,ms-cuda-keep,ms-cuda-bf16-cl-perstep,ms-cuda-bf16-cl,ms-cuda-bf16-cl-keep \
+        --variants ms-cuda-perstep,ms-cuda-batched,ms-cuda-keep,ms-cuda-bf16-cl-perstep,ms-cuda-bf16-cl-batched,ms-cuda-bf16-cl-keep \
         --batches 16,64 --sample-batch 16 --max-seconds "${LVLBATCH_SECONDS:-300}"
     cp "$WORK/lvlbatch/bench_srflow_df2k-4x.json" "$WORK/bench_srflow_df2k-4x_lvlbatch.json" 2>/dev/null
+fi
+if want compiled; then
+    # The whole step compiled (Inductor) and as CUDA graphs (reduce-overhead, fused Adam), fp32 and
+    # bf16, against eager and the compiled official maths; warmup_s holds the compile time.
+    mkdir -p "$WORK/compiled-step"
+    run bench-srflow-compiled "$PY" -m benchmarks.bench_srflow --out "$WORK/compiled-step" \
+        --variants ms-cuda,ms-cuda-compile,ms-cuda-graph,ms-cuda-bf16-cl-graph,official-compile \
+        --batches 16,64 --sample-batch 16 --max-seconds "${COMPILED_SECONDS:-420}"
+    cp "$WORK/compiled-step/bench_srflow_df2k-4x.json" "$WORK/bench_srflow_df2k-4x_compiled.json" 2>/dev/null
+fi
+if want host; then
+    run bench-host "$PY" -m benchmarks.bench_host --device cuda --out "$WORK"
 fi
 if want report; then
     run report "$PY" -m benchmarks.report "$WORK"

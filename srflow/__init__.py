@@ -15,7 +15,7 @@ with its options in :mod:`srflow.config` (``TrainConfig``), inference :mod:`srfl
 from flowkernels import __version__  # one distribution ships flowkernels and srflow
 
 from .flow import FlowUpsamplerNet
-from .model import QUANT, Conditioning, NonFiniteSampleWarning, SRFlow, dequantize
+from .model import QUANT, Conditioning, NonFiniteSampleWarning, SRFlow, dequantization_noise, dequantize
 from .official_checkpoint import CheckpointError
 from .presets import PRESETS, SRFlowPreset, get_preset
 from .rrdb import RRDBNet
@@ -31,6 +31,7 @@ __all__ = [
     "SRFlow",
     "SRFlowPreset",
     "__version__",
+    "dequantization_noise",
     "dequantize",
     "get_preset",
 ]

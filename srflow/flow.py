@@ -21,7 +21,8 @@ parameters, and :meth:`FlowUpsamplerNet.train` passes the train/eval flag on to 
 FlowSequence in training mode refuses uninitialised ActNorms; :meth:`SRFlow.initialize_actnorms`
 initialises them explicitly).
 Squeeze and Split2d run outside the units with ordinary autograd (no subnet activations).
-Level batching (FlowSequence's ``cond_batching``, on by default; :meth:`FlowUpsamplerNet.set_cond_batching`):
+Level batching (FlowSequence's ``cond_batching``; by device by default: on for CUDA tensors, off
+elsewhere; :meth:`FlowUpsamplerNet.set_cond_batching`):
 the RRDB-feature parts of the first convolutions of both subnets of a chunk of a level's steps
 are one convolution, in training, encoding and sampling alike.
 """
@@ -134,11 +135,12 @@ class FlowUpsamplerNet(nn.Module):
             level.sequence.keep_every = keep_every
 
     def set_cond_batching(
-        self, enabled: bool, *, chunk_bytes: int = fk.DEFAULT_COND_CHUNK_BYTES, keep_parts: bool = False
+        self, enabled: bool | None, *, chunk_bytes: int | None = None, keep_parts: bool = False
     ) -> None:
         """Level batching of every level's FlowSequence (:meth:`flowkernels.FlowSequence.set_cond_batching`):
         the RRDB-feature parts of all subnet first convolutions of a chunk of steps as one
-        convolution (on by default), chunked by ``chunk_bytes``, optionally kept for backward."""
+        convolution (by device by default: on for CUDA tensors), chunked by ``chunk_bytes`` (None:
+        the size of the conditioning tensor), optionally kept for backward."""
         for level in self._levels:
             level.sequence.set_cond_batching(enabled, chunk_bytes=chunk_bytes, keep_parts=keep_parts)
 
@@ -183,37 +185,33 @@ class FlowUpsamplerNet(nn.Module):
                 eps_list.append(eps)
         return eps_list + [x], logdet + reference.gaussian_log_prob(x)
 
-    def decode(self, zs: list[Tensor], conds: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+    def decode(self, zs: list[Tensor], conds: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Latents (as :meth:`encode` returns them) -> (HR image (B, 3, H, W), overflow).
 
         The reverse pass divides by coupling scales down to 1e-4 and can overflow float32 on
-        latents the model finds unlikely. After each split and each level the state is checked
-        (one host sync each): positions holding NaN/Inf are zeroed so the pass can go on, and the
-        HR pixels they cover become NaN in the output. ``overflow`` is None when nothing
-        overflowed, else the (B, 1, H, W) bool mask of those pixels.
+        latents the model finds unlikely. After each split and each level, positions holding
+        NaN/Inf are zeroed so the pass can go on, and the HR pixels they cover become NaN in the
+        output; ``overflow`` is the (B, 1, H, W) bool mask of those pixels. All on the device:
+        no host sync (the caller reads the mask if it wants to report it).
         """
         z = zs[-1]
         eps_list = list(zs[:-1])
-        overflow: list[Tensor | None] = [None]
+        overflow: Tensor | None = None
         for level, cond in zip(reversed(self._levels), reversed(conds)):
             block = 2**level.index  # HR pixels per latent position (edge) at this level
             if level.split is not None:
                 z, _ = level.split.inverse(z, eps=eps_list.pop())
-                z = _guard(z, block, overflow)
+                z, overflow = _guard(z, block, overflow)
             z, _ = level.sequence.inverse(z, cond)
-            z = _guard(z, block, overflow)
+            z, overflow = _guard(z, block, overflow)
             z, _ = level.squeeze.inverse(z)
-        if overflow[0] is not None:
-            z = z.masked_fill(overflow[0], float("nan"))
-        return z, overflow[0]
+        return z.masked_fill(overflow, float("nan")), overflow
 
 
-def _guard(z: Tensor, block: int, overflow: list[Tensor | None]) -> Tensor:
-    """Zero the positions of z (B, C, h, w) with a non-finite channel and record the HR pixels
-    they cover (``block`` x ``block`` each) in ``overflow[0]``."""
+def _guard(z: Tensor, block: int, overflow: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Zero the positions of z (B, C, h, w) with a non-finite channel; return z and ``overflow``
+    or-ed with the HR pixels they cover (``block`` x ``block`` each)."""
     bad = ~torch.isfinite(z).all(dim=1, keepdim=True)
-    if not bool(bad.any()):
-        return z
     hr_bad = bad.repeat_interleave(block, dim=2).repeat_interleave(block, dim=3)
-    overflow[0] = hr_bad if overflow[0] is None else overflow[0] | hr_bad
-    return torch.where(bad, torch.zeros((), device=z.device, dtype=z.dtype), z)
+    overflow = hr_bad if overflow is None else overflow | hr_bad
+    return torch.where(bad, torch.zeros((), device=z.device, dtype=z.dtype), z), overflow

@@ -28,10 +28,11 @@ never require grad (no unused parameters under DistributedDataParallel).
 
 Sampling robustness. The reverse pass divides by coupling scales ``s >= 1e-4``; on latents the
 model finds unlikely these compound into Inf/NaN (the "black patches" of the official model).
-:meth:`SRFlow.decode` and :meth:`SRFlow.sample` check the flow state after every level and warn
-with :class:`NonFiniteSampleWarning` (or raise, ``nonfinite="raise"``) naming the fraction of
-affected pixels; those pixels are NaN in the output. The remedies are ``min_scale=`` (floors
-every coupling scale in the inverse at that value for the call, bounding each stage's
+:meth:`SRFlow.decode` and :meth:`SRFlow.sample` check the flow state after every level (on the
+device) and warn with :class:`NonFiniteSampleWarning` (or raise, ``nonfinite="raise"``) naming the
+fraction of affected pixels (one host sync per call; none with ``nonfinite="ignore"`` or inside
+``torch.compile``, where nothing is reported); those pixels are NaN in the output. The remedies
+are ``min_scale=`` (floors every coupling scale in the inverse at that value for the call, bounding each stage's
 amplification at 1/min_scale; the forward and the NLL are unaffected, the inverse is then no
 longer exact where it bites) and a lower temperature.
 
@@ -100,15 +101,13 @@ class Conditioning:
         return self.lr_size != self.padded_size
 
 
-def dequantize(
-    hr: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None, quant: int = QUANT
-) -> Tensor:
-    """``hr + (u - 0.5) / quant`` with ``u ~ U[0, 1)`` drawn by ``torch.rand`` from ``generator``
-    (on the generator's device, then moved to hr's; the global RNG when None): the official
-    dequantisation noise. ``generator`` may also be a sequence of one generator per sample
-    (sample ``i``'s noise from ``generator[i]``), so that a sample's noise does not depend on
-    which other samples share its batch (distributed training splits a batch across processes).
-    Returns a new tensor."""
+def dequantization_noise(hr: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
+    """``u ~ U[0, 1)`` of ``hr``'s shape, dtype and device, drawn by ``torch.rand`` from
+    ``generator`` (on the generator's device; the global RNG when None), or from a sequence of
+    one generator per sample (sample ``i``'s noise from ``generator[i]``), so that a sample's
+    noise does not depend on which other samples share its batch (distributed training splits a
+    batch across processes). Draw it outside a compiled step (Dynamo cannot trace a Generator)
+    and pass it as ``noise=``."""
     if generator is None or isinstance(generator, torch.Generator):
         device = generator.device if generator is not None else hr.device
         u = torch.rand(hr.shape, generator=generator, device=device, dtype=hr.dtype)
@@ -116,7 +115,22 @@ def dequantize(
         if len(generator) != hr.shape[0]:
             raise ValueError(f"generator: expected one generator per sample ({hr.shape[0]}), got {len(generator)}")
         u = torch.stack([torch.rand(hr.shape[1:], generator=g, device=g.device, dtype=hr.dtype) for g in generator])
-    return hr + (u.to(hr.device) - 0.5) / quant
+    return u.to(hr.device)
+
+
+def dequantize(
+    hr: Tensor,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    quant: int = QUANT,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """``hr + (u - 0.5) / quant``, the official dequantisation, with ``u`` = ``noise`` if given,
+    else :func:`dequantization_noise` of ``hr`` from ``generator``. Returns a new tensor."""
+    if noise is None:
+        noise = dequantization_noise(hr, generator)
+    elif noise.shape != hr.shape:
+        raise ValueError(f"noise: expected the shape of hr {tuple(hr.shape)}, got {tuple(noise.shape)}")
+    return hr + (noise - 0.5) / quant
 
 
 def _check_image(
@@ -276,10 +290,11 @@ class SRFlow(nn.Module):
         self.flowUpsamplerNet.set_memory_saving(memory_saving, keep_every)
 
     def set_cond_batching(
-        self, enabled: bool, *, chunk_bytes: int = fk.DEFAULT_COND_CHUNK_BYTES, keep_parts: bool = False
+        self, enabled: bool | None, *, chunk_bytes: int | None = None, keep_parts: bool = False
     ) -> None:
         """Level batching of the flow's conditioning convolutions
-        (:meth:`FlowUpsamplerNet.set_cond_batching`; on by default, ``keep_parts`` off)."""
+        (:meth:`FlowUpsamplerNet.set_cond_batching`; by device by default: batched on CUDA, per step
+        elsewhere; ``keep_parts`` off)."""
         self.flowUpsamplerNet.set_cond_batching(enabled, chunk_bytes=chunk_bytes, keep_parts=keep_parts)
 
     @property
@@ -381,13 +396,14 @@ class SRFlow(nn.Module):
         cond: Conditioning | None,
         add_noise: bool,
         generator: torch.Generator | Sequence[torch.Generator] | None,
+        noise: Tensor | None = None,
     ) -> tuple[list[Tensor], Tensor]:
         cond = self._conditioning(lr, cond)
         self._check_pair(hr, cond)
         pixels = hr.shape[2] * hr.shape[3]
         logdet = torch.zeros(hr.shape[0], device=hr.device, dtype=hr.dtype)
         if add_noise:
-            hr = dequantize(hr, generator)
+            hr = dequantize(hr, generator, noise=noise)
             logdet = logdet - math.log(QUANT) * pixels
         zs, objective = self.flowUpsamplerNet.encode(hr, list(cond.features), logdet)
         return zs, -objective / (_LN2 * pixels)
@@ -400,6 +416,7 @@ class SRFlow(nn.Module):
         *,
         cond: Conditioning | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
         """Per-sample negative log-likelihood (B,) in bits per HR pixel (over RGB; / 3 = bits/dim):
         ``-(logdet + log p(z_top)) / (ln 2 * H * W)``.
@@ -410,11 +427,13 @@ class SRFlow(nn.Module):
             add_noise: add the dequantisation noise of :func:`dequantize` (drawn from
                 ``generator``: one, or one per sample) and count ``-log(32)`` per pixel
                 (+5 bits/pixel); off by default like the released training code.
+            noise: with ``add_noise``, the U[0, 1) draws (B, 3, H, W) to use instead of drawing
+                them (:func:`dequantization_noise`; e.g. drawn outside a compiled step).
         In training mode the flow's ActNorms must have been initialised (:meth:`initialize_actnorms`
         or a loaded checkpoint); otherwise this raises RuntimeError.
         Differentiable (memory-saving per level); the training loss is ``nll.mean()``.
         """
-        return self._encode(hr, lr, cond, add_noise, generator)[1]
+        return self._encode(hr, lr, cond, add_noise, generator, noise)[1]
 
     def forward(
         self,
@@ -518,8 +537,8 @@ class SRFlow(nn.Module):
         h, w = cond.lr_size
         if cond.padded:
             sr = sr[:, :, : h * self.scale, : w * self.scale]
-            overflow = overflow[:, :, : h * self.scale, : w * self.scale] if overflow is not None else None
-        if overflow is not None and nonfinite != "ignore":
+            overflow = overflow[:, :, : h * self.scale, : w * self.scale]
+        if nonfinite != "ignore" and not torch.compiler.is_compiling():  # one host sync, outside compiled code
             self._report_overflow(overflow, nonfinite, min_scale)
         return sr
 
@@ -584,7 +603,9 @@ class SRFlow(nn.Module):
         no random draw). Randomness: ``seed`` (a fresh generator on the LR's device, so the same
         seed gives the same samples on the same device) or ``generator``; with neither, torch's
         global RNG. Latents are drawn top first, then the splits from the deepest level up.
-        Other arguments as in :meth:`decode`.
+        Under ``torch.compile`` use the global RNG (seed with ``torch.manual_seed``): Dynamo cannot
+        trace a ``torch.Generator``, so ``seed`` or ``generator`` breaks the graph there (or draw
+        the latents outside and compile :meth:`decode`). Other arguments as in :meth:`decode`.
         """
         temperature = float(temperature)
         if not math.isfinite(temperature) or temperature < 0:
@@ -602,7 +623,10 @@ class SRFlow(nn.Module):
                 generator = torch.Generator(device=cond.device)
                 generator.manual_seed(seed)
             device = generator.device if generator is not None else cond.device
-            draws = [torch.randn(s, generator=generator, device=device, dtype=self._dtype()) for s in reversed(shapes)]
+            # randn(generator=None) is another overload, one that rejects symbolic sizes (a
+            # compiled sampler with dynamic shapes)
+            rng = {} if generator is None else {"generator": generator}
+            draws = [torch.randn(s, device=device, dtype=self._dtype(), **rng) for s in reversed(shapes)]
             zs = [(z * temperature).to(cond.device) for z in reversed(draws)]
         return self.decode(None, zs, cond=cond, min_scale=min_scale, with_grad=with_grad, nonfinite=nonfinite)
 

@@ -92,7 +92,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +114,7 @@ from .config import (
 )
 from .data import HRImageDataset, save_rgb
 from .distributed import Distributed, setup_distributed
-from .model import SRFlow
+from .model import SRFlow, dequantization_noise
 from .official_checkpoint import CheckpointError, check_state_dict, read_state_dict, strip_prefix
 from .presets import get_preset
 from .rrdb import RRDBNet
@@ -215,12 +215,12 @@ class TrainingObjective(nn.Module):
         self.model = model
         self.dequantize, self.l1_weight, self.bf16 = dequantize, l1_weight, bf16
 
-    def forward(
-        self, hr: Tensor, lr: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, hr: Tensor, lr: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``noise``: the dequantisation draws (:func:`~srflow.dequantization_noise`), drawn by
+        the caller outside the (possibly compiled) objective; None: from the global RNG."""
         with torch.autocast(hr.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             cond = self.model.condition(lr)
-            nll = self.model.nll(hr, cond=cond, add_noise=self.dequantize, generator=generator)
+            nll = self.model.nll(hr, cond=cond, add_noise=self.dequantize, noise=noise)
             loss = nll
             if self.l1_weight:
                 loss = nll + self.l1_weight * self.model.l1_loss(hr, cond=cond)
@@ -236,9 +236,7 @@ class RRDBObjective(nn.Module):
         super().__init__()
         self.rrdb, self.bf16 = rrdb, bf16
 
-    def forward(
-        self, hr: Tensor, lr: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, hr: Tensor, lr: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         with torch.autocast(hr.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             sr = self.rrdb(lr)
         loss = (sr.float() - hr).abs().mean(dim=(1, 2, 3))
@@ -415,6 +413,10 @@ class Trainer:
         self._check_rrdb_source(resume)
         dataset, val_set = self._datasets()
         self.model = self._build_model(resume)
+        if isinstance(self.model, SRFlow):
+            # The batches are uint8 images / 255: finite and in [0, 1] by construction, so the
+            # model skips its per-call scan of them (a host sync that would stall every step).
+            self.model.check_inputs = False
         if self._rrdb_stage:
             self.objective = RRDBObjective(self.model, c.bf16)
             self.actnorms_pending = False
@@ -549,7 +551,7 @@ class Trainer:
             f"global batch {c.batch} ({d.world} rank(s) x {c.batch // d.world}) of {c.crop}x{c.crop} crops from "
             f"{images} images"
         )
-        hardware = f"device {d.device}"
+        hardware = f"device {d.device}" + ("" if c.compile == "off" else f", torch.compile {c.compile}")
         if resume is not None:
             source = "weights from the checkpoint"
         elif c.init_official is not None:
@@ -712,7 +714,7 @@ class Trainer:
         c = self.config
         if self._rrdb_stage:
             groups = [{"params": list(model.parameters()), "lr": c.lr, "name": "rrdb", "base_lr": c.lr}]
-            return torch.optim.Adam(groups, lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps, weight_decay=c.weight_decay)
+            return self._adam(groups)
         rrdb = {id(p) for p in model.rrdb_parameters()}
         flow = [p for p in model.parameters() if p.requires_grad and id(p) not in rrdb]
         # Frozen RRDB parameters sit in their own group from the start: with no gradient Adam
@@ -722,7 +724,16 @@ class Trainer:
             {"params": flow, "lr": c.lr, "name": "flow", "base_lr": c.lr},
             {"params": model.rrdb_parameters(), "lr": c.lr_rrdb, "name": "rrdb", "base_lr": c.lr_rrdb},
         ]
-        return torch.optim.Adam(groups, lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps, weight_decay=c.weight_decay)
+        return self._adam(groups)
+
+    def _adam(self, groups: list[dict]) -> torch.optim.Adam:
+        """Adam over ``groups``; fused (one multi-tensor kernel per group and dtype instead of a
+        few per parameter) with CUDA graphs, where the step's own launches are the cost left."""
+        c = self.config
+        fused = c.compile == "reduce-overhead" and self.dist.device.type == "cuda"
+        return torch.optim.Adam(
+            groups, lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps, weight_decay=c.weight_decay, fused=fused or None
+        )
 
     def _restore(self, resume: TrainingCheckpoint) -> tuple[int, int, int]:
         """Adam's state, the global RNG states and the counters of ``resume``; warns about changed
@@ -773,12 +784,19 @@ class Trainer:
         )
 
     def _wrap(self) -> nn.Module:
-        if self.dist.world == 1:
-            return self.objective
-        from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+        """The objective as the step calls it: under DistributedDataParallel on several ranks,
+        compiled with ``compile`` unless off (one graph for a single process; under DDP, Dynamo
+        splits it at the gradient buckets)."""
+        wrapped = self.objective
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
 
-        ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-        return DistributedDataParallel(self.objective, device_ids=ids)
+            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(self.objective, device_ids=ids)
+        mode = self.config.compile
+        if mode == "off":
+            return wrapped
+        return torch.compile(wrapped, mode=None if mode == "default" else mode, fullgraph=self.dist.world == 1)
 
     def _set_rrdb_trainable(self, step: int) -> None:
         """RRDB frozen before ``unfreeze_step``, trainable from it; (re)build the DDP wrapper."""
@@ -823,20 +841,21 @@ class Trainer:
             postfix["peak_mem"] = f"{torch.cuda.max_memory_allocated(self.dist.device) / 2**30:.2f}GiB"
         bar.set_postfix(postfix, refresh=False)
 
-    def _noise_generators(self, step: int, count: int) -> list[torch.Generator] | None:
-        """The dequantisation noise generators of this rank's ``count`` samples of 0-based step
-        ``step``, one per sample, seeded from its position in the global batch (rank r holds
-        positions r, r + N, r + 2N, ...; see :class:`_Batches`): N ranks draw exactly the noise
-        of one process, whatever N (None when dequantisation is off)."""
+    def _noise(self, step: int, hr: Tensor) -> Tensor | None:
+        """The dequantisation noise of this rank's samples of 0-based step ``step`` (None when
+        dequantisation is off), drawn here, outside the compiled objective: one generator per
+        sample, seeded from its position in the global batch (rank r holds positions r, r + N,
+        r + 2N, ...; see :class:`_Batches`): N ranks draw exactly the noise of one process,
+        whatever N."""
         c, d = self.config, self.dist
         if not c.dequantize:
             return None
         generators = []
-        for j in range(count):
+        for j in range(hr.shape[0]):
             gen = torch.Generator(device=d.device)
             gen.manual_seed(_mix(c.seed, step, d.rank + d.world * j))
             generators.append(gen)
-        return generators
+        return dequantization_noise(hr, generators)
 
     def _optimize(self, step: int, hr: Tensor, lr: Tensor, t_start: float) -> tuple[float, bool, str | None]:
         """One optimisation step at 0-based ``step``. Returns (global mean loss, finite, the stop
@@ -853,7 +872,7 @@ class Trainer:
             self.actnorms_pending = False
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(step, group["base_lr"])
-        loss, _ = self.wrapped(hr, lr, self._noise_generators(step, hr.shape[0]))
+        loss, _ = self.wrapped(hr, lr, self._noise(step, hr))
         loss = loss.mean()
         loss.backward()
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]

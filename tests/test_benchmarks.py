@@ -35,8 +35,9 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _run("benchmarks.bench_affine_coupling", *common, "--providers", kernels, "--modes", "inv,full")
     _run("benchmarks.bench_stack", *common, "--providers", "eager,checkpoint,ms-reference", "--modes", "full")
     _run("benchmarks.bench_memory", *common)
-    variants = "official,ms-reference-cl,ms-reference-perstep,ms-reference"
+    variants = "official,ms-reference-cl,ms-reference-perstep,ms-reference-batched"
     _run("benchmarks.bench_srflow", *common, "--variants", variants, "--steps", "1")
+    _run("benchmarks.bench_host", *common, "--variants", "official,ms-reference")
     _run("benchmarks.bench_loader", "--out", str(out), "--images", "2", "--size", "200", "120", "--crop", "32")
     _run("benchmarks.report", str(out))
     return out
@@ -52,13 +53,16 @@ def test_every_benchmark_writes_rows_without_errors(results: Path):
         "official",
         "ms-reference-cl",
         "ms-reference-perstep",
-        "ms-reference",
+        "ms-reference-batched",
     ]
     assert all("error" not in r and len(r["points"]) == 2 for r in srflow["results"])
+    host = json.loads((results / "bench_host_tiny-4x.json").read_text())["results"]
+    assert [r["variant"] for r in host] == ["official", "ms-reference"]
+    assert all(r["ops_per_step"] > 0 and r["graph_breaks_step"] == 0 == r["graph_breaks_sample"] for r in host)
     loader = json.loads((results / "bench_loader.json").read_text())
     assert [r["mode"] for r in loader["rows"]] == ["cold", "memory", "store", "bank"]
     assert all(len(r["samples_per_s"]) == 5 and r["median"] > 0 for r in loader["rows"])
-    speedup = srflow["batching_speedup"]["ms-reference vs ms-reference-perstep"]
+    speedup = srflow["batching_speedup"]["ms-reference-batched vs ms-reference-perstep"]
     assert set(speedup) == {"batch 2", "batch 4"} and all(v["median"] > 0 for v in speedup.values())
 
 

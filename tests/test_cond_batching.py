@@ -169,5 +169,5 @@ def test_one_convolution_over_cond_per_chunk(monkeypatch: pytest.MonkeyPatch):
 
 def test_invalid_chunk_budget_is_refused():
     seq = fk.FlowSequence([fk.FlowStep(4)])
-    with pytest.raises(ValueError, match="cond_chunk_bytes: expected a non-negative integer, got -1"):
+    with pytest.raises(ValueError, match="cond_chunk_bytes: expected a non-negative integer or None, got -1"):
         seq.set_cond_batching(True, chunk_bytes=-1)

@@ -258,3 +258,26 @@ def test_input_dtype_must_match_the_parameters(backend: str) -> None:
     step = fk.FlowStep(4, fk.CondAffineCoupling(4, 6, 8), backend=backend).eval()
     with pytest.raises(TypeError, match=r"expected torch.float32 to match the parameters of FlowStep, got .*float64"):
         step(torch.randn(1, 4, 3, 3, dtype=torch.float64), torch.randn(1, 6, 3, 3))
+
+
+def test_sequence_maps_after_a_thread_count_change():
+    """The folded maps of a sequence of 192-channel steps (SRFlow 8x's top level) after the
+    intra-op thread count changed: torch 2.13's batched CPU LU then returns wrong pivots (a
+    batched slogdet off by ~100 per matrix), so the maps' W^-1 and log|det W| are computed one
+    matrix at a time on a CPU. The log-det must equal the step-by-step one."""
+    steps = [randomize_(fk.FlowStep(192)) for _ in range(4)]
+    seq = fk.FlowSequence(steps)
+    x = torch.randn(2, 192, 2, 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_num_threads(max(2, threads))
+    try:
+        with torch.no_grad(), fk.use_backend("reference"):
+            z, logdet = seq(x)
+            want_z, want = x, torch.zeros(2)
+            for step in steps:
+                want_z, want = step(want_z, None, want)
+    finally:
+        torch.set_num_threads(threads)
+    assert_rel_close(logdet, want, "forward")
+    assert_rel_close(z, want_z, "forward")

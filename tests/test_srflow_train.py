@@ -603,6 +603,27 @@ def test_training_options_run(photos: Path, tmp_path: Path, changes: dict) -> No
     assert all(torch.isfinite(v).all() for v in weights_of(result).values())
 
 
+@pytest.mark.slow
+def test_compile_option_compiles_the_loss_as_one_graph(photos: Path, tmp_path: Path, monkeypatch) -> None:
+    """``compile: default`` hands the training objective to torch.compile once, whole
+    (fullgraph), and the run trains as eager does: the first loss (same weights, same batch)
+    equals eager's up to float32 summation order. Dynamo + AOTAutograd trace it here
+    (``aot_eager``); Inductor's code generation is tests/test_srflow_compile.py's."""
+    calls: list[dict] = []
+    real_compile = torch.compile
+
+    def compile_with_aot_eager(fn, **kwargs):  # noqa: ANN001, ANN202
+        calls.append(kwargs)
+        return real_compile(fn, backend="aot_eager", fullgraph=kwargs["fullgraph"])
+
+    monkeypatch.setattr(torch, "compile", compile_with_aot_eager)
+    compiled = train(tiny(photos, tmp_path / "compiled", steps=2, compile="default"), log=quiet)
+    eager = train(tiny(photos, tmp_path / "eager", steps=2), log=quiet)
+    assert calls == [{"mode": None, "fullgraph": True}]
+    assert compiled.step == 2 and compiled.losses[0][0] == 1
+    assert math.isclose(compiled.losses[0][1], eager.losses[0][1], rel_tol=1e-5)
+
+
 def test_validation_writes_a_sample_grid_and_log(photos: Path, tmp_path: Path) -> None:
     result = train(
         tiny(photos, tmp_path / "run", steps=2, val_every=2, val_images=2, val_crop=48, log_every=1), log=quiet

@@ -20,12 +20,11 @@ from .flowstep import FlowStep
 from .invconv import InvConv1x1
 from .multiscale import FlowLevel, MultiScaleFlow
 from .prior import GaussianPrior
-from .sequence import DEFAULT_COND_CHUNK_BYTES, FlowSequence, validate_keep_every
+from .sequence import FlowSequence, validate_keep_every
 from .split import Split2d
 from .squeeze import Squeeze
 
 __all__ = [
-    "DEFAULT_COND_CHUNK_BYTES",
     "CondProjection",
     "ActNorm",
     "ActNorm2d",

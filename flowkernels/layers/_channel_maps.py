@@ -1,15 +1,15 @@
-"""The ActNorm + 1x1 maps of a chunk of steps, folded and differentiated at once.
+"""The ActNorm + 1x1 maps of a sequence of steps, folded and differentiated at once.
 
 Each :class:`~flowkernels.FlowStep` applies ``y = W diag(e^logs) (x + bias)`` per pixel: one
 registered ``channel_affine`` kernel per call, fed with C x C folded parameters. Folding them and
 applying the chain rule back to (W, logs, bias) is a dozen tiny ops per call; for the steps of a
-chunk it is the same dozen ops on stacks (:func:`~flowkernels.ops.actnorm_conv.fold_stacked`,
+sequence it is the same dozen ops on stacks (:func:`~flowkernels.ops.actnorm_conv.fold_stacked`,
 :func:`~flowkernels.ops.actnorm_conv.chain_rule_stacked`): a 54-step SRFlow flow launches a few
 dozen instead of a thousand or two per training step.
 
 A layer takes part by returning :class:`MapTerms` from ``map_terms()``; it is then given its
 :class:`StepMap` (``channel_map=``) and, in a memory-saving backward, returns the gradients of
-the map it applied in ``StepGrads.grad_map``, which :meth:`ChunkMaps.pull_into` turns into
+the map it applied in ``StepGrads.grad_map``, which :meth:`SequenceMaps.pull_into` turns into
 parameter gradients through the layer's ``map_param_grads``.
 """
 
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..ops.actnorm_conv import StackedMaps, chain_rule_stacked, fold_stacked
 
-__all__ = ["ChunkMaps", "MapTerms", "StepMap"]
+__all__ = ["SequenceMaps", "MapTerms", "StepMap"]
 
 
 class MapTerms(NamedTuple):
@@ -55,20 +55,44 @@ class _Group(NamedTuple):
     shapes: tuple[torch.Size, torch.Size]  # of a step's logs and bias
 
 
-class ChunkMaps:
+def _inverse_stats(weight: Tensor, need_logabsdet: bool) -> tuple[Tensor, Tensor | None]:
+    """``(W^-1, log|det W|)`` of stacked weights (n, C, C), computed in float64, returned in the
+    weights' dtype (log|det W| None unless needed). ``inv_ex``: no host sync on its error flag.
+
+    On a CPU one matrix at a time: torch 2.13's batched CPU LU (MKL getrf, batch >= 2, C = 192)
+    returns wrong pivots once the intra-op thread count has been changed in the process, so a
+    batched slogdet is silently wrong and a batched inverse fails
+    (tests/test_layers.py::test_sequence_maps_after_a_thread_count_change)."""
+    w64 = weight.double()
+    if w64.device.type == "cpu":
+        mats = w64.unbind(0)
+        inv = torch.stack([torch.linalg.inv_ex(m)[0] for m in mats])
+        lad = torch.stack([torch.linalg.slogdet(m)[1] for m in mats]) if need_logabsdet else None
+    else:
+        inv = torch.linalg.inv_ex(w64)[0]
+        lad = torch.linalg.slogdet(w64)[1] if need_logabsdet else None
+    return inv.to(weight.dtype), None if lad is None else lad.to(weight.dtype)
+
+
+class SequenceMaps:
     """The :class:`StepMap` of every step of ``steps[start:stop]`` with ``map_terms()``, stacked
     per channel count and folded in one go (``reverse``: the steps apply their inverses).
 
-    W^-1 and log|det W| are computed here for the whole stack, in float64 (a handful of batched
-    ops; the weights change every training step, so a per-layer cache would not save them), with
-    ``linalg.inv_ex``: no host sync on its error flag. Differentiable when autograd is on (a
-    plain run on the reference backend). ``backward``: no log-dets needed.
+    W^-1 and log|det W| are computed here for the whole stack, in float64 (:func:`_inverse_stats`;
+    the weights change every training step, so a per-layer cache would not save them).
+    Differentiable when autograd is on (a plain run on the reference backend). ``backward``: no
+    log-dets needed.
     """
 
     def __init__(self, steps: Sequence, start: int, stop: int, reverse: bool, backward: bool = False) -> None:
-        self.reverse = reverse
+        self.reverse, self.steps = reverse, steps
         terms = {i: t for i in range(start, stop) if (t := steps[i].map_terms()) is not None}
-        self.steps = steps
+        first = next(iter(terms.values()), None)
+        self._device_type = first.weight.device.type if first is not None else "cpu"
+        with torch.autocast(self._device_type, enabled=False):  # the maps stay float32 under bf16 autocast
+            self._fold(terms, backward)
+
+    def _fold(self, terms: dict[int, MapTerms], backward: bool) -> None:
         by_key: dict[tuple, list[int]] = {}
         for i, t in terms.items():
             by_key.setdefault((t.weight.shape[0], t.weight.dtype, t.weight.device), []).append(i)
@@ -80,10 +104,8 @@ class ChunkMaps:
             weight = torch.stack([t.weight for t in ts])
             logs = torch.stack([t.logs for t in ts]).reshape(len(ts), -1)
             bias = torch.stack([t.bias for t in ts]).reshape(len(ts), -1)
-            w64 = weight.double()
-            weight_inv = torch.linalg.inv_ex(w64)[0].to(weight.dtype)
-            logabsdet = None if backward else torch.linalg.slogdet(w64)[1].to(weight.dtype)
-            maps = fold_stacked(weight, logs, bias, weight_inv, logabsdet, reverse=reverse)
+            weight_inv, logabsdet = _inverse_stats(weight, need_logabsdet=not backward)
+            maps = fold_stacked(weight, logs, bias, weight_inv, logabsdet, reverse=self.reverse)
             per_pixel = [None] * len(ts) if maps.logdet_per_pixel is None else maps.logdet_per_pixel.unbind(0)
             fields = zip(
                 maps.matrix.unbind(0), maps.offset.unbind(0), maps.matrix_inv.unbind(0), maps.inv_offset.unbind(0)
@@ -102,6 +124,12 @@ class ChunkMaps:
     ) -> None:
         """The chain rule of every group at once, into ``grads[step][index]`` at
         ``param_index[id(parameter)]`` (through each layer's ``map_param_grads``)."""
+        with torch.autocast(self._device_type, enabled=False):
+            self._pull_into(grads, param_index, grad_logdet)
+
+    def _pull_into(
+        self, grads: list[list[Tensor | None]], param_index: dict[int, tuple[int, int]], grad_logdet: Tensor
+    ) -> None:
         total = grad_logdet.sum()
         for g in self._groups:
             if not all(i in self._grads for i in g.steps):

@@ -85,8 +85,9 @@ class PartChunk:
         return torch.cat([folded[o][p.term].weight[:, p.start :] for o, p in zip(self.owners, self.projections)])
 
     def project(self, cond: Tensor, weight: Tensor) -> Tensor:
-        """P = conv(cond, stacked weight): (B, sum of outputs, H, W), in :func:`part_dtype`."""
-        return F.conv2d(cond, weight, padding=self.projections[0].padding)
+        """P = conv(cond, stacked weight): (B, sum of outputs, H, W), in the weight's dtype (the
+        folded weights carry the compute dtype: :func:`part_dtype`)."""
+        return F.conv2d(cond.to(weight.dtype), weight, padding=self.projections[0].padding)
 
     def split(self, stacked: Tensor | None) -> dict[int, list[Tensor]]:
         """Slice a stacked (B, sum of outputs, H, W) tensor into each step's list of parts."""

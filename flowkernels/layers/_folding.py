@@ -62,11 +62,13 @@ class FoldGroup(NamedTuple):
     folded_bias: Tensor
 
 
-def fold_convs(terms: Sequence[FoldTerms]) -> tuple[list[Folded], list[FoldGroup]]:
+def fold_convs(terms: Sequence[FoldTerms], dtype: torch.dtype | None = None) -> tuple[list[Folded], list[FoldGroup]]:
     """``(W * e, bias * e)`` with ``e = exp(factor * logs)`` for every term, in order, and the
     groups they were folded in: terms of the same weight shape and factor are folded together
     (stacked, one exp and two multiplies), so a level of K steps costs a few ops per distinct
-    shape, not per step. Differentiable; :func:`unfold_grads` is its backward in as few ops."""
+    shape, not per step. Folded in the parameters' dtype, then cast to ``dtype`` (the subnets'
+    compute dtype, e.g. bfloat16 under autocast; None: unchanged). Differentiable;
+    :func:`unfold_grads` is its backward in as few ops."""
     by_key: dict[tuple, list[int]] = {}
     for i, t in enumerate(terms):
         by_key.setdefault((tuple(t.weight.shape), t.factor, t.weight.dtype, t.weight.device), []).append(i)
@@ -78,9 +80,10 @@ def fold_convs(terms: Sequence[FoldTerms]) -> tuple[list[Folded], list[FoldGroup
         bias = torch.stack([terms[i].bias for i in members]).reshape(n, shape[0])
         weight = torch.stack([terms[i].weight for i in members])
         scale = torch.exp(logs * factor if factor != 1.0 else logs)
-        group = FoldGroup(
-            members, factor, weight, logs, bias, scale, weight * scale.reshape(n, shape[0], 1, 1, 1), bias * scale
-        )
+        folded_weight, folded_bias = weight * scale.reshape(n, shape[0], 1, 1, 1), bias * scale
+        if dtype is not None:
+            folded_weight, folded_bias = folded_weight.to(dtype), folded_bias.to(dtype)
+        group = FoldGroup(members, factor, weight, logs, bias, scale, folded_weight, folded_bias)
         for i, w, b in zip(members, group.folded_weight.unbind(0), group.folded_bias.unbind(0)):
             folded[i] = Folded(w, b)
         groups.append(group)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._channel_maps import ChunkMaps
+from ._channel_maps import SequenceMaps
 from ._cond_parts import PartChunk, plan_chunks
 from ._contract import RecomputableStep
 from ._folding import Folded, fold_convs, unfold_grads
@@ -54,6 +54,12 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
+def _compute_dtype(autocast: tuple[bool, torch.dtype]) -> torch.dtype | None:
+    """The subnets' dtype under an :func:`_autocast_state` (None: the parameters')."""
+    enabled, dtype = autocast
+    return dtype if enabled else None
+
+
 class _InvertibleBackprop(torch.autograd.Function):
     """The memory-saving unit. Inputs: plan, autocast state, x, logdet (B,), cond or None, *params."""
 
@@ -62,7 +68,15 @@ class _InvertibleBackprop(torch.autograd.Function):
         buf = logdet.detach().clone()
         with torch.no_grad():
             y, kept_at, kept, kept_parts = run_steps(
-                plan.steps, plan.chunks, x.detach(), cond, buf, plan.reverse, plan.keep_every, plan.keep_parts
+                plan.steps,
+                plan.chunks,
+                x.detach(),
+                cond,
+                buf,
+                plan.reverse,
+                plan.keep_every,
+                plan.keep_parts,
+                _compute_dtype(autocast),
             )
         ctx.plan = plan
         ctx.autocast = autocast
@@ -90,10 +104,11 @@ class _InvertibleBackprop(torch.autograd.Function):
         grads: list[list[Tensor | None]] = [[] for _ in plan.steps]
         enabled, dtype = ctx.autocast
         with torch.autocast(y.device.type, dtype=dtype, enabled=enabled):
+            # the parameters' small work for all the steps at once; the chunks only bound the parts
+            fold = _SequenceFold(plan.steps, differentiable=True, dtype=_compute_dtype(ctx.autocast))
+            maps = SequenceMaps(plan.steps, 0, len(plan.steps), plan.reverse, backward=True)
             for c in range(len(plan.chunks) - 1, -1, -1):
                 chunk = plan.chunks[c]
-                fold = _ChunkFold(plan.steps, chunk, differentiable=True)
-                maps = ChunkMaps(plan.steps, chunk.start, chunk.stop, plan.reverse, backward=True)
                 stacked = weight = None
                 if chunk.projections:
                     weight = chunk.weight(fold.folded)
@@ -119,8 +134,8 @@ class _InvertibleBackprop(torch.autograd.Function):
                     g_cond = _reduce_chunk(chunk, cond, weight, grad_stacked, fold, grad_cond is not None)
                     if g_cond is not None:
                         grad_cond += g_cond
-                fold.pull_into(grads, plan.param_index)
-                maps.pull_into(grads, plan.param_index, grad_logdet)
+            fold.pull_into(grads, plan.param_index)
+            maps.pull_into(grads, plan.param_index, grad_logdet)
         flat = [g for step_grads in grads for g in step_grads]
         return (None, None, grad_y, grad_logdet, grad_cond, *flat)
 
@@ -152,18 +167,24 @@ def run_steps(
     reverse: bool,
     keep_every: int | None = None,
     keep_parts: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, list[int], list[Tensor], list[Tensor]]:
-    """Run ``steps`` (application order) chunk by chunk: each chunk's subnet convolutions folded
-    at once, its conditioning parts in one convolution, then its steps with their slices;
+    """Run ``steps`` (application order): the subnet convolutions and the ActNorm + 1x1 maps of all
+    of them folded at once, then chunk by chunk each chunk's conditioning parts in one
+    convolution and its steps with their slices;
     ``logdet`` updated in place. With autograd on (a plain run on the reference backend)
     gradients flow through the folding and the stacked weight on their own.
+
+    ``compute_dtype``: the subnets' dtype (the autocast dtype, e.g. bfloat16; None: the
+    parameters'), applied explicitly through the folded tensors rather than by autocast, which a
+    traced ``autograd.Function`` does not see.
 
     Returns (y, indices of the steps whose input was kept (every ``keep_every``-th), those inputs,
     each chunk's stacked parts if ``keep_parts``)."""
     kept_at, kept, kept_parts = [], [], []
+    fold = _SequenceFold(steps, differentiable=False, dtype=compute_dtype)
+    maps = SequenceMaps(steps, 0, len(steps), reverse)
     for chunk in chunks:
-        fold = _ChunkFold(steps, chunk, differentiable=False)
-        maps = ChunkMaps(steps, chunk.start, chunk.stop, reverse)
         stacked = chunk.project(cond, chunk.weight(fold.folded)) if chunk.projections else None
         if keep_parts and stacked is not None:
             kept_parts.append(stacked)
@@ -176,7 +197,7 @@ def run_steps(
     return x, kept_at, kept, kept_parts
 
 
-def _step_extras(parts: dict[int, list[Tensor]], fold: _ChunkFold, maps: ChunkMaps, i: int) -> dict:
+def _step_extras(parts: dict[int, list[Tensor]], fold: _SequenceFold, maps: SequenceMaps, i: int) -> dict:
     """The extra keyword arguments of step ``i``: its conditioning ``parts``, its ``folded``
     convolutions and its ``channel_map``, each only if it has one (layers without take none)."""
     extras: dict = {}
@@ -189,8 +210,8 @@ def _step_extras(parts: dict[int, list[Tensor]], fold: _ChunkFold, maps: ChunkMa
     return extras
 
 
-class _ChunkFold:
-    """The folded subnet convolutions of a chunk's steps (:mod:`._folding`), computed at once.
+class _SequenceFold:
+    """The folded subnet convolutions of all the steps (:mod:`._folding`), computed at once.
 
     ``differentiable``: the folded tensors are leaves that require grad where their parameters
     train (eagerly; under torch.compile the subnets' vjp needs no flag), their gradients are
@@ -199,19 +220,19 @@ class _ChunkFold:
     plain ops (autograd, if enabled, differentiates through them on its own).
     """
 
-    def __init__(self, steps: Sequence[RecomputableStep], chunk: PartChunk, differentiable: bool) -> None:
-        step_terms = {i: steps[i].fold_terms() for i in range(chunk.start, chunk.stop)}
+    def __init__(self, steps: Sequence[RecomputableStep], differentiable: bool, dtype: torch.dtype | None) -> None:
+        step_terms = {i: step.fold_terms() for i, step in enumerate(steps)}
         self.owners = [(i, j) for i, terms in step_terms.items() for j in range(len(terms))]
         self.terms = [t for ts in step_terms.values() for t in ts]
         if differentiable:
             with torch.no_grad():
-                self.flat, self.groups = fold_convs(self.terms)
+                self.flat, self.groups = fold_convs(self.terms, dtype)
             if not torch.compiler.is_compiling():
                 for f, t in zip(self.flat, self.terms):
                     f.weight.requires_grad_(t.weight.requires_grad or t.logs.requires_grad)
                     f.bias.requires_grad_(t.bias.requires_grad or t.logs.requires_grad)
         else:
-            self.flat, self.groups = fold_convs(self.terms)
+            self.flat, self.groups = fold_convs(self.terms, dtype)
         self.folded: dict[int, list[Folded]] = {}
         for (i, _), f in zip(self.owners, self.flat):
             self.folded.setdefault(i, []).append(f)
@@ -255,7 +276,7 @@ class _ChunkFold:
 
 
 def _reduce_chunk(
-    chunk: PartChunk, cond: Tensor, weight: Tensor, grad_stacked: Tensor, fold: _ChunkFold, cond_grad: bool
+    chunk: PartChunk, cond: Tensor, weight: Tensor, grad_stacked: Tensor, fold: _SequenceFold, cond_grad: bool
 ) -> Tensor | None:
     """Complete a chunk's gradients from its stacked part gradients: add each projection's
     conditioning-column gradient to its folded weight's gradient (in ``fold``); return the

@@ -146,14 +146,19 @@ class Subnet(nn.Sequential):
                 out = layer(out)
                 continue
             conv, (weight, bias) = next(convs)
+            # The folded tensors carry the compute dtype (bfloat16 under autocast: cast by the
+            # sequence, explicitly, so that a traced region computes what eager autocast does).
             if index > 0 or part is None:
-                out = F.conv2d(out, weight, bias, padding=conv.padding)
-            elif inp is None:
-                out = part + bias.view(1, -1, 1, 1)
+                out = F.conv2d(out.to(weight.dtype), weight, bias, padding=conv.padding)
+                continue
+            # Sum in float32 (at least): under bf16 both convolutions come out in bf16, and a bf16
+            # sum would round a third time where the per-step convolution rounds once.
+            wide = torch.promote_types(part.dtype, torch.float32)
+            if inp is None:
+                out = part.to(wide) + bias.view(1, -1, 1, 1).to(wide)
             else:
-                # Sum in the weight's dtype: under bf16 autocast both convolutions come out in bf16,
-                # and a bf16 sum would round a third time where the per-step convolution rounds once.
-                out = F.conv2d(inp, weight[:, : inp.shape[1]], bias, padding=conv.padding) + part.to(weight.dtype)
+                first = F.conv2d(inp.to(weight.dtype), weight[:, : inp.shape[1]], bias, padding=conv.padding)
+                out = first.to(wide) + part.to(wide)
         return out
 
 

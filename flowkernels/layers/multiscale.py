@@ -50,7 +50,7 @@ from ._contract import check_finite, check_initialized, in_plain_mode, inputs_ch
 from .actnorm import initialize_actnorms
 from .base import FusedLayer, InvertibleModule
 from .prior import PRIOR_KINDS, GaussianPrior
-from .sequence import DEFAULT_COND_CHUNK_BYTES, FlowSequence, validate_keep_every
+from .sequence import FlowSequence, validate_keep_every
 from .split import Split2d
 from .squeeze import Squeeze
 
@@ -133,7 +133,7 @@ class MultiScaleFlow(nn.Module):
         cond_net: nn.Module | None = None,
         memory_saving: bool = True,
         keep_every: int | None = None,
-        cond_batching: bool = True,
+        cond_batching: bool | None = None,
         image_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
@@ -202,7 +202,7 @@ class MultiScaleFlow(nn.Module):
             level.sequence.keep_every = keep_every
 
     def set_cond_batching(
-        self, enabled: bool, *, chunk_bytes: int = DEFAULT_COND_CHUNK_BYTES, keep_parts: bool = False
+        self, enabled: bool | None, *, chunk_bytes: int | None = None, keep_parts: bool = False
     ) -> None:
         """Level batching of every level's FlowSequence (:meth:`FlowSequence.set_cond_batching`)."""
         for level in self._levels:

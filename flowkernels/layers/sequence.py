@@ -30,10 +30,7 @@ from .actnorm import initialize_actnorms
 from .base import InvertibleModule
 from .split import Split2d
 
-__all__ = ["DEFAULT_COND_CHUNK_BYTES", "FlowSequence", "validate_keep_every"]
-
-
-DEFAULT_COND_CHUNK_BYTES = 256 * 2**20  # 256 MiB: 5 SRFlow level-1 steps (52 MB each) at batch 16, 160x160, fp32
+__all__ = ["FlowSequence", "validate_keep_every"]
 
 
 def validate_keep_every(keep_every: int | None) -> int | None:
@@ -56,9 +53,14 @@ class FlowSequence(InvertibleModule):
         cond_batching: compute the conditioning parts of the steps' subnet first convolutions
             (their ``cond_projections()``) for a chunk of steps in one convolution (True), or let
             every step convolve ``cond`` itself (False). Same results up to float32 rounding.
+            None (default): by device, batched for CUDA tensors (fewer, wider GEMMs), per step
+            elsewhere (on a CPU batching measured no faster, 0.99x, and costs memory).
         cond_chunk_bytes: most bytes of conditioning parts per chunk (B x outputs x H x W x the
             element size of the autocast dtype): the transient memory of batching. A step over
-            it alone is a chunk of one (0: one convolution per step for all its subnets).
+            it alone is a chunk of one (0: one convolution per step for all its subnets). None
+            (default): the bytes of the conditioning tensor itself, so the transient parts (and
+            their gradients in backward) stay within what the sequence already references, at
+            any depth.
         keep_cond_parts: with memory saving, keep every chunk's parts from forward to backward
             instead of recomputing them (memory for a third less conditioning-convolution work;
             SRFlow level 1: ~52 MB per 160x160 sample in fp32, ~26 MB in bf16).
@@ -74,8 +76,8 @@ class FlowSequence(InvertibleModule):
         memory_saving: bool = True,
         keep_every: int | None = None,
         *,
-        cond_batching: bool = True,
-        cond_chunk_bytes: int = DEFAULT_COND_CHUNK_BYTES,
+        cond_batching: bool | None = None,
+        cond_chunk_bytes: int | None = None,
         keep_cond_parts: bool = False,
     ) -> None:
         super().__init__()
@@ -103,12 +105,14 @@ class FlowSequence(InvertibleModule):
         )
 
     def set_cond_batching(
-        self, enabled: bool, *, chunk_bytes: int = DEFAULT_COND_CHUNK_BYTES, keep_parts: bool = False
+        self, enabled: bool | None, *, chunk_bytes: int | None = None, keep_parts: bool = False
     ) -> None:
         """Set ``cond_batching``, ``cond_chunk_bytes`` and ``keep_cond_parts`` (see the class)."""
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 0:
-            raise ValueError(f"cond_chunk_bytes: expected a non-negative integer, got {chunk_bytes!r}")
-        self.cond_batching = bool(enabled)
+        if chunk_bytes is not None and (
+            isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 0
+        ):
+            raise ValueError(f"cond_chunk_bytes: expected a non-negative integer or None, got {chunk_bytes!r}")
+        self.cond_batching = None if enabled is None else bool(enabled)
         self.cond_chunk_bytes = chunk_bytes
         self.keep_cond_parts = bool(keep_parts)
 
@@ -120,12 +124,13 @@ class FlowSequence(InvertibleModule):
         return initialize_actnorms(self, lambda: self(x, cond))
 
     def _dispatch(self, x: Tensor, cond: Tensor | None, logdet: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+        if in_plain_mode():  # the ActNorm init: every layer called as a module, unfused
+            return self._step_by_step(x, cond, logdet, reverse)
         chunk_bytes = self._chunk_bytes(x, cond)
         needs_grad = torch.is_grad_enabled() and self._any_requires_grad(x, cond)
         # Without memory saving, kernel-backend steps would each be a one-step unit that keeps its
-        # output; one unit keeping every step's input (keep_every=1) stores the same and still
-        # batches the conditioning parts.
-        if needs_grad and (self.memory_saving or (chunk_bytes is not None and self._steps_need_unit(x, cond))):
+        # output; one unit keeping every step's input (keep_every=1) stores the same.
+        if needs_grad and (self.memory_saving or self._steps_need_unit(x, cond)):
             buf = logdet_buffer(x, logdet, clone=True)
             return invertible_backprop(
                 self.steps,
@@ -137,23 +142,32 @@ class FlowSequence(InvertibleModule):
                 cond_chunk_bytes=chunk_bytes,
                 keep_parts=self.keep_cond_parts,
             )
-        if chunk_bytes is not None:
-            buf = logdet_buffer(x, logdet, clone=True)
-            return self._run(x, cond, buf, reverse), buf
+        if needs_grad and chunk_bytes is None:  # stored activations: the official maths, op for op
+            return self._step_by_step(x, cond, logdet, reverse)
+        # no gradients (sampling, encoding): the steps' small maps folded at once, per chunk
+        buf = logdet_buffer(x, logdet, clone=True)
+        return self._run(x, cond, buf, reverse), buf
+
+    def _step_by_step(
+        self, x: Tensor, cond: Tensor | None, logdet: Tensor | None, reverse: bool
+    ) -> tuple[Tensor, Tensor]:
         for step in reversed(self.steps) if reverse else self.steps:
             x, logdet = step.inverse(x, cond, logdet) if reverse else step(x, cond, logdet)
         return x, logdet
 
     def _chunk_bytes(self, x: Tensor, cond: Tensor | None) -> int | None:
         """The chunk budget when this call batches the conditioning parts, else None (batching
-        off, no cond, no step with projections, or the unfused plain pass of the ActNorm init)."""
-        if not self.cond_batching or cond is None or in_plain_mode():
+        off, by setting or by device; no cond; no step with projections)."""
+        if cond is None:
+            return None
+        enabled = self.cond_batching if self.cond_batching is not None else cond.device.type == "cuda"
+        if not enabled:
             return None
         projections = [p for step in self.steps for p in step.cond_projections()]
         if not projections:
             return None
         check_cond(cond, x, projections[0].weight.shape[1] - projections[0].start)
-        return self.cond_chunk_bytes
+        return self.cond_chunk_bytes if self.cond_chunk_bytes is not None else cond.numel() * cond.element_size()
 
     def _steps_need_unit(self, x: Tensor, cond: Tensor | None) -> bool:
         ld = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
@@ -168,7 +182,10 @@ class FlowSequence(InvertibleModule):
 
     def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool) -> Tensor:
         order = list(reversed(self.steps)) if reverse else list(self.steps)
-        return run_steps(order, step_chunks(order, cond, self._chunk_bytes(x, cond)), x, cond, logdet, reverse)[0]
+        chunks = step_chunks(order, cond, self._chunk_bytes(x, cond))
+        device = x.device.type
+        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return run_steps(order, chunks, x, cond, logdet, reverse, compute_dtype=compute_dtype)[0]
 
     def backward_from_output(
         self, out: Tensor, grad_out: Tensor, grad_logdet: Tensor, cond: Tensor | None, reverse: bool

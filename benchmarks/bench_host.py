@@ -1,0 +1,170 @@
+"""Host overhead of an SRFlow training step and of sampling: what the CPU can tell about the GPU.
+
+At a compute-negligible size (default: df2k-4x, batch 1, 16x16 HR) a step's time is the host's
+work of dispatching its ops, and every dispatched op is one kernel launch (or more) on a GPU.
+Per variant this measures:
+
+* ``ops_per_step``: aten / custom ops dispatched by one training step (NLL forward + backward,
+  RRDB frozen, no optimizer), counted with a ``TorchDispatchMode``, and the most frequent ones;
+* ``ops_per_sample``: the same for one ``sample`` call (temperature 0.9, no grad);
+* ``host_ms_per_step`` / ``host_ms_per_sample``: median wall time of those calls (one thread);
+* ``graph_breaks``: ``torch._dynamo.explain`` of the training loss and of ``sample``;
+* with ``--inductor``: Inductor's generated-kernel count and compile time of the training loss
+  (forward + backward), on a small preset (minutes of compile on a CPU).
+
+Variants: ``official`` (stored-activation autograd over the reference ops: the official code's
+maths, op for op), ``ms-reference``, ``ms-cuda`` (memory saving on the reference / C++ backend,
+library defaults: level batching by device) and ``ms-cuda-batched`` (level batching forced on).
+
+    python -m benchmarks.bench_host [--preset df2k-4x] [--variants ...] [--inductor] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import srflow
+from benchmarks.common import add_common_args, environment, write_json
+
+VARIANTS = {  # name -> (memory_saving, backend, cond_batching)
+    "official": (False, "reference", False),
+    "ms-reference": (True, "reference", None),
+    "ms-cuda": (True, "cuda", None),
+    "ms-cuda-batched": (True, "cuda", True),
+}
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts every op dispatched inside the mode, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], object]) -> collections.Counter[str]:
+    with _CountOps() as mode:
+        fn()
+    return mode.counts
+
+
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def graph_breaks(fn: Callable, *args: object) -> int:
+    torch._dynamo.reset()
+    return int(torch._dynamo.explain(fn)(*args).graph_break_count)
+
+
+def build(preset: str, variant: str, device: torch.device, hr_size: int, batch: int):  # noqa: ANN201
+    memory_saving, backend, batching = VARIANTS[variant]
+    model = srflow.SRFlow.from_preset(preset, memory_saving=memory_saving, backend=backend, seed=0).to(device)
+    model.set_cond_batching(batching)
+    gen = torch.Generator(device=device).manual_seed(0)
+    hr = torch.rand(batch, 3, hr_size, hr_size, device=device, generator=gen)
+    lr = torch.nn.functional.avg_pool2d(hr, model.scale)
+    model.initialize_actnorms(hr, lr)
+    model.check_inputs = False  # as the trainer runs it: its data are valid by construction
+    return model.train(), hr, lr
+
+
+def measure(args: argparse.Namespace, variant: str, device: torch.device) -> dict:
+    model, hr, lr = build(args.preset, variant, device, args.hr_size, args.batch)
+
+    def loss_fn(hr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        return model.nll(hr, lr).mean()
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        loss_fn(hr, lr).backward()
+
+    def sample() -> None:
+        with torch.no_grad():
+            torch.manual_seed(0)  # the global RNG: a Generator would break a compiled graph
+            model.sample(lr, temperature=0.9)
+
+    step()  # loads the backends, fills caches
+    ops = count_ops(step)
+    sample_ops = count_ops(sample)
+    out = {
+        "variant": variant,
+        "ops_per_step": sum(ops.values()),
+        "top_ops_per_step": dict(ops.most_common(15)),
+        "ops_per_sample": sum(sample_ops.values()),
+        "host_ms_per_step": median_ms(step, args.reps),
+        "host_ms_per_sample": median_ms(sample, args.reps),
+        "graph_breaks_step": graph_breaks(loss_fn, hr, lr),
+        "graph_breaks_sample": graph_breaks(lambda lr: model.sample(lr, temperature=0.9), lr),
+    }
+    print(
+        f"{variant}: {out['ops_per_step']} ops/step, {out['ops_per_sample']} ops/sample, "
+        f"{out['host_ms_per_step']:.0f} ms/step, breaks {out['graph_breaks_step']}/{out['graph_breaks_sample']}",
+        flush=True,
+    )
+    return out
+
+
+def inductor_kernels(args: argparse.Namespace, device: torch.device) -> dict:
+    """Generated kernels and compile time of the training loss (forward + backward) on a small preset."""
+    from torch._inductor import metrics  # noqa: PLC0415 (private, only for this optional measurement)
+
+    model, hr, lr = build(args.inductor_preset, "ms-cuda", device, 32, 2)
+    torch._dynamo.reset()
+    metrics.reset()
+    compiled = torch.compile(lambda hr, lr: model.nll(hr, lr).mean(), fullgraph=True)
+    t0 = time.perf_counter()
+    compiled(hr, lr).backward()
+    seconds = time.perf_counter() - t0
+    return {"preset": args.inductor_preset, "generated_kernels": metrics.generated_kernel_count, "compile_s": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--preset", default="df2k-4x")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--hr-size", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--inductor", action="store_true", help="also compile the training loss with Inductor")
+    parser.add_argument("--inductor-preset", default="tiny-4x")
+    args = parser.parse_args()
+    if args.smoke:
+        args.preset, args.reps, args.hr_size = "tiny-4x", 1, 32
+    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    payload = {
+        "env": environment(device),
+        "preset": args.preset,
+        "hr_size": args.hr_size,
+        "batch": args.batch,
+        "command": " ".join(sys.argv),
+        "results": [measure(args, v, device) for v in args.variants.split(",")],
+    }
+    if args.inductor:
+        payload["inductor"] = inductor_kernels(args, device)
+        print(f"inductor: {payload['inductor']}", flush=True)
+    print(f"wrote {write_json(f'bench_host_{args.preset}', payload, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
