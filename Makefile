@@ -29,8 +29,12 @@ lint: setup
 cuda-check:
 	bash scripts/check_cuda_compile.sh
 
+# The suite on TEST_WORKERS pytest-xdist processes of one torch thread each (tests that need
+# several threads set them); tests sharing an expensive module fixture stay on one worker.
+TEST_WORKERS ?= 2
+
 test: setup lint cuda-check
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 	FLOWKERNELS_BENCH_ROUNDS=3 $(PY) -m pytest benchmarks/bench_cpu_kernels.py --benchmark-only -q
 
 # The CPU benchmarks of this machine: C++ kernels vs the reference, FlowSequence memory vs depth,

@@ -17,7 +17,8 @@ import torch
 from flowkernels import dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # each script pays its imports and a warm-up
+# each script pays its imports and a warm-up; the scripts run once, in one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("benchmarks")]
 
 
 def _run(module: str, *args: str) -> None:

@@ -25,7 +25,7 @@ TRAIN = ["--preset", "tiny-4x", "--steps", "4", "--batch", "4", "--crop", "32", 
 TRAIN += ["--no-progress", "--cache-images", "--device", "cpu", "--log-every", "100"]
 
 # tiny models on a small shared machine: see the one_thread fixture in conftest.py
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("cli-run")]  # one trained run
 
 
 @pytest.fixture(scope="module")
