@@ -34,7 +34,7 @@ cuda-check:
 TEST_WORKERS ?= 2
 
 test: setup lint cuda-check
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
 	FLOWKERNELS_BENCH_ROUNDS=3 $(PY) -m pytest benchmarks/bench_cpu_kernels.py --benchmark-only -q
 
 # The CPU benchmarks of this machine: C++ kernels vs the reference, FlowSequence memory vs depth,

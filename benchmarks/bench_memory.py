@@ -7,12 +7,22 @@ keeps one input per step. Measured as peak CUDA memory above the parameters and 
 autograd saves during the forward (deterministic: what memory saving removes; the transient
 working set of the backward is not in it).
 
+``--rss`` (CPU) measures that transient too: each (batching, depth) runs one memory-saving
+forward + backward in a fresh process and reports its peak resident set above the set before the
+step, for level batching off (``perstep``), on with the default chunk budget (``batched``: the
+bytes of ``cond``) and on with the former fixed 256 MiB budget (``batched-256MiB``).
+
     python -m benchmarks.bench_memory [--device cuda] [--smoke] [--out DIR]
+    python -m benchmarks.bench_memory --device cpu --rss --batch 4 --channels 12 --cond 16 \
+        --hidden 32 --sizes 96 --depths 8,64            # peak RSS vs depth, by batching setting
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
+import resource
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -84,6 +94,41 @@ def sweep_memory(args, device: torch.device) -> list[dict]:
     return rows
 
 
+RSS_BATCHING = {"perstep": (False, None), "batched": (True, None), "batched-256MiB": (True, 256 * 2**20)}
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+
+
+def _rss_step(depth: int, batching: str, args: argparse.Namespace) -> float:
+    """In a fresh process: peak RSS above the RSS before one memory-saving forward + backward."""
+    torch.set_num_threads(1)
+    seq = build(depth, args.channels, args.cond, args.hidden, torch.device("cpu"))
+    enabled, chunk = RSS_BATCHING[batching]
+    seq.set_cond_batching(enabled, chunk_bytes=chunk)
+    size = int(args.sizes.split(",")[0])
+    x = torch.randn(args.batch, args.channels, size, size, requires_grad=True)
+    y = torch.randn(args.batch, args.cond, size, size)
+    before = _rss_gib()
+    z, ld = seq(x, y)
+    (z.square().sum() - ld.sum()).backward()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - before
+
+
+def sweep_rss(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    ctx = multiprocessing.get_context("spawn")
+    for depth in (int(d) for d in args.depths.split(",")):
+        for batching in RSS_BATCHING:
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                gib = pool.submit(_rss_step, depth, batching, args).result()
+            rows.append({"depth": depth, "batching": batching, "peak_rss_above_start_mib": gib * 1024})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
@@ -94,10 +139,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--depths", default="4,8,16,32,54")
     parser.add_argument("--sizes", default="40,80,160", help="first size is used for the depth sweep")
+    parser.add_argument("--rss", action="store_true", help="CPU: peak RSS of the step by batching setting")
     args = parser.parse_args()
     if args.smoke:
         args.cond, args.hidden, args.batch, args.depths, args.sizes = 6, 8, 2, "2,4,8", "6,12"
     device = torch.device(args.device)
+    if args.rss:
+        rows = sweep_rss(args)
+        measure = "peak RSS above the RSS before one memory-saving step (fresh process each), MiB"
+        path = write_json("bench_memory_rss", {"env": environment(device), "measure": measure, "rows": rows}, args.out)
+        print(f"wrote {path}")
+        return
     rows = sweep_memory(args, device)
     unit = "peak CUDA memory above baseline" if device.type == "cuda" else "bytes saved for backward"
     path = write_json("bench_memory", {"env": environment(device), "measure": unit, "rows": rows}, args.out)

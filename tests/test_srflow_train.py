@@ -35,7 +35,7 @@ import pytest
 import torch
 
 import flowkernels as fk
-from srflow import SRFlow, dequantize
+from srflow import SRFlow, dequantization_noise, dequantize
 from srflow.config import ConfigError, TrainConfig, config_from_dict, config_to_yaml, load_config, resolve_config
 from srflow.official_checkpoint import CheckpointError
 from srflow.train import NonFiniteTrainingError, TrainingObjective, cosine_learning_rate, learning_rate_factor, train
@@ -652,6 +652,24 @@ def test_per_sample_noise_does_not_depend_on_the_batch() -> None:
     assert torch.equal(whole, parts) and not torch.equal(whole, hr)
     with pytest.raises(ValueError, match=r"generator: expected one generator per sample \(3\), got 2"):
         dequantize(hr, gens(1, 2))
+
+
+def test_dequantize_takes_noise_drawn_outside() -> None:
+    """The trainer draws the noise outside the (compiled) objective and passes it in: the same
+    result as drawing it inside, and a noise of another shape is refused by name."""
+    hr = torch.rand(2, 3, 8, 8)
+    noise = dequantization_noise(hr, torch.Generator().manual_seed(4))
+    assert torch.equal(dequantize(hr, noise=noise), dequantize(hr, torch.Generator().manual_seed(4)))
+    model = SRFlow.from_preset("tiny-4x", seed=0).eval()
+    hr32 = hr.repeat(1, 1, 4, 4)
+    lr = torch.nn.functional.avg_pool2d(hr32, 4)
+    noise32 = dequantization_noise(hr32, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        inside = model.nll(hr32, lr, add_noise=True, generator=torch.Generator().manual_seed(5))
+        outside = model.nll(hr32, lr, add_noise=True, noise=noise32)
+    assert torch.equal(inside, outside)
+    with pytest.raises(ValueError, match=r"noise: expected the shape of hr \(2, 3, 8, 8\), got \(1, 3, 8, 8\)"):
+        dequantize(hr, noise=noise[:1])
 
 
 @pytest.mark.slow
