@@ -9,7 +9,8 @@ working set of the backward is not in it).
 
 ``--rss`` (CPU) measures that transient too: each (batching, depth) runs one memory-saving
 forward + backward in a fresh process and reports its peak resident set above the set before the
-step, for level batching off (``perstep``), on with the default chunk budget (``batched``: the
+step (glibc's mmap threshold fixed, so that freed tensors leave the RSS), for level batching
+off (``perstep``), on with the default chunk budget (``batched``: the
 bytes of ``cond``) and on with the former fixed 256 MiB budget (``batched-256MiB``).
 
     python -m benchmarks.bench_memory [--device cuda] [--smoke] [--out DIR]
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import multiprocessing
+import os
 import resource
 
 import torch
@@ -119,6 +121,10 @@ def _rss_step(depth: int, batching: str, args: argparse.Namespace) -> float:
 
 def sweep_rss(args: argparse.Namespace) -> list[dict]:
     rows = []
+    # glibc raises its mmap threshold as large blocks are freed, after which freed tensors stay
+    # in the heap and the RSS keeps the high-water mark of fragmentation; a fixed threshold
+    # returns every large tensor to the OS when freed, so the RSS tracks live memory
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # read by each fresh process
     ctx = multiprocessing.get_context("spawn")
     for depth in (int(d) for d in args.depths.split(",")):
         for batching in RSS_BATCHING:
