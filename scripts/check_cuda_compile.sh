@@ -55,6 +55,10 @@ if [[ ${#SOURCES[@]} -eq 0 ]]; then
   exit 1
 fi
 
+# Largest first (a proxy for compile time): the longest compile starts at once instead of last,
+# alone on one core.
+mapfile -t SOURCES < <(ls -S "${SOURCES[@]}")
+
 OUT_DIR=build/cuda_check
 mkdir -p "$OUT_DIR"
 echo "check_cuda_compile: $("$NVCC" --version | tail -1)"
