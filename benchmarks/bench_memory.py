@@ -24,13 +24,12 @@ import argparse
 import concurrent.futures
 import multiprocessing
 import os
-import resource
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 import flowkernels as fk
-from benchmarks.common import add_common_args, environment, is_oom, write_json
+from benchmarks.common import add_common_args, environment, is_oom, peak_rss_gib, rss_gib, write_json
 
 VARIANTS = ("plain", "checkpoint", "memory_saving")
 
@@ -99,11 +98,6 @@ def sweep_memory(args, device: torch.device) -> list[dict]:
 RSS_BATCHING = {"perstep": (False, None), "batched": (True, None), "batched-256MiB": (True, 256 * 2**20)}
 
 
-def _rss_gib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
-
-
 def _rss_step(depth: int, batching: str, args: argparse.Namespace) -> float:
     """In a fresh process: peak RSS above the RSS before one memory-saving forward + backward."""
     torch.set_num_threads(1)
@@ -113,10 +107,10 @@ def _rss_step(depth: int, batching: str, args: argparse.Namespace) -> float:
     size = int(args.sizes.split(",")[0])
     x = torch.randn(args.batch, args.channels, size, size, requires_grad=True)
     y = torch.randn(args.batch, args.cond, size, size)
-    before = _rss_gib()
+    before = rss_gib()
     z, ld = seq(x, y)
     (z.square().sum() - ld.sum()).backward()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - before
+    return peak_rss_gib() - before
 
 
 def sweep_rss(args: argparse.Namespace) -> list[dict]:

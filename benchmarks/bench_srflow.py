@@ -35,7 +35,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import multiprocessing
-import resource
 import statistics
 import sys
 import time
@@ -45,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 import flowkernels as fk
 import srflow
-from benchmarks.common import add_common_args, environment, is_oom, write_json
+from benchmarks.common import add_common_args, environment, is_oom, peak_rss_gib, rss_gib, write_json
 
 DEFAULT_VARIANTS = "official,checkpoint,ms-cuda,ms-triton,ms-cuda-cl,ms-cuda-bf16-cl,ms-triton-bf16-cl"
 BUDGETS_GIB = (10, 24, 80)
@@ -135,7 +134,7 @@ def compiled_loss(model: srflow.SRFlow, mode: str | None):
 def measure_training(model, variant: dict, batch: int, hr_size: int, device, steps: int, warmup: int = 2) -> dict:
     """Median step time, samples/s and peak memory of ``steps`` timed steps after ``warmup`` ones."""
     hr, lr = batch_of(model, batch, hr_size, device, variant["channels_last"])
-    rss_before = _rss_gib() if device.type == "cpu" else None
+    rss_before = rss_gib() if device.type == "cpu" else None
     graphs = variant["compile"] == "reduce-overhead" and device.type == "cuda"
     # fused Adam: the optimizer step as a few multi-tensor launches beside the captured step
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=graphs or None)
@@ -169,21 +168,10 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:
-        out["peak_rss_gib"] = _peak_rss_gib()
+        out["peak_rss_gib"] = peak_rss_gib()
         out["rss_before_gib"] = rss_before
         out["peak_rss_above_start_gib"] = out["peak_rss_gib"] - rss_before
     return out
-
-
-def _rss_gib() -> float:
-    """This process's current resident set (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
-
-
-def _peak_rss_gib() -> float:
-    """This process's peak resident set so far (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def measure_sampling(model, batch: int, lr_size: int, device, reps: int, mode: str | None = None) -> dict:

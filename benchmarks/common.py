@@ -11,6 +11,7 @@ import datetime
 import gc
 import json
 import platform
+import resource
 import statistics
 import subprocess
 import time
@@ -89,6 +90,17 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
     dst = torch.empty_like(src)
     timing = bench(lambda: dst.copy_(src), device)
     return 2 * nbytes / (timing["ms"] * 1e-3) / 1e9
+
+
+def rss_gib() -> float:
+    """This process's current resident set (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def is_oom(exc: BaseException) -> bool:
