@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import flowkernels as fk
+from flowkernels._random import draw
 
 from .flow import FlowUpsamplerNet
 from .official_checkpoint import as_state_dict, check_state_dict, read_state_dict, strip_prefix
@@ -109,13 +110,10 @@ def dequantization_noise(hr: Tensor, generator: torch.Generator | Sequence[torch
     batch across processes). Draw it outside a compiled step (Dynamo cannot trace a Generator)
     and pass it as ``noise=``."""
     if generator is None or isinstance(generator, torch.Generator):
-        device = generator.device if generator is not None else hr.device
-        u = torch.rand(hr.shape, generator=generator, device=device, dtype=hr.dtype)
-    else:
-        if len(generator) != hr.shape[0]:
-            raise ValueError(f"generator: expected one generator per sample ({hr.shape[0]}), got {len(generator)}")
-        u = torch.stack([torch.rand(hr.shape[1:], generator=g, device=g.device, dtype=hr.dtype) for g in generator])
-    return u.to(hr.device)
+        return draw(torch.rand, hr.shape, generator, hr.device, hr.dtype)
+    if len(generator) != hr.shape[0]:
+        raise ValueError(f"generator: expected one generator per sample ({hr.shape[0]}), got {len(generator)}")
+    return torch.stack([draw(torch.rand, hr.shape[1:], g, hr.device, hr.dtype) for g in generator])
 
 
 def dequantize(
@@ -622,12 +620,8 @@ class SRFlow(nn.Module):
             if seed is not None:
                 generator = torch.Generator(device=cond.device)
                 generator.manual_seed(seed)
-            device = generator.device if generator is not None else cond.device
-            # randn(generator=None) is another overload, one that rejects symbolic sizes (a
-            # compiled sampler with dynamic shapes)
-            rng = {} if generator is None else {"generator": generator}
-            draws = [torch.randn(s, device=device, dtype=self._dtype(), **rng) for s in reversed(shapes)]
-            zs = [(z * temperature).to(cond.device) for z in reversed(draws)]
+            draws = [draw(torch.randn, s, generator, cond.device, self._dtype()) for s in reversed(shapes)]
+            zs = [z * temperature for z in reversed(draws)]
         return self.decode(None, zs, cond=cond, min_scale=min_scale, with_grad=with_grad, nonfinite=nonfinite)
 
     def l1_loss(self, hr: Tensor, lr: Tensor | None = None, *, cond: Conditioning | None = None) -> Tensor:

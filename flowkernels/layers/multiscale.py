@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
+from .._random import draw
 from ..dispatch import validate_backend
 from ._contract import check_finite, check_initialized, in_plain_mode, inputs_checked, logdet_buffer, set_mode
 from .actnorm import initialize_actnorms
@@ -365,11 +366,7 @@ class MultiScaleFlow(nn.Module):
         param = next(self.parameters(), None)
         dtype = param.dtype if param is not None else torch.float32
         device = param.device if param is not None else torch.device("cpu")
-        rng_device = generator.device if generator is not None else device
-        zs = [
-            torch.randn(tuple(s), generator=generator, device=rng_device, dtype=dtype).to(device) * temperature
-            for s in shapes
-        ]
+        zs = [draw(torch.randn, s, generator, device, dtype) * temperature for s in shapes]
         return self._decode(self._check_latents(zs), conds, None)[0]
 
     def _sample_size(self, size: tuple[int, int] | None, conds: list[Tensor | None]) -> tuple[int, int]:

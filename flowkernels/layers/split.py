@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .._random import draw
 from ._contract import check_cond, check_flow_input, flow_precision
 from .base import InvertibleModule
 from .coupling import Conv2dZeros
@@ -114,8 +115,7 @@ class Split2d(InvertibleModule):
         check_flow_input(y, self.kept)
         out_shape = (y.shape[0], self.channels - self.kept, y.shape[2], y.shape[3])
         if eps is None:
-            device = generator.device if generator is not None else y.device
-            eps = torch.randn(out_shape, generator=generator, device=device).to(y.device) * temperature
+            eps = draw(torch.randn, out_shape, generator, y.device) * temperature
         elif tuple(eps.shape) != out_shape:
             raise ValueError(f"eps: expected shape {out_shape}, got {tuple(eps.shape)}")
         h = self.prior(y, cond)
