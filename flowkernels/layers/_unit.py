@@ -60,6 +60,11 @@ def _compute_dtype(autocast: tuple[bool, torch.dtype]) -> torch.dtype | None:
     return dtype if enabled else None
 
 
+def ambient_compute_dtype(device_type: str) -> torch.dtype | None:
+    """The subnets' dtype under the autocast state in effect now (None: the parameters')."""
+    return _compute_dtype(_autocast_state(device_type))
+
+
 class _InvertibleBackprop(torch.autograd.Function):
     """The memory-saving unit. Inputs: plan, autocast state, x, logdet (B,), cond or None, *params."""
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._contract import StepGrads, check_cond, flat_grads, in_plain_mode, logdet_buffer
-from ._unit import invertible_backprop, run_steps, step_chunks
+from ._unit import ambient_compute_dtype, invertible_backprop, run_steps, step_chunks
 from .actnorm import initialize_actnorms
 from .base import InvertibleModule
 from .split import Split2d
@@ -183,8 +183,7 @@ class FlowSequence(InvertibleModule):
     def _run(self, x: Tensor, cond: Tensor | None, logdet: Tensor, reverse: bool) -> Tensor:
         order = list(reversed(self.steps)) if reverse else list(self.steps)
         chunks = step_chunks(order, cond, self._chunk_bytes(x, cond))
-        device = x.device.type
-        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        compute_dtype = ambient_compute_dtype(x.device.type)
         return run_steps(order, chunks, x, cond, logdet, reverse, compute_dtype=compute_dtype)[0]
 
     def backward_from_output(
