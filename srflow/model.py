@@ -350,7 +350,7 @@ class SRFlow(nn.Module):
                     f"lr: an odd size is reflect-padded to even, which needs at least 2 pixels; got {h}x{w}"
                 )
             lr = F.pad(lr, (0, pad_w, 0, pad_h), mode="reflect")
-        factors = [level.factor for level in self.flowUpsamplerNet.levels]
+        factors = self.flowUpsamplerNet.factors
         features = self.RRDB.features(lr, factors)
         return Conditioning(tuple(features), (h, w), (h + pad_h, w + pad_w))
 

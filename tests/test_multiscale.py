@@ -31,27 +31,6 @@ def trained_like(flow: nn.Module) -> nn.Module:
     return flow
 
 
-def srflow_configuration(preset) -> fk.MultiScaleFlow:  # noqa: ANN001
-    """SRFlow's flowUpsamplerNet as a MultiScaleFlow: per level 2 transitional steps and K
-    CondAffineCoupling steps on the RRDB features, a split after every level but the last two,
-    a standard normal top prior (the unused ``f`` conv stays SRFlow's)."""
-
-    def make_steps(level: int, channels: int, cond: int) -> list[fk.FlowStep]:
-        steps = [fk.FlowStep(channels) for _ in range(preset.n_transitional)]
-        return steps + [
-            fk.FlowStep(channels, fk.CondAffineCoupling(channels, cond, preset.hidden)) for _ in range(preset.K)
-        ]
-
-    return fk.MultiScaleFlow(
-        3,
-        preset.L,
-        make_steps,
-        splits=[level < preset.L - 2 for level in range(preset.L)],
-        cond_channels=preset.cond_channels,
-        top_prior="standard",
-    )
-
-
 def _plain_steps(level: int, channels: int, cond: int) -> list[fk.FlowStep]:
     return [fk.FlowStep(channels)]
 
@@ -267,33 +246,38 @@ def test_conditional_sampling():
 
 @pytest.mark.parametrize("preset", ["tiny-4x", "tiny-8x"])
 def test_srflow_flow_is_a_configuration_of_the_container(preset: str):
-    """srflow/flow.py's FlowUpsamplerNet and the configuration above have the same state_dict
-    (keys in order, shapes; SRFlow adds only its unused ``f`` conv), and with its weights the
-    container gives SRFlow's latents, objective (log_prob) and decode."""
+    """srflow/flow.py's FlowUpsamplerNet is a MultiScaleFlow: its state_dict is the container's
+    ``layers`` plus SRFlow's unused ``f`` conv; its objective (standardised split latents plus
+    the splits' ``-sum(logs)``) equals the official convention, computed independently here in
+    float64 (each split's ``log N(z2; mean, std)`` added to the flow log-det, then the top's
+    ``log N(z; 0, I)``); its guarded decode equals the container's inverse on finite latents."""
     from srflow.flow import FlowUpsamplerNet
     from srflow.presets import get_preset
 
     p = get_preset(preset)
-    official = trained_like(FlowUpsamplerNet(p, backend="reference")).eval()
-    config = srflow_configuration(p).eval()
-    theirs = {k: v for k, v in official.state_dict().items() if not k.startswith("f.")}
-    assert [(k, tuple(v.shape)) for k, v in config.state_dict().items()] == [
-        (k, tuple(v.shape)) for k, v in theirs.items()
-    ]
-    config.load_state_dict(theirs, strict=True)
+    net = trained_like(FlowUpsamplerNet(p, backend="reference")).to(f64).eval()
+    assert isinstance(net, fk.MultiScaleFlow)
+    assert [k for k in net.state_dict() if not k.startswith("layers.")] == ["f.0.weight", "f.0.bias"]
     size = 2**p.L * 2
-    x = torch.randn(2, 3, size, size)
-    conds = [torch.randn(2, p.cond_channels, size // 2**k, size // 2**k) for k in range(1, p.L + 1)]
+    x = torch.randn(2, 3, size, size, dtype=f64)
+    conds = [torch.randn(2, p.cond_channels, size // 2**k, size // 2**k, dtype=f64) for k in range(1, p.L + 1)]
     with fk.use_backend("reference"), torch.no_grad():
-        latents, objective = official.encode(x, conds, torch.zeros(2))
-        zs, _ = config(x, conds)
-        log_prob = config.log_prob(x, conds)
-        decoded, _ = official.decode(latents, conds)
-        x_back, _ = config.inverse(zs, conds)
-    for z, lat in zip(zs, latents, strict=True):
-        assert_rel_close(z, lat, "forward")
-    assert_rel_close(log_prob, objective, "forward")
-    assert_rel_close(x_back, decoded, "inverse")
+        latents, objective = net.encode(x, conds, torch.zeros(2, dtype=f64))
+        official, state, eps_list = torch.zeros(2, dtype=f64), x, []
+        for level, c in zip(net.levels, conds):
+            state, official = level.squeeze(state, None, official)
+            state, official = level.sequence(state, c, official)
+            if level.split is not None:
+                state, eps, official = level.split.encode(state, official)
+                eps_list.append(eps)
+        official = official + fk.reference.gaussian_log_prob(state)
+        decoded, overflow = net.decode(latents, conds)
+        x_back, _ = net.inverse(latents, conds)
+    for z, want in zip(latents, [*eps_list, state], strict=True):
+        assert_rel_close(z, want, "forward")
+    assert_rel_close(objective, official, "forward", tol=1e-12)
+    assert not overflow.any() and torch.equal(decoded, x_back)
+    assert (x_back - x).abs().max().item() <= 1e-10
 
 
 def test_state_dict_is_flat_and_train_mode_reaches_the_levels():

@@ -18,7 +18,7 @@ from .coupling import (
 )
 from .flowstep import FlowStep
 from .invconv import InvConv1x1
-from .multiscale import FlowLevel, MultiScaleFlow
+from .multiscale import FlowLevel, LevelGuard, MultiScaleFlow
 from .prior import GaussianPrior
 from .sequence import FlowSequence, validate_keep_every
 from .split import Split2d
@@ -40,6 +40,7 @@ __all__ = [
     "GaussianPrior",
     "InvConv1x1",
     "InvertibleModule",
+    "LevelGuard",
     "MultiScaleFlow",
     "Split2d",
     "Squeeze",

@@ -55,7 +55,7 @@ from .sequence import FlowSequence, validate_keep_every
 from .split import Split2d
 from .squeeze import Squeeze
 
-__all__ = ["FlowLevel", "MultiScaleFlow", "StepFactory"]
+__all__ = ["FlowLevel", "LevelGuard", "MultiScaleFlow", "StepFactory"]
 
 # make_steps(level, channels, cond_channels) -> the level's steps (channels: after its squeeze)
 StepFactory = Callable[[int, int, int], Sequence[InvertibleModule]]
@@ -81,12 +81,24 @@ class FlowLevel:
             return x, None, logdet
         return self.split.standardize(x, cond, logdet)
 
-    def decode(self, z: Tensor, eps: Tensor | None, cond: Tensor | None, logdet: Tensor) -> tuple[Tensor, Tensor]:
-        """Inverse of :meth:`encode`: (state, eps) -> (x, logdet - this level's log-det)."""
+    def decode(
+        self, z: Tensor, eps: Tensor | None, cond: Tensor | None, logdet: Tensor, guard: LevelGuard | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Inverse of :meth:`encode`: (state, eps) -> (x, logdet - this level's log-det).
+        ``guard(z, level) -> z``, if given, sees (and may replace) the state after the split and
+        after the steps (:meth:`MultiScaleFlow.inverse`)."""
         if self.split is not None:
             z, logdet = self.split.unstandardize(z, eps, cond, logdet)
+            if guard is not None:
+                z = guard(z, self)
         z, logdet = self.sequence.inverse(z, cond, logdet)
+        if guard is not None:
+            z = guard(z, self)
         return self.squeeze.inverse(z, None, logdet)
+
+
+# guard(state, level) -> state: a check between the stages of a level's inverse
+LevelGuard = Callable[[Tensor, FlowLevel], Tensor]
 
 
 def _per_level(value: int | Sequence[int] | Sequence[bool], levels: int, name: str) -> list:
@@ -305,25 +317,44 @@ class MultiScaleFlow(nn.Module):
             z_top, logdet = self.top_prior.standardize(x, conds[-1], logdet)
         return [*zs, z_top], logdet
 
-    def inverse(self, zs: Sequence[Tensor], cond: object = None, logdet: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Latents (as :meth:`forward` returns them) -> (x, logdet - log|det dzs/dx|)."""
-        zs = self._check_latents(zs)
-        return self._decode(zs, self.conditioning(cond, zs[-1].shape[0]), logdet)
+    def inverse(
+        self,
+        zs: Sequence[Tensor],
+        cond: object = None,
+        logdet: Tensor | None = None,
+        *,
+        guard: LevelGuard | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Latents (as :meth:`forward` returns them) -> (x, logdet - log|det dzs/dx|).
 
-    def _decode(self, zs: list[Tensor], conds: list[Tensor | None], logdet: Tensor | None) -> tuple[Tensor, Tensor]:
+        ``guard(z, level) -> z``, if given, is applied to the state after each level's split and
+        after its steps (e.g. SRFlow's overflow guard, which zeroes non-finite positions so that
+        a pass on unlikely latents can go on)."""
+        zs = self._check_latents(zs)
+        return self._decode(zs, self.conditioning(cond, zs[-1].shape[0]), logdet, guard)
+
+    def _decode(
+        self, zs: list[Tensor], conds: list[Tensor | None], logdet: Tensor | None, guard: LevelGuard | None
+    ) -> tuple[Tensor, Tensor]:
         logdet = logdet_buffer(zs[-1], logdet, clone=True)
         eps_list = zs[:-1]
         with self._checked(zs[-1], conds):
             z, logdet = self.top_prior.unstandardize(zs[-1], conds[-1], logdet)
             for level, c in zip(reversed(self._levels), reversed(conds)):
                 eps = eps_list.pop() if level.split is not None else None
-                z, logdet = level.decode(z, eps, c, logdet)
+                z, logdet = level.decode(z, eps, c, logdet, guard)
         return z, logdet
+
+    def encode(self, x: Tensor, cond: object = None, logdet: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        """x -> (zs, logdet + log p(x)): the latents of :meth:`forward` and the log-likelihood
+        ``sum_i log N(zs_i; 0, I) + log|det dzs/dx|`` (B,), added to ``logdet`` (e.g. a
+        dequantisation term; None: zeros)."""
+        zs, logdet = self(x, cond, logdet)
+        return zs, logdet + sum(reference.gaussian_log_prob(z) for z in zs)
 
     def log_prob(self, x: Tensor, cond: object = None) -> Tensor:
         """log p(x) in nats per sample, (B,): ``sum_i log N(zs_i; 0, I) + log|det dzs/dx|``."""
-        zs, logdet = self(x, cond)
-        return logdet + sum(reference.gaussian_log_prob(z) for z in zs)
+        return self.encode(x, cond)[1]
 
     def bits_per_dim(self, x: Tensor, cond: object = None, *, n_bins: int | None = None) -> Tensor:
         """-log2 p(x) / D per sample, (B,), D = C_0 * H * W. With ``n_bins``: the data are
@@ -367,7 +398,7 @@ class MultiScaleFlow(nn.Module):
         dtype = param.dtype if param is not None else torch.float32
         device = param.device if param is not None else torch.device("cpu")
         zs = [draw(torch.randn, s, generator, device, dtype) * temperature for s in shapes]
-        return self._decode(self._check_latents(zs), conds, None)[0]
+        return self._decode(self._check_latents(zs), conds, None, None)[0]
 
     def _sample_size(self, size: tuple[int, int] | None, conds: list[Tensor | None]) -> tuple[int, int]:
         if size is not None:
