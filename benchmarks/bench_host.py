@@ -12,6 +12,12 @@ Per variant this measures:
 * with ``--inductor``: Inductor's generated-kernel count and compile time of the training loss
   (forward + backward), on a small preset (minutes of compile on a CPU).
 
+``--narrow``: the preset's architecture (levels, steps, RRDB blocks: the same ops, the same op
+count) with its widths divided by 8 (RRDB 8 / 4 channels, subnets 8 wide). On a CPU, df2k-4x at
+batch 1 is not compute-negligible: its 77 MB of coupling-subnet weights are read (and, memory
+saving, folded) several times per step, a cost a GPU does not feel. The narrow model leaves the
+host's own work: dispatch, autograd, and the layers' Python.
+
 Variants: ``official`` (stored-activation autograd over the reference ops: the official code's
 maths, op for op), ``ms-reference``, ``ms-cuda`` (memory saving on the reference / C++ backend,
 library defaults: level batching by device) and ``ms-cuda-batched`` (level batching forced on).
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import statistics
 import sys
 import time
@@ -33,6 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import srflow
 from benchmarks.common import add_common_args, environment, write_json
+from srflow.presets import SRFlowPreset, get_preset
 
 VARIANTS = {  # name -> (memory_saving, backend, cond_batching)
     "official": (False, "reference", False),
@@ -75,7 +83,13 @@ def graph_breaks(fn: Callable, *args: object) -> int:
     return int(torch._dynamo.explain(fn)(*args).graph_break_count)
 
 
-def build(preset: str, variant: str, device: torch.device, hr_size: int, batch: int):  # noqa: ANN201
+def narrow(preset: str) -> SRFlowPreset:
+    """``preset``'s architecture with every width divided by 8 (module docstring)."""
+    p = get_preset(preset)
+    return dataclasses.replace(p, name=f"{p.name}-narrow", nf=p.nf // 8, gc=p.gc // 8, hidden=p.hidden // 8)
+
+
+def build(preset: str | SRFlowPreset, variant: str, device: torch.device, hr_size: int, batch: int):  # noqa: ANN201
     memory_saving, backend, batching = VARIANTS[variant]
     model = srflow.SRFlow.from_preset(preset, memory_saving=memory_saving, backend=backend, seed=0).to(device)
     model.set_cond_batching(batching)
@@ -88,7 +102,8 @@ def build(preset: str, variant: str, device: torch.device, hr_size: int, batch: 
 
 
 def measure(args: argparse.Namespace, variant: str, device: torch.device) -> dict:
-    model, hr, lr = build(args.preset, variant, device, args.hr_size, args.batch)
+    preset = narrow(args.preset) if args.narrow else args.preset
+    model, hr, lr = build(preset, variant, device, args.hr_size, args.batch)
 
     def loss_fn(hr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
         return model.nll(hr, lr).mean()
@@ -147,6 +162,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--inductor", action="store_true", help="also compile the training loss with Inductor")
     parser.add_argument("--inductor-preset", default="tiny-4x")
+    parser.add_argument("--narrow", action="store_true", help="the preset's architecture, widths / 8")
     args = parser.parse_args()
     if args.smoke:
         args.preset, args.reps, args.hr_size = "tiny-4x", 1, 32
@@ -154,7 +170,7 @@ def main() -> None:
     device = torch.device(args.device)
     payload = {
         "env": environment(device),
-        "preset": args.preset,
+        "preset": narrow(args.preset).name if args.narrow else args.preset,
         "hr_size": args.hr_size,
         "batch": args.batch,
         "command": " ".join(sys.argv),
@@ -163,7 +179,8 @@ def main() -> None:
     if args.inductor:
         payload["inductor"] = inductor_kernels(args, device)
         print(f"inductor: {payload['inductor']}", flush=True)
-    print(f"wrote {write_json(f'bench_host_{args.preset}', payload, args.out)}")
+    name = payload["preset"]
+    print(f"wrote {write_json(f'bench_host_{name}', payload, args.out)}")
 
 
 if __name__ == "__main__":

@@ -281,3 +281,17 @@ def test_sequence_maps_after_a_thread_count_change():
         torch.set_num_threads(threads)
     assert_rel_close(logdet, want, "forward")
     assert_rel_close(z, want_z, "forward")
+
+
+def test_trainable_parameters_are_the_parameters_that_require_grad():
+    """The direct walk the unit uses gives exactly ``[p for p in parameters() if p.requires_grad]``,
+    in order, also with frozen and shared parameters."""
+    from flowkernels.layers.base import trainable_parameters
+
+    step = fk.FlowStep(6, fk.CondAffineCoupling(6, 4, 8))
+    step.affine.fAffine[0].weight.requires_grad_(False)
+    step.affine.fFeatures[2] = step.affine.fAffine[2]  # a shared submodule
+    for module in [step, step.affine, step.invconv, fk.FlowStep(6, lu=True)]:
+        want = [p for p in module.parameters() if p.requires_grad]
+        got = trainable_parameters(module)
+        assert len(got) == len(want) and all(a is b for a, b in zip(got, want))

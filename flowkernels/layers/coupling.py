@@ -111,6 +111,12 @@ class Conv2dZeros(nn.Module):
         return FoldTerms(self.weight, self.logs, self.bias, self.logscale_factor)
 
 
+def _has_fold_terms(layer: nn.Module) -> bool:
+    # on the class: hasattr on a module instance goes through nn.Module.__getattr__, which raises
+    # (slowly) for the parameter-free layers, once per layer per subnet call
+    return callable(getattr(type(layer), "fold_terms", None))
+
+
 class Subnet(nn.Sequential):
     """The coupling subnet (``make_subnet``): a Sequential of convolutions with a per-channel
     scale (:class:`Conv2dActNorm`, :class:`Conv2dZeros`) and parameter-free layers (ReLU).
@@ -124,10 +130,10 @@ class Subnet(nn.Sequential):
     def convolutions(self) -> list[nn.Module]:
         """The layers with a per-channel scale (``fold_terms``), in order; the others must be
         parameter-free for the subnet to fold."""
-        return [layer for layer in self if hasattr(layer, "fold_terms")]
+        return [layer for layer in self if _has_fold_terms(layer)]
 
     def foldable(self) -> bool:
-        return all(hasattr(layer, "fold_terms") or not any(True for _ in layer.parameters()) for layer in self)
+        return all(_has_fold_terms(layer) or not any(True for _ in layer.parameters()) for layer in self)
 
     def fold_terms(self) -> list[FoldTerms]:
         return [layer.fold_terms() for layer in self.convolutions()]
