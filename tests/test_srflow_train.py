@@ -503,6 +503,15 @@ def _signal_at(monkeypatch: pytest.MonkeyPatch, sends: dict[int, signal.Signals]
     monkeypatch.setattr(TrainingObjective, "forward", forward)
 
 
+def _signal_dispositions(pid: int) -> str:
+    """The ignored / caught signal masks of a Linux process (``/proc/<pid>/status``), for messages."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "signal dispositions: unknown (no /proc)"
+    return "signal dispositions: " + ", ".join(line for line in status if line.startswith(("SigIgn", "SigCgt")))
+
+
 def test_interrupt_waits_for_the_step_and_hands_the_signal_back(
     photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -560,6 +569,7 @@ def test_cli_interrupt_saves_the_last_finished_step_and_resumes_exactly(
             if line.startswith("step 2:"):
                 break
         assert proc.poll() is None, "".join(head)
+        dispositions = _signal_dispositions(proc.pid)  # to name the cause if the signal is lost
         if sig == signal.SIGINT:
             os.killpg(proc.pid, sig)
         else:
@@ -569,7 +579,7 @@ def test_cli_interrupt_saves_the_last_finished_step_and_resumes_exactly(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == returncode, tail[-3000:]
+    assert proc.returncode == returncode, f"{dispositions}\n{tail[-3000:]}"
     said = re.search(rf"stopped by {sig.name} after finishing step (\d+); its checkpoint is saved in '(.+?)'", tail)
     assert said, tail[-3000:]
     step = int(said.group(1))
