@@ -560,7 +560,15 @@ def test_cli_interrupt_saves_the_last_finished_step_and_resumes_exactly(
         *tiny_cli(photos, out, "--steps", "40", "--log-every", "1", "--workers", "1"),
     ]
     proc = subprocess.Popen(
-        cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        # a terminal's job starts with SIGINT at its default; a test worker may have it ignored
+        # (seen in CI: SigIgn 0x...1006), which the child would inherit and, by design, keep
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         head = []
