@@ -101,8 +101,7 @@ def build(preset: str | SRFlowPreset, variant: str, device: torch.device, hr_siz
     return model.train(), hr, lr
 
 
-def measure(args: argparse.Namespace, variant: str, device: torch.device) -> dict:
-    preset = narrow(args.preset) if args.narrow else args.preset
+def measure(args: argparse.Namespace, preset: str | SRFlowPreset, variant: str, device: torch.device) -> dict:
     model, hr, lr = build(preset, variant, device, args.hr_size, args.batch)
 
     def loss_fn(hr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
@@ -168,13 +167,14 @@ def main() -> None:
         args.preset, args.reps, args.hr_size = "tiny-4x", 1, 32
     torch.set_num_threads(1)
     device = torch.device(args.device)
+    preset = narrow(args.preset) if args.narrow else args.preset
     payload = {
         "env": environment(device),
-        "preset": narrow(args.preset).name if args.narrow else args.preset,
+        "preset": preset.name if args.narrow else preset,
         "hr_size": args.hr_size,
         "batch": args.batch,
         "command": " ".join(sys.argv),
-        "results": [measure(args, v, device) for v in args.variants.split(",")],
+        "results": [measure(args, preset, v, device) for v in args.variants.split(",")],
     }
     if args.inductor:
         payload["inductor"] = inductor_kernels(args, device)

@@ -87,10 +87,8 @@ class FlowUpsamplerNet(fk.MultiScaleFlow):
         self.factors = [preset.scale / 2 ** (level + 1) for level in range(preset.L)]
         self.features = [feature_name(f) for f in self.factors]
         # SRFlow validates its images once per call (and decode guards overflow itself), so the
-        # container and its layers skip their own NaN/Inf scan: one host sync per level saved.
+        # container skips its NaN/Inf scan; the nested layers run inside its checked context.
         self.check_inputs = False
-        for module in [*self.layers, *(level.sequence for level in self.levels)]:
-            module.check_inputs = False
         self.f = nn.Sequential(nn.Conv2d(preset.cond_channels, UNUSED_F_CHANNELS, 3, padding=1))
         self.f.requires_grad_(False)
 
