@@ -264,7 +264,8 @@ def test_sequence_maps_after_a_thread_count_change():
     """The folded maps of a sequence of 192-channel steps (SRFlow 8x's top level) after the
     intra-op thread count changed: torch 2.13's batched CPU LU then returns wrong pivots (a
     batched slogdet off by ~100 per matrix), so the maps' W^-1 and log|det W| are computed one
-    matrix at a time on a CPU. The log-det must equal the step-by-step one."""
+    matrix at a time on a CPU (the inverses then from those factors in one batched solve). The
+    log-det and the inverse must equal the step-by-step ones."""
     steps = [randomize_(fk.FlowStep(192)) for _ in range(4)]
     seq = fk.FlowSequence(steps)
     x = torch.randn(2, 192, 2, 2)
@@ -274,13 +275,20 @@ def test_sequence_maps_after_a_thread_count_change():
     try:
         with torch.no_grad(), fk.use_backend("reference"):
             z, logdet = seq(x)
+            back, back_logdet = seq.inverse(z)
             want_z, want = x, torch.zeros(2)
             for step in steps:
                 want_z, want = step(want_z, None, want)
+            want_back, want_back_logdet = z, torch.zeros(2)
+            for step in reversed(steps):
+                want_back, want_back_logdet = step.inverse(want_back, None, want_back_logdet)
     finally:
         torch.set_num_threads(threads)
     assert_rel_close(logdet, want, "forward")
     assert_rel_close(z, want_z, "forward")
+    assert_rel_close(back, want_back, "inverse")
+    assert_rel_close(back_logdet, want_back_logdet, "inverse")
+    assert_rel_close(back, x, "inverse")
 
 
 def test_trainable_parameters_are_the_parameters_that_require_grad():

@@ -36,12 +36,12 @@ class MapTerms(NamedTuple):
 
 class StepMap(NamedTuple):
     """What a step is given: the map it applies (``matrix`` (C, C), ``offset`` (C,)), the one that
-    rebuilds its input from its output (``matrix_inv``, ``inv_offset``), and its log-det per
-    pixel (0-dim; None in a backward)."""
+    rebuilds its input from its output (``matrix_inv``, ``inv_offset``; ``matrix_inv`` None in a
+    forward, which rebuilds nothing), and its log-det per pixel (0-dim; None in a backward)."""
 
     matrix: Tensor
     offset: Tensor
-    matrix_inv: Tensor
+    matrix_inv: Tensor | None
     inv_offset: Tensor
     logdet_per_pixel: Tensor | None
 
@@ -49,29 +49,36 @@ class StepMap(NamedTuple):
 class _Group(NamedTuple):
     steps: list[int]
     weight: Tensor
-    weight_inv: Tensor
+    weight_inv: Tensor | None
     bias: Tensor
     maps: StackedMaps
     shapes: tuple[torch.Size, torch.Size]  # of a step's logs and bias
 
 
-def _inverse_stats(weight: Tensor, need_logabsdet: bool) -> tuple[Tensor, Tensor | None]:
+def _inverse_stats(weight: Tensor, need_inverse: bool, need_logabsdet: bool) -> tuple[Tensor | None, Tensor | None]:
     """``(W^-1, log|det W|)`` of stacked weights (n, C, C), computed in float64, returned in the
-    weights' dtype (log|det W| None unless needed). ``inv_ex``: no host sync on its error flag.
+    weights' dtype (each None unless needed). ``*_ex``: no host sync on an error flag.
 
-    On a CPU one matrix at a time: torch 2.13's batched CPU LU (MKL getrf, batch >= 2, C = 192)
-    returns wrong pivots once the intra-op thread count has been changed in the process, so a
-    batched slogdet is silently wrong and a batched inverse fails
-    (tests/test_layers.py::test_sequence_maps_after_a_thread_count_change)."""
+    On a CPU from LU factors taken one matrix at a time: torch 2.13's batched CPU LU (MKL getrf,
+    batch >= 2, C = 192) returns wrong pivots once the intra-op thread count has been changed in
+    the process, so a batched slogdet is silently wrong and a batched inverse fails
+    (tests/test_layers.py::test_sequence_maps_after_a_thread_count_change). The rest is batched:
+    one triangular solve for the inverses, log|det| from the factors' diagonals (a third of
+    the host time of a per-matrix ``inv_ex`` and ``slogdet``)."""
     w64 = weight.double()
-    if w64.device.type == "cpu":
-        mats = w64.unbind(0)
-        inv = torch.stack([torch.linalg.inv_ex(m)[0] for m in mats])
-        lad = torch.stack([torch.linalg.slogdet(m)[1] for m in mats]) if need_logabsdet else None
-    else:
-        inv = torch.linalg.inv_ex(w64)[0]
+    if w64.device.type != "cpu":
+        inv = torch.linalg.inv_ex(w64)[0] if need_inverse else None
         lad = torch.linalg.slogdet(w64)[1] if need_logabsdet else None
-    return inv.to(weight.dtype), None if lad is None else lad.to(weight.dtype)
+        return tuple(None if t is None else t.to(weight.dtype) for t in (inv, lad))
+    factors = [torch.linalg.lu_factor_ex(m)[:2] for m in w64.unbind(0)]
+    lu = torch.stack([f[0] for f in factors])
+    inv = lad = None
+    if need_inverse:
+        eye = torch.eye(lu.shape[-1], dtype=lu.dtype).expand_as(lu)
+        inv = torch.linalg.lu_solve(lu, torch.stack([f[1] for f in factors]), eye).to(weight.dtype)
+    if need_logabsdet:
+        lad = lu.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1).to(weight.dtype)
+    return inv, lad
 
 
 class SequenceMaps:
@@ -79,9 +86,11 @@ class SequenceMaps:
     per channel count and folded in one go (``reverse``: the steps apply their inverses).
 
     W^-1 and log|det W| are computed here for the whole stack, in float64 (:func:`_inverse_stats`;
-    the weights change every training step, so a per-layer cache would not save them).
-    Differentiable when autograd is on (a plain run on the reference backend). ``backward``: no
-    log-dets needed.
+    the weights change every training step, so a per-layer cache would not save them), each only
+    where needed: log|det W| in a forward, W^-1 in a backward (to rebuild, and for the log-det's
+    gradient) and in a forward through the inverses (``reverse``: the map it applies).
+    Differentiable when autograd is on (a plain run on the reference backend). ``backward``: the
+    maps of the memory-saving backward (no log-dets).
     """
 
     def __init__(self, steps: Sequence, start: int, stop: int, reverse: bool, backward: bool = False) -> None:
@@ -104,12 +113,14 @@ class SequenceMaps:
             weight = torch.stack([t.weight for t in ts])
             logs = torch.stack([t.logs for t in ts]).reshape(len(ts), -1)
             bias = torch.stack([t.bias for t in ts]).reshape(len(ts), -1)
-            weight_inv, logabsdet = _inverse_stats(weight, need_logabsdet=not backward)
-            maps = fold_stacked(weight, logs, bias, weight_inv, logabsdet, reverse=self.reverse)
-            per_pixel = [None] * len(ts) if maps.logdet_per_pixel is None else maps.logdet_per_pixel.unbind(0)
-            fields = zip(
-                maps.matrix.unbind(0), maps.offset.unbind(0), maps.matrix_inv.unbind(0), maps.inv_offset.unbind(0)
+            weight_inv, logabsdet = _inverse_stats(
+                weight, need_inverse=backward or self.reverse, need_logabsdet=not backward
             )
+            maps = fold_stacked(weight, logs, bias, weight_inv, logabsdet, reverse=self.reverse)
+            n = len(ts)
+            per_pixel = [None] * n if maps.logdet_per_pixel is None else maps.logdet_per_pixel.unbind(0)
+            inverses = [None] * n if maps.matrix_inv is None else maps.matrix_inv.unbind(0)
+            fields = zip(maps.matrix.unbind(0), maps.offset.unbind(0), inverses, maps.inv_offset.unbind(0))
             for i, f, lpp in zip(members, fields, per_pixel):
                 self.maps[i] = StepMap(*f, lpp)
             self._groups.append(_Group(members, weight, weight_inv, bias, maps, (ts[0].logs.shape, ts[0].bias.shape)))

@@ -11,9 +11,11 @@ so a subnet evaluation is three convolutions and two ReLUs instead of thirteen o
 activation-sized passes of the scales disappear. The folded parameters depend on the parameters
 only, so a :class:`~flowkernels.FlowSequence` computes them once per call for all its steps
 (:func:`fold_convs`: same-shaped convolutions stacked, a dozen ops per shape), and the
-memory-saving backward differentiates the subnets with respect to the folded parameters
-(:func:`pullback`) and maps those gradients back through the fold once per chunk of steps
-(:func:`unfold_grads`).
+memory-saving backward differentiates the subnets with respect to the folded parameters, one
+``convolution_backward`` per convolution from a record of its recomputation (:class:`ConvRecord`,
+:func:`conv_vjp`), and maps those gradients back through the fold once for all the steps
+(:func:`unfold_grads`). :func:`pullback` differentiates any other function (a subnet's
+parameter-free layers other than ReLU) with autograd.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["FoldGroup", "FoldTerms", "Folded", "fold_convs", "pullback", "unfold_grads"]
+__all__ = ["ConvRecord", "FoldGroup", "FoldTerms", "Folded", "conv_vjp", "fold_convs", "pullback", "unfold_grads"]
 
 
 class FoldTerms(NamedTuple):
@@ -106,7 +108,8 @@ def unfold_grads(
         gw = torch.stack([zero[0] if grads[i] is None else grads[i].weight for i in g.members])
         gb = torch.stack([zero[1] if grads[i] is None else grads[i].bias for i in g.members])
         n, o = g.scale.shape
-        g_scale = (gw * g.weight).sum((2, 3, 4)) + gb * g.bias
+        # sum(dW' W) per output channel as one reduction, without a weight-sized product
+        g_scale = torch.linalg.vecdot(gw.flatten(2).to(g.weight.dtype), g.weight.flatten(2)) + gb * g.bias
         g_logs = g_scale * g.scale * g.factor if g.factor != 1.0 else g_scale * g.scale
         g_weight = gw * g.scale.reshape(n, o, 1, 1, 1)
         g_bias = gb * g.scale
@@ -118,22 +121,64 @@ def unfold_grads(
     return out
 
 
+class ConvRecord(NamedTuple):
+    """One folded convolution as a subnet applied it (``Subnet.run_folded`` with a tape), what its
+    backward (:func:`conv_vjp`) needs: ``out = conv(inp, weight, bias)`` (stride 1, ``padding``),
+    plus a precomputed conditioning part when ``part_dtype`` is set (the first convolution of a
+    batched level: ``out = wide(conv) + wide(part)``, or ``wide(bias) + wide(part)`` without
+    ``inp``; wide: at least float32)."""
+
+    inp: Tensor | None  # as convolved (cast to the compute dtype); None: the part and the bias alone
+    inp_dtype: torch.dtype | None  # its dtype before that cast (its gradient is returned in it)
+    weight: Tensor  # as applied: only the flow-state columns of a first convolution with a part
+    folded_shape: torch.Size  # the whole folded weight's (its gradient is returned in full)
+    bias: Tensor
+    padding: int
+    part_dtype: torch.dtype | None
+
+
+def conv_vjp(
+    rec: ConvRecord, grad: Tensor, trains: tuple[bool, bool], wants_inp: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(dL/dinp, dL/dpart, dL/dweight, dL/dbias)`` of a :class:`ConvRecord` from dL/dout, each
+    None where not needed (``trains``: weight, bias; ``wants_inp``) or not there. The weight's
+    gradient has the folded weight's shape; columns the record did not apply (the conditioning
+    columns behind a part) are zero, for whoever computed the part to complete."""
+    g_part = None
+    if rec.part_dtype is not None:
+        g_part = grad.to(rec.part_dtype)
+        grad = grad.to(rec.bias.dtype)  # the convolution's output dtype, before the widening
+    if rec.inp is None:
+        return None, g_part, None, grad.sum((0, 2, 3)).to(rec.bias.dtype) if trains[1] else None
+    g_inp, g_weight, g_bias = torch.ops.aten.convolution_backward(
+        grad,
+        rec.inp,
+        rec.weight,
+        [rec.weight.shape[0]],
+        [1, 1],
+        [rec.padding, rec.padding],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [wants_inp, trains[0], trains[1]],
+    )
+    if g_weight is not None and g_weight.shape != rec.folded_shape:
+        rest = rec.folded_shape[1] - g_weight.shape[1]
+        g_weight = torch.cat([g_weight, g_weight.new_zeros(g_weight.shape[0], rest, *g_weight.shape[2:])], dim=1)
+    return None if g_inp is None else g_inp.to(rec.inp_dtype), g_part, g_weight, g_bias
+
+
 def pullback(
-    fn: Callable[..., Sequence[Tensor]],
-    inputs: Sequence[Tensor | None],
-    wanted: Sequence[bool],
-    reuse: Sequence[bool] | None = None,
+    fn: Callable[..., Sequence[Tensor]], inputs: Sequence[Tensor | None], wanted: Sequence[bool]
 ) -> tuple[list[Tensor], Callable[[Sequence[Tensor | None]], list[Tensor | None]]]:
     """Evaluate ``fn(*inputs)`` (a sequence of tensors) once with grad; return ``(outputs, pull)``.
 
     ``pull(grads)`` (one gradient or None per output) returns the gradient of each input (None
     where not ``wanted``, or for a None input). Eagerly this is ``torch.autograd.grad`` (the
-    cheapest) over the inputs detached, except those marked ``reuse`` that require grad exactly
-    when wanted (parameters, or outputs of another pullback, whose graph is then left for that
-    pullback's own pull): no detach for them. The outputs stay attached to the inputs. Under
-    ``torch.compile`` it is ``torch.func.vjp``, which Dynamo can trace inside a backward.
+    cheapest) over the inputs detached; under ``torch.compile`` it is ``torch.func.vjp``, which
+    Dynamo can trace inside a backward. The outputs stay attached to the inputs.
     """
-    reuse = [False] * len(inputs) if reuse is None else reuse
     present = [i for i, t in enumerate(inputs) if t is not None]
 
     def call(*ins: Tensor) -> tuple[Tensor, ...]:
@@ -156,7 +201,7 @@ def pullback(
         return list(outs), pull_compiled
 
     with torch.enable_grad():
-        leaves = [_as_leaf(inputs[i], bool(wanted[i]), reuse[i]) for i in present]
+        leaves = [inputs[i].detach().requires_grad_(bool(wanted[i])) for i in present]
         outs = call(*leaves)
 
     def pull(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
@@ -173,9 +218,3 @@ def pullback(
         return out
 
     return list(outs), pull
-
-
-def _as_leaf(t: Tensor, wanted: bool, reuse: bool) -> Tensor:
-    """``t`` itself if it may be reused and requires grad exactly when ``wanted``, else a
-    detached copy that does."""
-    return t if reuse and t.requires_grad == wanted else t.detach().requires_grad_(wanted)

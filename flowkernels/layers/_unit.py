@@ -110,7 +110,7 @@ class _InvertibleBackprop(torch.autograd.Function):
         enabled, dtype = ctx.autocast
         with torch.autocast(y.device.type, dtype=dtype, enabled=enabled):
             # the parameters' small work for all the steps at once; the chunks only bound the parts
-            fold = _SequenceFold(plan.steps, differentiable=True, dtype=_compute_dtype(ctx.autocast))
+            fold = _SequenceFold(plan.steps, _compute_dtype(ctx.autocast))
             maps = SequenceMaps(plan.steps, 0, len(plan.steps), plan.reverse, backward=True)
             for c in range(len(plan.chunks) - 1, -1, -1):
                 chunk = plan.chunks[c]
@@ -187,7 +187,7 @@ def run_steps(
     Returns (y, indices of the steps whose input was kept (every ``keep_every``-th), those inputs,
     each chunk's stacked parts if ``keep_parts``)."""
     kept_at, kept, kept_parts = [], [], []
-    fold = _SequenceFold(steps, differentiable=False, dtype=compute_dtype)
+    fold = _SequenceFold(steps, compute_dtype)
     maps = SequenceMaps(steps, 0, len(steps), reverse)
     for chunk in chunks:
         stacked = chunk.project(cond, chunk.weight(fold.folded)) if chunk.projections else None
@@ -218,26 +218,18 @@ def _step_extras(parts: dict[int, list[Tensor]], fold: _SequenceFold, maps: Sequ
 class _SequenceFold:
     """The folded subnet convolutions of all the steps (:mod:`._folding`), computed at once.
 
-    ``differentiable``: the folded tensors are leaves that require grad where their parameters
-    train (eagerly; under torch.compile the subnets' vjp needs no flag), their gradients are
-    collected step by step (:meth:`add_grads`, :meth:`add_weight_columns`) and mapped back to
-    the parameters in one pass at the end of the chunk (:meth:`pull_into`). Otherwise the fold is
-    plain ops (autograd, if enabled, differentiates through them on its own).
+    The fold is plain ops: in a plain run autograd, if enabled, differentiates through it on its
+    own. In the memory-saving backward the steps return the gradients of their folded tensors
+    (their subnets' explicit backward), which are collected step by step (:meth:`add_grads`,
+    :meth:`add_weight_columns`) and mapped back to the parameters in one pass at the end
+    (:meth:`pull_into`).
     """
 
-    def __init__(self, steps: Sequence[RecomputableStep], differentiable: bool, dtype: torch.dtype | None) -> None:
+    def __init__(self, steps: Sequence[RecomputableStep], dtype: torch.dtype | None) -> None:
         step_terms = {i: step.fold_terms() for i, step in enumerate(steps)}
         self.owners = [(i, j) for i, terms in step_terms.items() for j in range(len(terms))]
         self.terms = [t for ts in step_terms.values() for t in ts]
-        if differentiable:
-            with torch.no_grad():
-                self.flat, self.groups = fold_convs(self.terms, dtype)
-            if not torch.compiler.is_compiling():
-                for f, t in zip(self.flat, self.terms):
-                    f.weight.requires_grad_(t.weight.requires_grad or t.logs.requires_grad)
-                    f.bias.requires_grad_(t.bias.requires_grad or t.logs.requires_grad)
-        else:
-            self.flat, self.groups = fold_convs(self.terms, dtype)
+        self.flat, self.groups = fold_convs(self.terms, dtype)
         self.folded: dict[int, list[Folded]] = {}
         for (i, _), f in zip(self.owners, self.flat):
             self.folded.setdefault(i, []).append(f)

@@ -49,6 +49,7 @@ from ._contract import (
     set_mode,
 )
 from ._folding import FoldTerms
+from ._structure import all_parameters, check_structure
 from ._unit import invertible_backprop
 
 __all__ = ["InvertibleModule", "FusedLayer", "module_pullback"]
@@ -106,23 +107,10 @@ def module_pullback(
 
 
 def trainable_parameters(module: nn.Module) -> list[Tensor]:
-    """``[p for p in module.parameters() if p.requires_grad]``, same order, by a direct walk of
-    the submodule and parameter dicts: the memory-saving unit asks every step for its parameters
-    on every call, and ``parameters()``'s generic walk costs three times as much host time."""
-    seen: set[int] = set()
-    out: list[Tensor] = []
-
-    def walk(m: nn.Module) -> None:
-        for p in m._parameters.values():
-            if p is not None and p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-        for child in m._modules.values():
-            if child is not None:
-                walk(child)
-
-    walk(module)
-    return out
+    """``[p for p in module.parameters() if p.requires_grad]``, same order, from the memoised
+    parameter list (:func:`~flowkernels.layers._structure.all_parameters`): the memory-saving unit
+    asks every step for its parameters on every call."""
+    return [p for p in all_parameters(module) if p.requires_grad]
 
 
 class InvertibleModule(nn.Module):
@@ -147,6 +135,7 @@ class InvertibleModule(nn.Module):
         return self._call(y, cond, logdet, reverse=True)
 
     def _call(self, x: Tensor, cond: Tensor | None, logdet: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+        check_structure(self)
         self._check_input(x, cond)
         check_dtype_matches(self, x)
         if torch.compiler.is_compiling():
@@ -188,7 +177,7 @@ class InvertibleModule(nn.Module):
         """The parameters that get gradients, in ``parameters()`` order."""
         return trainable_parameters(self)
 
-    def cond_projections(self) -> list[CondProjection]:
+    def cond_projections(self) -> Sequence[CondProjection]:
         """Convolutions over the conditioning tensor that a :class:`~flowkernels.FlowSequence`
         may batch across steps (:mod:`flowkernels.layers._cond_parts`); none by default.
 
@@ -198,9 +187,9 @@ class InvertibleModule(nn.Module):
         return the parts' gradients in ``StepGrads.grad_parts`` (parts are computed with the folded
         weights of :meth:`fold_terms`: ``CondProjection.term``).
         """
-        return []
+        return ()
 
-    def fold_terms(self) -> list[FoldTerms]:
+    def fold_terms(self) -> Sequence[FoldTerms]:
         """Convolutions with a per-channel scale whose folded form (:mod:`flowkernels.layers._folding`)
         a :class:`~flowkernels.FlowSequence` may compute for many steps at once; none by default.
 
@@ -208,7 +197,7 @@ class InvertibleModule(nn.Module):
         per term, this order) as a keyword of ``_run`` and ``backward_from_output``, use it instead
         of those parameters, and return their gradients in ``StepGrads.grad_folded``.
         """
-        return []
+        return ()
 
     def map_terms(self) -> MapTerms | None:
         """An ActNorm + 1x1 map whose folding (:mod:`flowkernels.layers._channel_maps`) a

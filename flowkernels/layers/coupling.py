@@ -50,7 +50,8 @@ from ..ops.additive_coupling import additive_coupling_bwd, additive_coupling_fwd
 from ..ops.affine_coupling import SRFLOW_EPS, affine_coupling_bwd, affine_coupling_fwd, affine_coupling_inv
 from ._cond_parts import CondProjection, Parts
 from ._contract import StepGrads, check_cond, check_flow_input, flat_grads, flow_precision
-from ._folding import Folded, FoldTerms, pullback
+from ._folding import ConvRecord, Folded, FoldTerms, conv_vjp, pullback
+from ._structure import structural
 from .actnorm import ActNorm
 from .base import FusedLayer, module_pullback
 
@@ -127,45 +128,106 @@ class Subnet(nn.Sequential):
     conditioning part precomputed: what a :class:`~flowkernels.FlowSequence` runs.
     """
 
-    def convolutions(self) -> list[nn.Module]:
+    @structural
+    def convolutions(self) -> tuple[nn.Module, ...]:
         """The layers with a per-channel scale (``fold_terms``), in order; the others must be
         parameter-free for the subnet to fold."""
-        return [layer for layer in self if _has_fold_terms(layer)]
+        return tuple(layer for layer in self if _has_fold_terms(layer))
 
+    @structural
     def foldable(self) -> bool:
         return all(_has_fold_terms(layer) or not any(True for _ in layer.parameters()) for layer in self)
 
-    def fold_terms(self) -> list[FoldTerms]:
-        return [layer.fold_terms() for layer in self.convolutions()]
+    @structural
+    def fold_terms(self) -> tuple[FoldTerms, ...]:
+        return tuple(layer.fold_terms() for layer in self.convolutions())
 
-    def run_folded(self, inp: Tensor | None, folded: Sequence[Folded], part: Tensor | None = None) -> Tensor:
+    @structural
+    def _layers(self) -> tuple[tuple[nn.Module, bool], ...]:
+        """Each layer and whether it is one of :meth:`convolutions`."""
+        return tuple((layer, _has_fold_terms(layer)) for layer in self)
+
+    def run_folded(
+        self, inp: Tensor | None, folded: Sequence[Folded], part: Tensor | None = None, tape: list | None = None
+    ) -> Tensor:
         """The subnet on ``inp`` with folded convolutions (``folded``: one per :meth:`convolutions`).
 
         With ``part = conv(cond, W0[:, C1:])`` (B, out, H, W), the conditioning part of the first
         folded convolution, ``inp`` is only the flow-state channels x1 (C1 of them; None for a
         subnet reading the conditioning alone): ``first = conv(x1, W0[:, :C1], b0) + part``.
+        ``tape``: a list that receives what :meth:`backward_folded` needs, layer by layer.
         """
-        convs = iter(zip(self.convolutions(), folded))
+        convs = iter(folded)
         out = inp
-        for index, layer in enumerate(self):
-            if not hasattr(layer, "fold_terms"):
-                out = layer(out)
+        for index, (layer, is_conv) in enumerate(self._layers()):
+            if not is_conv:
+                if tape is None:
+                    out = layer(out)
+                elif type(layer) is nn.ReLU:
+                    out = layer(out)
+                    tape.append(out)  # its mask
+                else:  # any other parameter-free layer: its own autograd
+                    (out,), pull = pullback(lambda t, layer=layer: [layer(t)], [out], [True])
+                    out = out.detach()
+                    tape.append(pull)
                 continue
-            conv, (weight, bias) = next(convs)
+            weight, bias = next(convs)
             # The folded tensors carry the compute dtype (bfloat16 under autocast: cast by the
             # sequence, explicitly, so that a traced region computes what eager autocast does).
-            if index > 0 or part is None:
-                out = F.conv2d(out.to(weight.dtype), weight, bias, padding=conv.padding)
-                continue
-            # Sum in float32 (at least): under bf16 both convolutions come out in bf16, and a bf16
-            # sum would round a third time where the per-step convolution rounds once.
-            wide = torch.promote_types(part.dtype, torch.float32)
-            if inp is None:
-                out = part.to(wide) + bias.view(1, -1, 1, 1).to(wide)
-            else:
-                first = F.conv2d(inp.to(weight.dtype), weight[:, : inp.shape[1]], bias, padding=conv.padding)
-                out = first.to(wide) + part.to(wide)
+            first_part = index == 0 and part is not None
+            x = None if out is None else out.to(weight.dtype)
+            applied = weight[:, : x.shape[1]] if first_part and x is not None else weight
+            if x is not None:
+                conv = F.conv2d(x, applied, bias, padding=layer.padding)
+            if first_part:
+                # Sum in float32 (at least): under bf16 both convolutions come out in bf16, and a
+                # bf16 sum would round a third time where the per-step convolution rounds once.
+                wide = torch.promote_types(part.dtype, torch.float32)
+                if x is None:
+                    conv = bias.view(1, -1, 1, 1)
+                conv = conv.to(wide) + part.to(wide)
+            if tape is not None:
+                tape.append(
+                    ConvRecord(
+                        x,
+                        None if out is None else out.dtype,
+                        applied,
+                        weight.shape,
+                        bias,
+                        layer.padding,
+                        part.dtype if first_part else None,
+                    )
+                )
+            out = conv
         return out
+
+    @staticmethod
+    def backward_folded(
+        tape: list, grad_out: Tensor, trains: Sequence[tuple[bool, bool]], wants_inp: bool
+    ) -> tuple[Tensor | None, Tensor | None, list[Folded | None]]:
+        """The backward of :meth:`run_folded` from its ``tape``: ``(dL/dinp, dL/dpart, dL/d(folded)
+        per convolution)`` given ``grad_out`` = dL/d(output). ``trains``: (weight, bias) of each
+        folded convolution need a gradient (None where not); ``wants_inp``: dL/dinp is needed.
+        Each convolution is one ``convolution_backward``, each ReLU one ``threshold_backward``:
+        no autograd graph is built or walked (a quarter less host time than ``autograd.grad``
+        over the recomputed subnet)."""
+        grads: list[Folded | None] = []
+        g, g_part = grad_out, None
+        k = len(trains)
+        for entry in reversed(tape):
+            if isinstance(entry, Tensor):  # a ReLU's output
+                g = torch.ops.aten.threshold_backward(g, entry, 0)
+                continue
+            if not isinstance(entry, ConvRecord):  # another parameter-free layer's pullback
+                g = entry([g])[0]
+                continue
+            k -= 1
+            g_in, g_part_k, g_w, g_b = conv_vjp(entry, g, trains[k], wants_inp or k > 0)
+            g_part = g_part_k if g_part_k is not None else g_part
+            grads.append(None if g_w is None and g_b is None else Folded(g_w, g_b))
+            g = g_in
+        grads.reverse()
+        return g, g_part, grads
 
 
 def make_subnet(in_channels: int, out_channels: int, hidden: int = 64) -> Subnet:
@@ -246,9 +308,10 @@ class Coupling(FusedLayer):
     def extra_repr(self) -> str:
         return f"{self.channels}, cond_channels={self.cond_channels}"
 
-    def stages(self) -> list[Stage]:
-        """The stages in forward order."""
-        return [Stage(self.net, self.channels // 2, True)]
+    @structural
+    def stages(self) -> tuple[Stage, ...]:
+        """The stages in forward order (memoised: an override should be :func:`structural` too)."""
+        return (Stage(self.net, self.channels // 2, True),)
 
     def _transform(self, x: Tensor, h: Tensor, logdet: Tensor, passive: int, reverse: bool, backend: str) -> Tensor:
         """The rule on channels ``[passive:]`` given the subnet output ``h`` (its inverse when
@@ -266,29 +329,31 @@ class Coupling(FusedLayer):
         check_flow_input(x, self.channels)
         check_cond(cond, x, self.cond_channels)
 
-    def fold_terms(self) -> list[FoldTerms]:
+    @structural
+    def fold_terms(self) -> tuple[FoldTerms, ...]:
         """The foldable convolutions of the stages' subnets, stage by stage (empty unless every
         subnet is a foldable :class:`Subnet`): what a FlowSequence folds for all its steps at once
         and passes back as ``folded`` (:mod:`flowkernels.layers._folding`)."""
         stages = self.stages()
         if not all(isinstance(stage.subnet, Subnet) and stage.subnet.foldable() for stage in stages):
-            return []
-        return [t for stage in stages for t in stage.subnet.fold_terms()]
+            return ()
+        return tuple(t for stage in stages for t in stage.subnet.fold_terms())
 
-    def cond_projections(self) -> list[CondProjection]:
+    @structural
+    def cond_projections(self) -> tuple[CondProjection, ...]:
         """The conditioning columns of each stage's first convolution, in stage order (empty
         for an unconditional or unfoldable coupling): what a FlowSequence may precompute for many
         steps in one convolution of the folded weights and pass back as ``parts`` (see the module
         docstring)."""
         stages = self.stages()
         if not self.cond_channels or not self.fold_terms() or not all(self._first_folds(s) for s in stages):
-            return []
+            return ()
         projections, term = [], 0
         for stage in stages:
             first = stage.subnet[0]
             projections.append(CondProjection(first.weight, stage.passive if stage.reads_x else 0, first.padding, term))
             term += len(stage.subnet.convolutions())
-        return projections
+        return tuple(projections)
 
     @staticmethod
     def _first_folds(stage: Stage) -> bool:
@@ -433,28 +498,21 @@ class Coupling(FusedLayer):
 def _folded_pullback(
     subnet: Subnet, inp: Tensor | None, part: Tensor | None, folded: Sequence[Folded], wants_inp: bool
 ) -> tuple[Tensor, Callable[[Tensor], tuple[tuple[Tensor | None, ...], list[Folded | None]]]]:
-    """``subnet.run_folded(inp, folded, part)`` once with grad, and its pullback to the input, the
-    part and the folded convolutions (a folded tensor's gradient only where its parameters train)."""
-    terms = subnet.fold_terms()
-    flat = [t for f in folded for t in f]
+    """``subnet.run_folded(inp, folded, part)`` once, and its pullback to the input, the part and
+    the folded convolutions (a folded tensor's gradient only where its parameters train), by
+    :meth:`Subnet.backward_folded` from the evaluation's tape."""
     trains = [
-        (t.weight.requires_grad or t.logs.requires_grad, t.bias.requires_grad or t.logs.requires_grad) for t in terms
+        (t.weight.requires_grad or t.logs.requires_grad, t.bias.requires_grad or t.logs.requires_grad)
+        for t in subnet.fold_terms()
     ]
-    wanted = [wants_inp, part is not None, *(flag for pair in trains for flag in pair)]
-
-    def run(x: Tensor | None, p: Tensor | None, *tensors: Tensor) -> list[Tensor]:
-        pairs = [Folded(tensors[k], tensors[k + 1]) for k in range(0, len(tensors), 2)]
-        return [subnet.run_folded(x, pairs, p)]
-
-    # the folded tensors are the chunk's leaves (requiring grad where wanted): no detach for them
-    (h,), pull_all = pullback(run, [inp, part, *flat], wanted, reuse=[False, False, *([True] * len(flat))])
+    tape: list = []
+    with torch.no_grad():
+        h = subnet.run_folded(inp, folded, part, tape=tape)
 
     def pull(grad_h: Tensor) -> tuple[tuple[Tensor | None, ...], list[Folded | None]]:
-        g = pull_all([grad_h])
-        pairs = [
-            Folded(g[k], g[k + 1]) if g[k] is not None or g[k + 1] is not None else None for k in range(2, len(g), 2)
-        ]
-        return (g[0], g[1]), pairs
+        with torch.no_grad():
+            g_inp, g_part, grads = subnet.backward_folded(tape, grad_h.to(h.dtype), trains, wants_inp)
+        return (g_inp if wants_inp else None, g_part), grads
 
     return h, pull
 
@@ -581,5 +639,6 @@ class CondAffineCoupling(AffineCoupling):
         self.fAffine = make_subnet(c // 2 + self.cond_channels, 2 * (c - c // 2), hidden)
         self.fFeatures = make_subnet(self.cond_channels, 2 * c, hidden)
 
-    def stages(self) -> list[Stage]:
-        return [Stage(self.fFeatures, 0, False), Stage(self.fAffine, self.channels // 2, True)]
+    @structural
+    def stages(self) -> tuple[Stage, ...]:
+        return (Stage(self.fFeatures, 0, False), Stage(self.fAffine, self.channels // 2, True))

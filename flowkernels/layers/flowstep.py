@@ -29,6 +29,7 @@ from ._channel_maps import MapTerms, StepMap
 from ._cond_parts import CondProjection, Parts
 from ._contract import StepGrads, check_cond, check_flow_input, flat_grads, flow_precision, in_plain_mode
 from ._folding import Folded, FoldTerms
+from ._structure import structural
 from .actnorm import ActNorm2d
 from .base import FusedLayer
 from .coupling import Coupling
@@ -76,13 +77,15 @@ class FlowStep(FusedLayer):
         check_flow_input(x, self.channels)
         check_cond(cond, x, self.cond_channels)
 
-    def cond_projections(self) -> list[CondProjection]:
+    @structural
+    def cond_projections(self) -> tuple[CondProjection, ...]:
         """The coupling's (see :meth:`AffineCoupling.cond_projections`); none without one."""
-        return self.affine.cond_projections() if self.affine is not None else []
+        return tuple(self.affine.cond_projections()) if self.affine is not None else ()
 
-    def fold_terms(self) -> list[FoldTerms]:
+    @structural
+    def fold_terms(self) -> tuple[FoldTerms, ...]:
         """The coupling's (see :meth:`AffineCoupling.fold_terms`); none without one."""
-        return self.affine.fold_terms() if self.affine is not None else []
+        return tuple(self.affine.fold_terms()) if self.affine is not None else ()
 
     def map_terms(self) -> MapTerms:
         """The ActNorm + 1x1 parameters (:mod:`flowkernels.layers._channel_maps`)."""

@@ -117,23 +117,26 @@ class StackedMaps(NamedTuple):
 
     matrix: Tensor
     offset: Tensor
-    matrix_inv: Tensor
+    matrix_inv: Tensor | None
     inv_offset: Tensor
-    logdet_per_pixel: Tensor
+    logdet_per_pixel: Tensor | None
     scale: Tensor
 
 
 def fold_stacked(
-    weight: Tensor, logs: Tensor, bias: Tensor, weight_inv: Tensor, logabsdet: Tensor | None, *, reverse: bool
+    weight: Tensor, logs: Tensor, bias: Tensor, weight_inv: Tensor | None, logabsdet: Tensor | None, *, reverse: bool
 ) -> StackedMaps:
     """:func:`fold` for n calls at once (a FlowSequence's steps): weight, weight_inv (n, C, C);
     logs, bias (n, C); logabsdet (n,). Forward ``A = W diag(e^logs)``, ``a = A bias``, log-det
     ``+(sum logs + log|det W|)`` per pixel (None without ``logabsdet``: a backward needs none);
-    ``reverse``: the inverse map is applied and the forward one rebuilds. A handful of batched
-    ops, whatever n."""
+    ``reverse``: the inverse map is applied and the forward one rebuilds. ``weight_inv`` may be
+    None in a forward (``reverse=False``) that never rebuilds: ``matrix_inv`` is then None. A
+    handful of batched ops, whatever n."""
+    if weight_inv is None and reverse:
+        raise ValueError("fold_stacked: the inverse map applies W^-1, so reverse=True needs weight_inv")
     scale = torch.exp(logs)
     forward_map = weight * scale[:, None, :]
-    inverse_map = weight_inv / scale[:, :, None]
+    inverse_map = None if weight_inv is None else weight_inv / scale[:, :, None]
     per_pixel = None if logabsdet is None else logs.sum(-1) + logabsdet
     if reverse:
         per_pixel = None if per_pixel is None else -per_pixel
