@@ -189,13 +189,13 @@ class Subnet(nn.Sequential):
             if tape is not None:
                 tape.append(
                     ConvRecord(
-                        x,
-                        None if out is None else out.dtype,
-                        applied,
-                        weight.shape,
-                        bias,
-                        layer.padding,
-                        part.dtype if first_part else None,
+                        inp=x,
+                        inp_dtype=None if out is None else out.dtype,
+                        weight=applied,
+                        folded_shape=weight.shape,
+                        bias=bias,
+                        padding=layer.padding,
+                        part_dtype=part.dtype if first_part else None,
                     )
                 )
             out = conv
