@@ -125,3 +125,19 @@ def test_a_training_step_keeps_the_memos():
     model.nll(hr, lr).mean().backward()
     assert _structure._Epoch.value == epoch
     assert step.fold_terms() is terms
+
+
+def test_a_parameter_moved_between_modules_without_registration_starts_a_new_epoch():
+    """The check compares the tree's held objects in one flat sequence; a parameter moved from one
+    module's dict to the next one's leaves that sequence as it was, and is caught by the dicts'
+    sizes."""
+    first, second = torch.nn.Module(), torch.nn.Module()
+    first.weight = torch.nn.Parameter(torch.zeros(2))
+    root = torch.nn.Sequential(first, second)
+    _structure.check_structure(root)
+    epoch = _structure._Epoch.value
+    _structure.check_structure(root)
+    assert _structure._Epoch.value == epoch  # nothing changed: the memos stay
+    second._parameters["weight"] = first._parameters.pop("weight")
+    _structure.check_structure(root)
+    assert _structure._Epoch.value > epoch

@@ -90,11 +90,12 @@ _parameter_dict = operator.attrgetter("_parameters")
 _module_dict = operator.attrgetter("_modules")
 
 
-def _held(modules: tuple[nn.Module, ...]) -> list[object]:
-    """Every parameter and submodule the ``modules`` hold, in order (C-level iteration: a tree of
-    a thousand modules is read in tens of microseconds)."""
-    dicts = itertools.chain(map(_parameter_dict, modules), map(_module_dict, modules))
-    return list(itertools.chain.from_iterable(map(dict.values, dicts)))
+def _held(modules: tuple[nn.Module, ...]) -> tuple[list[object], list[int]]:
+    """Every parameter and submodule the ``modules`` hold, in order, and how many each dict holds
+    (so that an object moved from one module to the next shows). C-level iteration: the ~1,000
+    modules of an SRFlow flow are read in ~0.3 ms."""
+    dicts = list(itertools.chain(map(_parameter_dict, modules), map(_module_dict, modules)))
+    return list(itertools.chain.from_iterable(map(dict.values, dicts))), list(map(len, dicts))
 
 
 def check_structure(root: nn.Module) -> None:
@@ -106,8 +107,9 @@ def check_structure(root: nn.Module) -> None:
     seen = root.__dict__.get("_structure_seen")
     # seen[1] is the root: a copy of a module's __dict__ (DataParallel's replicas) compares anew
     if seen is not None and seen[0] == _Epoch.value and seen[1] is root:
-        held = _held(seen[2])  # against the objects of the last check, kept alive there
-        if len(held) == len(seen[3]) and all(map(operator.is_, held, seen[3])):
+        (held, counts), (was_held, was_counts) = _held(seen[2]), seen[3]
+        # against the objects of the last check, kept alive there
+        if counts == was_counts and all(map(operator.is_, held, was_held)):
             return
         _new_epoch()
     modules = tuple(root.modules())
