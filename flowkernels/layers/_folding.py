@@ -26,7 +26,24 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["ConvRecord", "FoldGroup", "FoldTerms", "Folded", "conv_vjp", "fold_convs", "pullback", "unfold_grads"]
+__all__ = [
+    "ConvRecord",
+    "FoldGroup",
+    "FoldTerms",
+    "Folded",
+    "as_dtype",
+    "conv_vjp",
+    "fold_convs",
+    "pullback",
+    "unfold_grads",
+]
+
+
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call where ``t`` already has that dtype: the subnets' recompute
+    and backward cast on every convolution, ~800 casts per SRFlow step that are no-ops outside
+    autocast, yet each costs a few microseconds of host time as a call."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class FoldTerms(NamedTuple):
@@ -155,10 +172,10 @@ def conv_vjp(
     columns behind a part) are zero, for whoever computed the part to complete."""
     g_part = None
     if rec.part_dtype is not None:
-        g_part = grad.to(rec.part_dtype)
-        grad = grad.to(rec.bias.dtype)  # the convolution's output dtype, before the widening
+        g_part = as_dtype(grad, rec.part_dtype)
+        grad = as_dtype(grad, rec.bias.dtype)  # the convolution's output dtype, before the widening
     if rec.inp is None:
-        return None, g_part, None, grad.sum((0, 2, 3)).to(rec.bias.dtype) if trains[1] else None
+        return None, g_part, None, as_dtype(grad.sum((0, 2, 3)), rec.bias.dtype) if trains[1] else None
     g_inp, g_weight, g_bias = torch.ops.aten.convolution_backward(
         grad,
         rec.inp,
@@ -175,7 +192,7 @@ def conv_vjp(
     if g_weight is not None and g_weight.shape != rec.folded_shape:
         rest = rec.folded_shape[1] - g_weight.shape[1]
         g_weight = torch.cat([g_weight, g_weight.new_zeros(g_weight.shape[0], rest, *g_weight.shape[2:])], dim=1)
-    return None if g_inp is None else g_inp.to(rec.inp_dtype), g_part, g_weight, g_bias
+    return None if g_inp is None else as_dtype(g_inp, rec.inp_dtype), g_part, g_weight, g_bias
 
 
 def pullback(

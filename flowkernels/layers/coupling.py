@@ -50,7 +50,7 @@ from ..ops.additive_coupling import additive_coupling_bwd, additive_coupling_fwd
 from ..ops.affine_coupling import SRFLOW_EPS, affine_coupling_bwd, affine_coupling_fwd, affine_coupling_inv
 from ._cond_parts import CondProjection, Parts
 from ._contract import StepGrads, check_cond, check_flow_input, flat_grads, flow_precision
-from ._folding import ConvRecord, Folded, FoldTerms, conv_vjp, pullback
+from ._folding import ConvRecord, Folded, FoldTerms, as_dtype, conv_vjp, pullback
 from ._structure import structural
 from .actnorm import ActNorm
 from .base import FusedLayer, module_pullback
@@ -175,7 +175,7 @@ class Subnet(nn.Sequential):
             # The folded tensors carry the compute dtype (bfloat16 under autocast: cast by the
             # sequence, explicitly, so that a traced region computes what eager autocast does).
             first_part = index == 0 and part is not None
-            x = None if out is None else out.to(weight.dtype)
+            x = None if out is None else as_dtype(out, weight.dtype)
             applied = weight[:, : x.shape[1]] if first_part and x is not None else weight
             if x is not None:
                 conv = F.conv2d(x, applied, bias, padding=layer.padding)
@@ -185,7 +185,7 @@ class Subnet(nn.Sequential):
                 wide = torch.promote_types(part.dtype, torch.float32)
                 if x is None:
                     conv = bias.view(1, -1, 1, 1)
-                conv = conv.to(wide) + part.to(wide)
+                conv = as_dtype(conv, wide) + as_dtype(part, wide)
             if tape is not None:
                 tape.append(
                     ConvRecord(
@@ -511,7 +511,7 @@ def _folded_pullback(
 
     def pull(grad_h: Tensor) -> tuple[tuple[Tensor | None, ...], list[Folded | None]]:
         with torch.no_grad():
-            g_inp, g_part, grads = subnet.backward_folded(tape, grad_h.to(h.dtype), trains, wants_inp)
+            g_inp, g_part, grads = subnet.backward_folded(tape, as_dtype(grad_h, h.dtype), trains, wants_inp)
         return (g_inp if wants_inp else None, g_part), grads
 
     return h, pull
