@@ -83,7 +83,8 @@ def fold_convs(terms: Sequence[FoldTerms], dtype: torch.dtype | None = None) -> 
     (stacked, one exp and two multiplies), so a level of K steps costs a few ops per distinct
     shape, not per step. Folded in the parameters' dtype, then cast to ``dtype`` (the subnets'
     compute dtype, e.g. bfloat16 under autocast; None: unchanged). Differentiable;
-    :func:`unfold_grads` is its backward in as few ops."""
+    :func:`unfold_grads` is its backward in as few ops, and where autograd is off it overwrites
+    the groups' folded weights, of which the returned weights are views when not cast."""
     by_key: dict[tuple, list[int]] = {}
     for i, t in enumerate(terms):
         by_key.setdefault((tuple(t.weight.shape), t.factor, t.weight.dtype, t.weight.device), []).append(i)
@@ -109,10 +110,12 @@ def _mul_into(stack: Tensor, other: Tensor) -> Tensor:
     """``stack * other``, in place into ``stack`` (the caller's to overwrite) where autograd is
     off and the product has its dtype: a weight-sized result freshly allocated is, on a CPU,
     mostly page faults (16 weights of 64 x 320 x 3 x 3 scaled: ~18 ms out of place, ~1 ms in
-    place; compiled, Inductor plans the buffers itself)."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+    place; compiled, Inductor plans the buffers itself). The dtype test is on the dtypes' sizes:
+    ``torch.promote_types`` would be one more dispatched call."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or stack.requires_grad:
         return stack * other
-    if torch.promote_types(stack.dtype, other.dtype) != stack.dtype:
+    a, b = stack.dtype, other.dtype
+    if a != b and not (a.is_floating_point and b.is_floating_point and a.itemsize > b.itemsize):
         return stack * other
     return stack.mul_(other)
 

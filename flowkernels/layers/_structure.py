@@ -88,6 +88,7 @@ def all_parameters(module: nn.Module) -> tuple[Tensor, ...]:
 
 _parameter_dict = operator.attrgetter("_parameters")
 _module_dict = operator.attrgetter("_modules")
+_values = operator.methodcaller("values")  # not dict.values: a TorchScript module's dicts are wrappers
 
 
 def _held(modules: tuple[nn.Module, ...]) -> tuple[list[object], list[int]]:
@@ -95,7 +96,7 @@ def _held(modules: tuple[nn.Module, ...]) -> tuple[list[object], list[int]]:
     (so that an object moved from one module to the next shows). C-level iteration: the ~1,000
     modules of an SRFlow flow are read in ~0.3 ms."""
     dicts = list(itertools.chain(map(_parameter_dict, modules), map(_module_dict, modules)))
-    return list(itertools.chain.from_iterable(map(dict.values, dicts))), list(map(len, dicts))
+    return list(itertools.chain.from_iterable(map(_values, dicts))), list(map(len, dicts))
 
 
 def check_structure(root: nn.Module) -> None:
