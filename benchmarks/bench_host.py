@@ -130,8 +130,11 @@ def measure(args: argparse.Namespace, preset: str | SRFlowPreset, variant: str, 
         "host_ms_per_step": median_ms(step, args.reps),
         "host_ms_per_sample": median_ms(sample, args.reps),
     }
-    counts, ms = (out["ops_per_step"], out["ops_per_sample"]), out["host_ms_per_step"]
-    print(f"{variant}: {counts[0]} ops/step, {counts[1]} ops/sample, {ms:.0f} ms/step", flush=True)
+    print(
+        f"{variant}: {out['ops_per_step']} ops/step, {out['ops_per_sample']} ops/sample, "
+        f"{out['host_ms_per_step']:.0f} ms/step",
+        flush=True,
+    )
     return out
 
 
@@ -142,8 +145,10 @@ def measure_breaks(args: argparse.Namespace, preset: str | SRFlowPreset, variant
         "graph_breaks_step": graph_breaks(lambda hr, lr: model.nll(hr, lr).mean(), hr, lr),
         "graph_breaks_sample": graph_breaks(lambda lr: model.sample(lr, temperature=0.9), lr),
     }
-    breaks = out["graph_breaks_step"], out["graph_breaks_sample"]
-    print(f"{variant}: graph breaks {breaks[0]} (step), {breaks[1]} (sample)", flush=True)
+    print(
+        f"{variant}: graph breaks {out['graph_breaks_step']} (step), {out['graph_breaks_sample']} (sample)",
+        flush=True,
+    )
     return out
 
 
