@@ -70,11 +70,16 @@ def count_ops(fn: Callable[[], object]) -> collections.Counter[str]:
 
 
 def median_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median wall time of ``fn``, the device's queue drained after each call (on a GPU at a
+    compute-negligible size that is the host's time to launch everything)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
+    sync()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 

@@ -332,15 +332,16 @@ def main() -> None:
         if name == "official":
             official_b16 = next((p.get("peak_gib") for p in res["points"] if p.get("batch") == 16), None)
         results.append(res)
-    payload = {
-        "env": environment(device),
-        "preset": args.preset,
-        "hr_size": args.hr_size,
-        "command": " ".join(sys.argv),
-        "results": results,
-        "batching_speedup": batching_speedups(results),
-    }
-    path = write_json(f"bench_srflow_{args.preset}", payload, args.out)
+        # rewritten after every variant: a run stopped from outside keeps what it measured
+        payload = {
+            "env": environment(device),
+            "preset": args.preset,
+            "hr_size": args.hr_size,
+            "command": " ".join(sys.argv),
+            "results": results,
+            "batching_speedup": batching_speedups(results),
+        }
+        path = write_json(f"bench_srflow_{args.preset}", payload, args.out)
     print(f"wrote {path}")
 
 

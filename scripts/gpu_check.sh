@@ -7,6 +7,8 @@
 # on one machine; the build stays in the tree); at the end each call copies the JSON files and
 # a tarball of everything to $OUT (the device tool brings back at most 8 files). Meant for one
 # H100/H200 with torch + CUDA installed (Python 3.12, torch 2.11+cu130, triton 3.6, nvcc 13.0).
+# To fit a short lease: SRFLOW_SECONDS, LVLBATCH_SECONDS, COMPILED_SECONDS (time budgets),
+# COMPILED_VARIANTS / COMPILED_BATCHES (the compiled stage's points), TEST_WORKERS (xdist).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WORK="${WORK:-/tmp/gpu-run}"
@@ -37,7 +39,14 @@ if want build; then
 fi
 if want test; then
     # TRITON_INTERPRET=0: the Triton kernels run compiled (tests/conftest.py defaults to the interpreter)
-    run test-gpu env TRITON_INTERPRET=0 "$PY" -m pytest -q -x -m gpu tests -p no:cacheprovider --junitxml="$WORK/test-gpu.xml"
+    # The model-level tests (CUDA-graph capture, official fixtures, compiled ops) first, then the
+    # kernel matrix, on worker processes where pytest-xdist is there (Triton compiles on the CPU).
+    run test-gpu env TRITON_INTERPRET=0 "$PY" -m pytest -q -x -m gpu tests --ignore=tests/test_kernels.py \
+        -p no:cacheprovider --durations=10 --junitxml="$WORK/test-gpu.xml"
+    xdist=()
+    "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-8}")
+    run test-gpu-kernels env TRITON_INTERPRET=0 "$PY" -m pytest -q -x -m gpu tests/test_kernels.py "${xdist[@]}" \
+        -p no:cacheprovider --durations=10 --junitxml="$WORK/test-gpu-kernels.xml"
 fi
 if want ops; then
     # torch.compile of the reference only at level 1 (each shape costs a compilation)
@@ -70,8 +79,8 @@ if want compiled; then
     # bf16, against eager and the compiled official maths; warmup_s holds the compile time.
     mkdir -p "$WORK/compiled-step"
     run bench-srflow-compiled "$PY" -m benchmarks.bench_srflow --out "$WORK/compiled-step" \
-        --variants ms-cuda,ms-cuda-compile,ms-cuda-graph,ms-cuda-bf16-cl-graph,official-compile \
-        --batches 16,64 --sample-batch 16 --max-seconds "${COMPILED_SECONDS:-420}"
+        --variants "${COMPILED_VARIANTS:-ms-cuda,ms-cuda-compile,ms-cuda-graph,ms-cuda-bf16-cl-graph,official-compile}" \
+        --batches "${COMPILED_BATCHES:-16,64}" --sample-batch 16 --max-seconds "${COMPILED_SECONDS:-420}"
     cp "$WORK/compiled-step/bench_srflow_df2k-4x.json" "$WORK/bench_srflow_df2k-4x_compiled.json" 2>/dev/null
 fi
 if want host; then
