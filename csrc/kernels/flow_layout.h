@@ -46,8 +46,8 @@ struct FlowView {
 
   // An output view passes where an input view is expected, as T* converts to const T* (the
   // backward's rebuilt input is written by one kernel and read by the next).
-  template <typename U>
-    requires(std::is_same_v<U, const T> && !std::is_const_v<T>)
+  // (SFINAE, not a C++20 requires-clause: torch 2.11's extension build compiles as C++17)
+  template <typename U, typename = std::enable_if_t<std::is_same_v<U, const T> && !std::is_const_v<T>>>
   operator FlowView<U>() const {
     return FlowView<U>{data, s};
   }
