@@ -136,10 +136,11 @@ def plan_chunks(
     start, owners, projs, used = 0, [], [], 0
     for i, step_projs in enumerate(projections):
         cost = sum(p.weight.shape[0] for p in step_projs) * per_channel
-        shape_change = bool(projs) and any(
+        # len(), not truthiness: torch 2.11's Dynamo cannot trace bool() of a list
+        shape_change = len(projs) > 0 and any(
             p.weight.shape[2:] != projs[0].weight.shape[2:] or p.padding != projs[0].padding for p in step_projs
         )
-        if step_projs and projs and (used + cost > budget_bytes or shape_change):
+        if len(step_projs) > 0 and len(projs) > 0 and (used + cost > budget_bytes or shape_change):
             chunks.append(PartChunk(start, i, tuple(owners), tuple(projs)))
             start, owners, projs, used = i, [], [], 0
         owners += [i] * len(step_projs)
