@@ -196,13 +196,16 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "results": [measure(args, preset, v, device) for v in args.variants.split(",")],
     }
+    name = f"bench_host_{payload['preset']}"
+    # written after each part: a run stopped from outside keeps the eager numbers
+    write_json(name, payload, args.out)
     for result in payload["results"]:
         result.update(measure_breaks(args, preset, result["variant"], device))
+        write_json(name, payload, args.out)
     if args.inductor:
         payload["inductor"] = inductor_kernels(args, device)
         print(f"inductor: {payload['inductor']}", flush=True)
-    name = payload["preset"]
-    print(f"wrote {write_json(f'bench_host_{name}', payload, args.out)}")
+    print(f"wrote {write_json(name, payload, args.out)}")
 
 
 if __name__ == "__main__":
