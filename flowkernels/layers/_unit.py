@@ -92,7 +92,10 @@ class _InvertibleBackprop(torch.autograd.Function):
             ctx.saved_params = params
             ctx.param_versions = tuple(p._version for p in params)
         ctx.save_for_backward(y, cond, *kept, *kept_parts)
-        return y, buf
+        # Compiled, the log-det leaves as a fresh tensor: torch 2.11's Dynamo takes an output
+        # that was updated in place under no_grad for non-differentiable and drops its gradient
+        # (the steps' reference ops add into ``buf``; the ActNorm / 1x1 gradients came out wrong).
+        return y, buf.clone() if torch.compiler.is_compiling() else buf
 
     @staticmethod
     def backward(ctx, grad_y: Tensor | None, grad_logdet: Tensor | None):  # noqa: ANN001, ANN205
