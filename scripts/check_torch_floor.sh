@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The compile and level-batching tests under the oldest torch the project supports (2.11, the GPU
+# machine's), on the CPU, with the C++ extension built by that torch (C++17).
+#
+#   bash scripts/check_torch_floor.sh [pytest args...]
+#
+# Why: Dynamo and cpp_extension change between torch versions, and CI has torch 2.13 only. Three
+# faults passed CI and failed under 2.11 (2026-12-04): a C++20 requires-clause (2.11 builds
+# extensions as C++17), bool() of a list in traced code, and a memory-saving unit output
+# updated in place under no_grad, whose gradient 2.11's Dynamo dropped. Run it before a GPU
+# lease and after changing traced code. Not part of CI: it needs pip to find FLOOR_TORCH.
+#
+# Environment: FLOOR_TORCH (default torch==2.11.0), FLOOR_VENV (default .venv-floor; created once),
+# FLOOR_TREE (default build/floor-tree: a copy of the tracked files, so that its extension build
+# does not replace the one in the working tree), MAX_JOBS (default 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=$(realpath -m "${FLOOR_VENV:-.venv-floor}")
+TREE=$(realpath -m "${FLOOR_TREE:-build/floor-tree}")
+
+if [[ ! -x $VENV/bin/python ]]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "${FLOOR_TORCH:-torch==2.11.0}" numpy ninja setuptools \
+    pytest pytest-xdist pytest-benchmark scikit-image pillow safetensors tqdm pyyaml matplotlib
+fi
+echo "check_torch_floor: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')"
+
+rm -rf "$TREE"
+mkdir -p "$TREE"
+git ls-files -z | xargs -0 cp --parents -t "$TREE"
+cd "$TREE"
+FLOWKERNELS_SKIP_CUDA=1 MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" setup.py -q build_ext --inplace
+# The Triton tests stay out: triton 3.6's interpreter fails on numpy 2.4 (a 1-element array as
+# a loop bound), and on the GPU Triton runs compiled (scripts/gpu_check.sh).
+OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n 2 \
+  tests/test_srflow_compile.py tests/test_compile.py tests/test_cond_batching.py "$@"
+echo "check_torch_floor: passed ($ROOT at $(git -C "$ROOT" rev-parse --short HEAD), working tree's tracked files)"
