@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The compile and level-batching tests under the oldest torch the project supports (2.11, the GPU
-# machine's), on the CPU, with the C++ extension built by that torch (C++17).
+# machine's), on the CPU, with the C++ extension built by that torch (C++17) and Triton's compile
+# tests in triton 3.6's interpreter.
 #
 #   bash scripts/check_torch_floor.sh [pytest args...]   (default: the compile and batching tests;
 #                                                        `tests`: the whole suite, ~5 min on 2 cores)
@@ -22,7 +23,9 @@ TREE=$(realpath -m "${FLOOR_TREE:-build/floor-tree}")
 
 if [[ ! -x $VENV/bin/python ]]; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "${FLOOR_TORCH:-torch==2.11.0}" numpy ninja setuptools \
+  # triton 3.6 as on the GPU machine; numpy < 2.3: its interpreter fails on numpy 2.4 (a
+  # 1-element array as a loop bound), and on the GPU Triton runs compiled
+  "$VENV/bin/pip" install -q "${FLOOR_TORCH:-torch==2.11.0}" triton==3.6.0 "numpy<2.3" ninja setuptools \
     pytest pytest-xdist pytest-benchmark scikit-image pillow safetensors tqdm pyyaml matplotlib
 fi
 echo "check_torch_floor: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')"
@@ -32,9 +35,7 @@ mkdir -p "$TREE"
 git ls-files -z | xargs -0 cp --parents -t "$TREE"
 cd "$TREE"
 FLOWKERNELS_SKIP_CUDA=1 MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" setup.py -q build_ext --inplace
-# The Triton tests stay out: triton 3.6's interpreter fails on numpy 2.4 (a 1-element array as
-# a loop bound), and on the GPU Triton runs compiled (scripts/gpu_check.sh).
-ARGS=(tests/test_srflow_compile.py tests/test_compile.py tests/test_cond_batching.py)
+ARGS=(tests/test_srflow_compile.py tests/test_compile.py tests/test_cond_batching.py tests/test_triton_compile.py)
 [[ $# -gt 0 ]] && ARGS=("$@")
 OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup "${ARGS[@]}"
 echo "check_torch_floor: passed ($ROOT at $(git -C "$ROOT" rev-parse --short HEAD), working tree's tracked files)"
