@@ -11,7 +11,10 @@ Per variant this measures:
 * ``host_ms_per_step`` / ``host_ms_per_sample``: median wall time of those calls (one thread);
 * ``graph_breaks``: ``torch._dynamo.explain`` of the training loss and of ``sample``;
 * with ``--inductor``: Inductor's generated-kernel count and compile time of the training loss
-  (forward + backward), on a small preset (minutes of compile on a CPU).
+  (forward + backward), on a small preset (minutes of compile on a CPU);
+* with ``--trace-times``: seconds to compile the first variant's training loss with Dynamo alone
+  (``backend="eager"``) and with AOT autograd (``"aot_eager"``), first step included: the part
+  of a compile that does not depend on the code generator (minutes for df2k-4x).
 
 ``--narrow``: the preset's architecture (levels, steps, RRDB blocks: the same ops, the same op
 count) with its widths divided by 8 (RRDB 8 / 4 channels, subnets 8 wide). On a CPU, df2k-4x at
@@ -23,7 +26,7 @@ Variants: ``official`` (stored-activation autograd over the reference ops: the o
 maths, op for op), ``ms-reference``, ``ms-cuda`` (memory saving on the reference / C++ backend,
 library defaults: level batching by device) and ``ms-cuda-batched`` (level batching forced on).
 
-    python -m benchmarks.bench_host [--preset df2k-4x] [--variants ...] [--inductor] [--out DIR]
+    python -m benchmarks.bench_host [--preset df2k-4x] [--variants ...] [--inductor] [--trace-times] [--out DIR]
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import flowkernels as fk
 import srflow
 from benchmarks.common import add_common_args, environment, write_json
 from srflow.presets import SRFlowPreset, get_preset
@@ -171,6 +175,21 @@ def inductor_kernels(args: argparse.Namespace, device: torch.device) -> dict:
     return {"preset": args.inductor_preset, "generated_kernels": metrics.generated_kernel_count, "compile_s": seconds}
 
 
+def trace_times(args: argparse.Namespace, preset: str | SRFlowPreset, variant: str, device: torch.device) -> dict:
+    """Seconds of ``variant``'s first compiled training step per tracing backend."""
+    fk.check_backend_available(VARIANTS[variant][1], device)  # loads the backend: a trace cannot import it
+    out: dict = {"variant": variant}
+    for backend in ("eager", "aot_eager"):
+        model, hr, lr = build(preset, variant, device, args.hr_size, args.batch)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda hr, lr, model=model: model.nll(hr, lr).mean(), fullgraph=True, backend=backend)
+        t0 = time.perf_counter()
+        compiled(hr, lr).backward()
+        out[f"{backend}_s"] = time.perf_counter() - t0
+        print(f"trace time, backend {backend}: {out[f'{backend}_s']:.1f} s", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
@@ -182,6 +201,7 @@ def main() -> None:
     parser.add_argument("--inductor", action="store_true", help="also compile the training loss with Inductor")
     parser.add_argument("--inductor-preset", default="tiny-4x")
     parser.add_argument("--narrow", action="store_true", help="the preset's architecture, widths / 8")
+    parser.add_argument("--trace-times", action="store_true", help="also time Dynamo's and AOT's compile")
     args = parser.parse_args()
     if args.smoke:
         args.preset, args.reps, args.hr_size = "tiny-4x", 1, 32
@@ -201,6 +221,9 @@ def main() -> None:
     write_json(name, payload, args.out)
     for result in payload["results"]:
         result.update(measure_breaks(args, preset, result["variant"], device))
+        write_json(name, payload, args.out)
+    if args.trace_times:
+        payload["trace_times"] = trace_times(args, preset, args.variants.split(",")[0], device)
         write_json(name, payload, args.out)
     if args.inductor:
         payload["inductor"] = inductor_kernels(args, device)

@@ -38,7 +38,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _run("benchmarks.bench_memory", *common)
     variants = "official,ms-reference-cl,ms-reference-perstep,ms-reference-batched"
     _run("benchmarks.bench_srflow", *common, "--variants", variants, "--steps", "1")
-    _run("benchmarks.bench_host", *common, "--variants", "ms-reference")
+    _run("benchmarks.bench_host", *common, "--variants", "ms-reference", "--trace-times")
     _run("benchmarks.bench_loader", "--out", str(out), "--images", "2", "--size", "200", "120", "--crop", "32")
     _run("benchmarks.report", str(out))
     return out
@@ -57,9 +57,12 @@ def test_every_benchmark_writes_rows_without_errors(results: Path):
         "ms-reference-batched",
     ]
     assert all("error" not in r and len(r["points"]) == 2 for r in srflow["results"])
-    host = json.loads((results / "bench_host_tiny-4x.json").read_text())["results"]
+    host_json = json.loads((results / "bench_host_tiny-4x.json").read_text())
+    host = host_json["results"]
     assert [r["variant"] for r in host] == ["ms-reference"]
     assert all(r["ops_per_step"] > 0 and r["graph_breaks_step"] == 0 == r["graph_breaks_sample"] for r in host)
+    traced = host_json["trace_times"]
+    assert traced["variant"] == "ms-reference" and traced["eager_s"] > 0 and traced["aot_eager_s"] > 0
     loader = json.loads((results / "bench_loader.json").read_text())
     assert [r["mode"] for r in loader["rows"]] == ["cold", "memory", "store", "bank"]
     assert all(len(r["samples_per_s"]) == 5 and r["median"] > 0 for r in loader["rows"])
