@@ -161,6 +161,15 @@ def measure_breaks(args: argparse.Namespace, preset: str | SRFlowPreset, variant
     return out
 
 
+def first_compiled_step_s(model: srflow.SRFlow, hr: torch.Tensor, lr: torch.Tensor, backend: str) -> float:
+    """Seconds of the first training step (NLL forward + backward) compiled whole with
+    ``backend``: the compile included."""
+    compiled = torch.compile(lambda hr, lr: model.nll(hr, lr).mean(), fullgraph=True, backend=backend)
+    t0 = time.perf_counter()
+    compiled(hr, lr).backward()
+    return time.perf_counter() - t0
+
+
 def inductor_kernels(args: argparse.Namespace, device: torch.device) -> dict:
     """Generated kernels and compile time of the training loss (forward + backward) on a small preset."""
     from torch._inductor import metrics  # noqa: PLC0415 (private, only for this optional measurement)
@@ -168,10 +177,7 @@ def inductor_kernels(args: argparse.Namespace, device: torch.device) -> dict:
     model, hr, lr = build(args.inductor_preset, "ms-cuda", device, 32, 2)
     torch._dynamo.reset()
     metrics.reset()
-    compiled = torch.compile(lambda hr, lr: model.nll(hr, lr).mean(), fullgraph=True)
-    t0 = time.perf_counter()
-    compiled(hr, lr).backward()
-    seconds = time.perf_counter() - t0
+    seconds = first_compiled_step_s(model, hr, lr, "inductor")
     return {"preset": args.inductor_preset, "generated_kernels": metrics.generated_kernel_count, "compile_s": seconds}
 
 
@@ -182,10 +188,7 @@ def trace_times(args: argparse.Namespace, preset: str | SRFlowPreset, variant: s
     for backend in ("eager", "aot_eager"):
         model, hr, lr = build(preset, variant, device, args.hr_size, args.batch)
         torch._dynamo.reset()
-        compiled = torch.compile(lambda hr, lr, model=model: model.nll(hr, lr).mean(), fullgraph=True, backend=backend)
-        t0 = time.perf_counter()
-        compiled(hr, lr).backward()
-        out[f"{backend}_s"] = time.perf_counter() - t0
+        out[f"{backend}_s"] = first_compiled_step_s(model, hr, lr, backend)
         print(f"trace time, backend {backend}: {out[f'{backend}_s']:.1f} s", flush=True)
     return out
 

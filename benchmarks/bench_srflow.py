@@ -327,6 +327,7 @@ def main() -> None:
     deadline = time.perf_counter() + args.max_seconds
     results = []
     official_b16 = None
+    env = environment(device)
     for name in args.variants.split(","):
         res = run_variant_isolated(name, args, device, official_b16, deadline)
         if name == "official":
@@ -334,7 +335,7 @@ def main() -> None:
         results.append(res)
         # rewritten after every variant: a run stopped from outside keeps what it measured
         payload = {
-            "env": environment(device),
+            "env": env,
             "preset": args.preset,
             "hr_size": args.hr_size,
             "command": " ".join(sys.argv),
