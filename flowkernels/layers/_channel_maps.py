@@ -147,9 +147,13 @@ class SequenceMaps:
                 continue
             g_map = torch.stack([self._grads[i][0] for i in g.steps])
             g_off = torch.stack([self._grads[i][1] for i in g.steps])
-            pixels = torch.tensor([self._grads[i][2] for i in g.steps], dtype=total.dtype, device=total.device)
+            # Invertible layers keep C*H*W, so the steps of a group (one channel count) share their
+            # pixel count. Not torch.tensor(counts): on CUDA that is a host-to-device copy, which
+            # waits for the stream (a host sync in the middle of the backward).
+            (count,) = {self._grads[i][2] for i in g.steps}
+            g_logdet = (total * count).expand(len(g.steps))
             g_w, g_logs, g_b = chain_rule_stacked(
-                g_map, g_off, pixels * total, g.weight, g.weight_inv, g.bias, g.maps, reverse=self.reverse
+                g_map, g_off, g_logdet, g.weight, g.weight_inv, g.bias, g.maps, reverse=self.reverse
             )
             n = len(g.steps)
             g_logs, g_b = g_logs.reshape(n, *g.shapes[0]), g_b.reshape(n, *g.shapes[1])  # the parameters' shapes
