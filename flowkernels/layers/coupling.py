@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import reference
 from ..dispatch import select_backend
 from ..ops.additive_coupling import additive_coupling_bwd, additive_coupling_fwd, additive_coupling_inv
 from ..ops.affine_coupling import SRFLOW_EPS, affine_coupling_bwd, affine_coupling_fwd, affine_coupling_inv
@@ -182,7 +183,7 @@ class Subnet(nn.Sequential):
             if first_part:
                 # Sum in float32 (at least): under bf16 both convolutions come out in bf16, and a
                 # bf16 sum would round a third time where the per-step convolution rounds once.
-                wide = torch.promote_types(part.dtype, torch.float32)
+                wide = reference.compute_dtype(part)
                 if x is None:
                     conv = bias.view(1, -1, 1, 1)
                 conv = as_dtype(conv, wide) + as_dtype(part, wide)
