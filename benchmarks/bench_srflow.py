@@ -14,7 +14,8 @@ One training step = RRDB conditioning + flow NLL forward + backward + Adam step,
   the batched parts from forward to backward (``keep_cond_parts``);
 * any of them with ``-compile`` (``torch.compile(fullgraph=True)`` of the whole loss, forward and
   backward; the sampling call too) or ``-graph`` (the same in ``mode="reduce-overhead"``: CUDA
-  graphs, with fused Adam). ``warmup_s`` holds the compile time.
+  graphs, with fused Adam). ``warmup_s`` holds the compile time; ``cudagraph_skips`` (on CUDA) the
+  graphs Inductor ran without capturing: a ``-graph`` time is a CUDA-graph time only where it is 0.
 
 For each variant and batch: median step time over timed steps, samples/s and peak memory
 (``max_memory_allocated``, model and optimizer state included; on the CPU each variant runs in
@@ -40,6 +41,7 @@ import sys
 import time
 
 import torch
+from torch._dynamo.utils import counters  # Inductor's count of graphs it ran without capturing them
 from torch.utils.checkpoint import checkpoint
 
 import flowkernels as fk
@@ -149,6 +151,7 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
         opt.step()
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    counters["inductor"].clear()
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -165,6 +168,10 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
     ms = statistics.median(times)
     out = {"batch": batch, "ms": ms, "ms_min": min(times), "ms_max": max(times), "samples_per_s": batch / ms * 1e3}
     out["warmup_s"] = warmup_s  # compile time included for the compiled variants
+    if graphs:
+        # graphs Inductor ran uncaptured (a CPU tensor in the graph, a mutated input, ...; the
+        # reason is in its log): a "-graph" time is a CUDA-graph time only where this is 0
+        out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:
@@ -183,6 +190,7 @@ def measure_sampling(model, batch: int, lr_size: int, device, reps: int, mode: s
     sample = lambda lr: model.sample(lr, temperature=0.9, nonfinite="ignore")  # noqa: E731
     if mode is not None:
         sample = torch.compile(sample, mode=mode, fullgraph=True)
+    counters["inductor"].clear()
     with torch.no_grad():
         torch.manual_seed(0)
         sample(lr)
@@ -195,7 +203,10 @@ def measure_sampling(model, batch: int, lr_size: int, device, reps: int, mode: s
             sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
     model.train()
-    return {"batch": batch, "lr_size": lr_size, "ms": statistics.median(times), "ms_min": min(times)}
+    out = {"batch": batch, "lr_size": lr_size, "ms": statistics.median(times), "ms_min": min(times)}
+    if mode == "reduce-overhead" and device.type == "cuda":
+        out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+    return out
 
 
 def batching_speedups(results: list[dict]) -> dict[str, dict[str, dict[str, float]]]:

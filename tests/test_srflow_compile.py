@@ -200,6 +200,27 @@ def test_eager_training_step_op_count_is_bounded():
     assert count <= MAX_STEP_OPS, f"{count} ops per training step"
 
 
+# Ops that, on CUDA, make the host wait for the device: a tensor built from host data (a
+# host-to-device copy, which waits for the stream) and a value read back (.item(), .tolist(), bool()).
+HOST_SYNC_OPS = ("aten.lift_fresh", "aten._local_scalar_dense")
+
+
+@pytest.mark.parametrize("batching", [False, True], ids=["per-step", "batched"])
+def test_eager_step_and_sampling_do_not_wait_for_the_device(batching: bool):
+    """An eager training step and a sampling call (no non-finite report: the one read-back
+    ``sample`` makes by design, after the flow) dispatch no op that would make the host wait for
+    a GPU, so the host can queue the next step while the device runs this one. Counted on the
+    CPU: the same ops are dispatched there."""
+    model, hr, lr = _model(4, "cuda", False, batching)
+    model.nll(hr, lr).mean().backward()
+    step = count_ops(lambda: model.nll(hr, lr).mean().backward())
+    with torch.no_grad():
+        sample = count_ops(lambda: model.sample(lr, temperature=0.9, nonfinite="ignore"))
+    assert step["aten.convolution"] > 0 and sample["aten.convolution"] > 0  # the counts saw the calls
+    assert {op: step[op] for op in HOST_SYNC_OPS} == dict.fromkeys(HOST_SYNC_OPS, 0)
+    assert {op: sample[op] for op in HOST_SYNC_OPS} == dict.fromkeys(HOST_SYNC_OPS, 0)
+
+
 @pytest.mark.parametrize("depth", [8, 64])
 def test_default_chunks_keep_the_parts_within_the_conditioning(depth: int):
     """Level batching's default chunk budget is the conditioning tensor's own size: at any depth
@@ -238,8 +259,16 @@ def test_cuda_graph_training_steps_equal_eager(preset: str):
     """``torch.compile(mode="reduce-overhead")`` (the forward and the memory-saving backward as
     CUDA graphs) with fused Adam: several captured optimizer steps give eager's losses and
     parameters. Every cache the layers keep on the Python side must stay right under replay
-    (W^-1 and log|det W| are recomputed inside the graph, not cached)."""
+    (W^-1 and log|det W| are recomputed inside the graph, not cached). Inductor falls back to
+    running a graph uncaptured where it cannot capture it (a CPU tensor in the graph, a mutated
+    input, ...): here that is an error, else this would pass without a CUDA graph."""
+    import torch._inductor.config  # noqa: PLC0415
+    from torch._dynamo.utils import counters  # noqa: PLC0415 (private: Inductor's skip counter)
+
     scale = int(preset.split("-")[1][0])
     model, hr, lr = _model(scale, "auto", True, None, device="cuda")
     smooth_relus_(model)
-    _assert_as_accurate_as_eager(model, hr, lr, dict(mode="reduce-overhead", fullgraph=True), False, 5, _fused_adam)
+    counters["inductor"].clear()
+    with torch._inductor.config.patch({"triton.cudagraph_or_error": True}):
+        _assert_as_accurate_as_eager(model, hr, lr, dict(mode="reduce-overhead", fullgraph=True), False, 5, _fused_adam)
+    assert counters["inductor"]["cudagraph_skips"] == 0
