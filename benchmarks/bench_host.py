@@ -8,6 +8,8 @@ Per variant this measures:
   RRDB frozen, no optimizer; the gradients reset to None as the trainer's optimizer does),
   counted with a ``TorchDispatchMode``, and the most frequent ones;
 * ``ops_per_sample``: the same for one ``sample`` call (temperature 0.9, no grad);
+* ``host_syncs_per_step`` / ``host_syncs_per_sample``: those of the ops that make the host wait
+  for a GPU (``HOST_SYNC_OPS``: tensors built from host data, values read back);
 * ``host_ms_per_step`` / ``host_ms_per_sample``: median wall time of those calls (one thread);
 * ``graph_breaks``: ``torch._dynamo.explain`` of the training loss and of ``sample``;
 * with ``--inductor``: Inductor's generated-kernel count and compile time of the training loss
@@ -65,6 +67,16 @@ class _CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         self.counts[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
+
+
+# Ops that, on CUDA, make the host wait for the device: a tensor built from host data (a
+# host-to-device copy, which waits for the stream) and a value read back (.item(), .tolist(), bool()).
+HOST_SYNC_OPS = ("aten.lift_fresh", "aten._local_scalar_dense")
+
+
+def host_syncs(ops: collections.Counter[str]) -> int:
+    """How many of the counted ``ops`` (:func:`count_ops`) make the host wait for a GPU."""
+    return sum(ops[op] for op in HOST_SYNC_OPS)
 
 
 def count_ops(fn: Callable[[], object]) -> collections.Counter[str]:
@@ -136,6 +148,8 @@ def measure(args: argparse.Namespace, preset: str | SRFlowPreset, variant: str, 
         "ops_per_step": sum(ops.values()),
         "top_ops_per_step": dict(ops.most_common(15)),
         "ops_per_sample": sum(sample_ops.values()),
+        "host_syncs_per_step": host_syncs(ops),
+        "host_syncs_per_sample": host_syncs(sample_ops),  # sample's non-finite report reads one count
         "host_ms_per_step": median_ms(step, args.reps),
         "host_ms_per_sample": median_ms(sample, args.reps),
     }
