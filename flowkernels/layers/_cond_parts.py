@@ -131,7 +131,7 @@ def plan_chunks(
     chunk of one. Steps without projections join the current chunk. Projections with different
     kernel shapes cannot share a convolution, so they start a new chunk."""
     b, _, h, w = cond.shape
-    per_channel = b * h * w * torch.empty((), dtype=part_dtype(cond)).element_size()
+    per_channel = b * h * w * part_dtype(cond).itemsize
     chunks: list[PartChunk] = []
     start, owners, projs, used = 0, [], [], 0
     for i, step_projs in enumerate(projections):
