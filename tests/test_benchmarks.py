@@ -39,6 +39,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     variants = "official,ms-reference-cl,ms-reference-perstep,ms-reference-batched"
     _run("benchmarks.bench_srflow", *common, "--variants", variants, "--steps", "1")
     _run("benchmarks.bench_host", *common, "--variants", "ms-reference", "--trace-times")
+    ab = ["--specs", "full:ms-reference", "--preset", "tiny-4x", "--rounds", "1", "--steps", "1", "--out", str(out)]
+    _run("benchmarks.host_ab", str(ROOT), str(ROOT), *ab)
     _run("benchmarks.bench_loader", "--out", str(out), "--images", "2", "--size", "200", "120", "--crop", "32")
     _run("benchmarks.report", str(out))
     return out
@@ -61,6 +63,11 @@ def test_every_benchmark_writes_rows_without_errors(results: Path):
     host = host_json["results"]
     assert [r["variant"] for r in host] == ["ms-reference"]
     assert all(r["ops_per_step"] > 0 and r["graph_breaks_step"] == 0 == r["graph_breaks_sample"] for r in host)
+    ab = json.loads((results / "host_ab_tiny-4x.json").read_text())
+    assert [t["path"] for t in ab["trees"]] == [str(ROOT)] * 2
+    (row,) = ab["results"]
+    assert row["spec"] == "full:ms-reference" and [len(v) for v in row["per_round_fastest_ms"]] == [1, 1]
+    assert row["ratio_of_medians"] > 0 and row["ratio_of_fastest"] > 0
     traced = host_json["trace_times"]
     assert traced["variant"] == "ms-reference" and traced["eager_s"] > 0 and traced["aot_eager_s"] > 0
     loader = json.loads((results / "bench_loader.json").read_text())
