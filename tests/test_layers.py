@@ -303,3 +303,22 @@ def test_trainable_parameters_are_the_parameters_that_require_grad():
         want = [p for p in module.parameters() if p.requires_grad]
         got = trainable_parameters(module)
         assert len(got) == len(want) and all(a is b for a, b in zip(got, want))
+
+
+class _Repeat2x(fk.InvertibleModule):
+    """Not invertible: doubles H and W (nearest), keeping the channels. What no layer of a
+    sequence may do (C*H*W changes), for the memory-saving backward's check."""
+
+    def _run(self, x: torch.Tensor, cond, logdet: torch.Tensor, reverse: bool) -> torch.Tensor:
+        return x[:, :, ::2, ::2] if reverse else x.repeat_interleave(2, 2).repeat_interleave(2, 3)
+
+
+def test_memory_saving_backward_refuses_steps_of_one_width_at_different_sizes():
+    """The backward folds the 1x1 maps of all the steps of one channel count at once with one
+    pixel count (invertible layers keep C*H*W): a layer that changes the size is named, not a
+    silently wrong log-det gradient."""
+    seq = fk.FlowSequence([randomize_(fk.FlowStep(4)), _Repeat2x(), randomize_(fk.FlowStep(4))], memory_saving=True)
+    x = torch.randn(1, 4, 4, 4, requires_grad=True)
+    z, logdet = seq(x)
+    with pytest.raises(RuntimeError, match=r"steps \[0, 2\] \(4 channels\) ran at different pixel counts"):
+        (z.sum() + logdet.sum()).backward()

@@ -149,8 +149,14 @@ class SequenceMaps:
             g_off = torch.stack([self._grads[i][1] for i in g.steps])
             # Invertible layers keep C*H*W, so the steps of a group (one channel count) share their
             # pixel count. Not torch.tensor(counts): on CUDA that is a host-to-device copy, which
-            # waits for the stream (a host sync in the middle of the backward).
-            (count,) = {self._grads[i][2] for i in g.steps}
+            # waits for the stream (a host sync in the middle of the backward). Compared, not put
+            # in a set: hashing would make a compiled step specialise on (recompile for) each size.
+            count = self._grads[g.steps[0]][2]
+            if any(self._grads[i][2] != count for i in g.steps):
+                raise RuntimeError(
+                    f"steps {g.steps} ({g.weight.shape[-1]} channels) ran at different pixel counts: a layer of "
+                    "the sequence changes C*H*W, which an invertible layer cannot"
+                )
             g_logdet = (total * count).expand(len(g.steps))
             g_w, g_logs, g_b = chain_rule_stacked(
                 g_map, g_off, g_logdet, g.weight, g.weight_inv, g.bias, g.maps, reverse=self.reverse
