@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import flowkernels as fk
@@ -57,21 +58,68 @@ VARIANTS = {  # name -> (memory_saving, backend, cond_batching)
 }
 
 
+_INDEXING = {torch.ops.aten.index, torch.ops.aten.index_put, torch.ops.aten.index_put_}
+
+
 class _CountOps(TorchDispatchMode):
-    """Counts every op dispatched inside the mode, by name."""
+    """Counts every op dispatched inside the mode, by name; indexing by a boolean mask as
+    ``aten.index(mask)`` (on a GPU it waits for the device to learn the output size)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        self.counts[str(func.overloadpacket)] += 1
+        name = str(func.overloadpacket)
+        if func.overloadpacket in _INDEXING and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            name += "(mask)"
+        self.counts[name] += 1
         return func(*args, **(kwargs or {}))
 
 
-# Ops that, on CUDA, make the host wait for the device: a tensor built from host data (a
-# host-to-device copy, which waits for the stream) and a value read back (.item(), .tolist(), bool()).
-HOST_SYNC_OPS = ("aten.lift_fresh", "aten._local_scalar_dense")
+# Copies to the host that a CPU tensor makes without dispatching an op (on a GPU each is a
+# device-to-host copy, which waits for the device): seen by a function mode, counted as ops.
+_HOST_READS = {torch.Tensor.tolist: "Tensor.tolist", torch.Tensor.numpy: "Tensor.numpy", torch.Tensor.cpu: "Tensor.cpu"}
+
+
+def _to_host(args: tuple, kwargs: dict) -> bool:
+    """Whether a ``Tensor.to`` call names the CPU as its device."""
+    targets = [*args[1:], kwargs.get("device")]
+    return any(t == "cpu" or (isinstance(t, torch.device) and t.type == "cpu") for t in targets)
+
+
+class _CountHostReads(TorchFunctionMode):
+    def __init__(self, counts: collections.Counter[str]) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func in _HOST_READS:
+            self.counts[_HOST_READS[func]] += 1
+        elif func is torch.Tensor.to and _to_host(args, kwargs):
+            self.counts["Tensor.to(cpu)"] += 1
+        return func(*args, **kwargs)
+
+
+# What makes the host wait for a GPU: a tensor built from host data (a host-to-device copy,
+# which waits for the stream), a value read back (.item(), bool(), int(), torch.equal), an op
+# whose output size depends on the values (nonzero, boolean masks, unique), an error check of
+# linalg (inv, cholesky without _ex), and the host reads above.
+HOST_SYNC_OPS = (
+    "aten.lift_fresh",
+    "aten._local_scalar_dense",
+    "aten.equal",
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten.index(mask)",
+    "aten.index_put(mask)",
+    "aten.index_put_(mask)",
+    "aten._unique2",
+    "aten._linalg_check_errors",
+    *_HOST_READS.values(),
+    "Tensor.to(cpu)",
+)
 
 
 def host_syncs(ops: collections.Counter[str]) -> int:
@@ -80,7 +128,9 @@ def host_syncs(ops: collections.Counter[str]) -> int:
 
 
 def count_ops(fn: Callable[[], object]) -> collections.Counter[str]:
-    with _CountOps() as mode:
+    """The ops ``fn`` dispatches, by name, and the host reads a CPU tensor makes without one
+    (``Tensor.tolist`` ...: on a GPU each is an op too)."""
+    with _CountOps() as mode, _CountHostReads(mode.counts):
         fn()
     return mode.counts
 

@@ -14,8 +14,9 @@ One training step = RRDB conditioning + flow NLL forward + backward + Adam step,
   the batched parts from forward to backward (``keep_cond_parts``);
 * any of them with ``-compile`` (``torch.compile(fullgraph=True)`` of the whole loss, forward and
   backward; the sampling call too) or ``-graph`` (the same in ``mode="reduce-overhead"``: CUDA
-  graphs, with fused Adam). ``warmup_s`` holds the compile time; ``cudagraph_skips`` (on CUDA) the
-  graphs Inductor ran without capturing: a ``-graph`` time is a CUDA-graph time only where it is 0.
+  graphs, with fused Adam). ``warmup_s`` holds the compile time; a ``-graph`` variant on CUDA
+  records ``cudagraph_skips`` and ``cudagraph_partitions`` (graphs Inductor ran uncaptured or
+  split around uncapturable ops): its times are CUDA-graph times only where both are 0.
 
 For each variant and batch: median step time over timed steps, samples/s and peak memory
 (``max_memory_allocated``, model and optimizer state included; on the CPU each variant runs in
@@ -151,7 +152,6 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
         opt.step()
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
-    counters["inductor"].clear()
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -168,10 +168,6 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
     ms = statistics.median(times)
     out = {"batch": batch, "ms": ms, "ms_min": min(times), "ms_max": max(times), "samples_per_s": batch / ms * 1e3}
     out["warmup_s"] = warmup_s  # compile time included for the compiled variants
-    if graphs:
-        # graphs Inductor ran uncaptured (a CPU tensor in the graph, a mutated input, ...; the
-        # reason is in its log): a "-graph" time is a CUDA-graph time only where this is 0
-        out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:
@@ -190,7 +186,6 @@ def measure_sampling(model, batch: int, lr_size: int, device, reps: int, mode: s
     sample = lambda lr: model.sample(lr, temperature=0.9, nonfinite="ignore")  # noqa: E731
     if mode is not None:
         sample = torch.compile(sample, mode=mode, fullgraph=True)
-    counters["inductor"].clear()
     with torch.no_grad():
         torch.manual_seed(0)
         sample(lr)
@@ -203,10 +198,7 @@ def measure_sampling(model, batch: int, lr_size: int, device, reps: int, mode: s
             sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
     model.train()
-    out = {"batch": batch, "lr_size": lr_size, "ms": statistics.median(times), "ms_min": min(times)}
-    if mode == "reduce-overhead" and device.type == "cuda":
-        out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
-    return out
+    return {"batch": batch, "lr_size": lr_size, "ms": statistics.median(times), "ms_min": min(times)}
 
 
 def batching_speedups(results: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
@@ -257,6 +249,7 @@ def run_variant(name: str, args, device, official_b16_peak: float | None, deadli
         "cond_chunk_mib": args.cond_chunk_mib,
         "points": [],
     }
+    counters["inductor"].clear()
     try:
         model = build(args.preset, variant, device, args.rrdb_trainable, args.cond_chunk_mib)
         hr, lr = batch_of(model, 2, args.hr_size, device, variant["channels_last"])
@@ -293,6 +286,12 @@ def run_variant(name: str, args, device, official_b16_peak: float | None, deadli
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if variant["compile"] == "reduce-overhead" and device.type == "cuda":
+        # Over all the variant's compilations (a graph compiled once is reused by later points):
+        # graphs Inductor ran uncaptured (skips) or split around ops it cannot capture, e.g. CPU
+        # ops (partitions, counted when a graph has more than one). The reasons are in its log.
+        result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+        result["cudagraph_partitions"] = counters["inductor"]["cudagraph_partitions"]
     return result
 
 

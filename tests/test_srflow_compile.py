@@ -205,7 +205,9 @@ def test_eager_step_and_sampling_do_not_wait_for_the_device(batching: bool):
     """An eager training step and a sampling call (no non-finite report: the one read-back
     ``sample`` makes by design, after the flow) dispatch no op that would make the host wait for
     a GPU, so the host can queue the next step while the device runs this one. Counted on the
-    CPU: the same ops are dispatched there."""
+    CPU (bench_host.HOST_SYNC_OPS), where the layers run the same code but for the float64
+    inverses of the 1x1 weights (CUDA: ``inv_ex``/``slogdet``; checked on a GPU by
+    :func:`test_eager_step_and_sampling_do_not_sync_on_cuda`)."""
     model, hr, lr = _model(4, "cuda", False, batching)
     model.nll(hr, lr).mean().backward()
     step = count_ops(lambda: model.nll(hr, lr).mean().backward())
@@ -254,11 +256,13 @@ def test_cuda_graph_training_steps_equal_eager(preset: str):
     """``torch.compile(mode="reduce-overhead")`` (the forward and the memory-saving backward as
     CUDA graphs) with fused Adam: several captured optimizer steps give eager's losses and
     parameters. Every cache the layers keep on the Python side must stay right under replay
-    (W^-1 and log|det W| are recomputed inside the graph, not cached). Inductor falls back to
-    running a graph uncaptured where it cannot capture it (a CPU tensor in the graph, a mutated
-    input, ...): here that is an error, else this would pass without a CUDA graph."""
+    (W^-1 and log|det W| are recomputed inside the graph, not cached). Where Inductor cannot
+    capture, it says so in a log line only and this would pass without CUDA graphs: a graph it
+    runs uncaptured (a mutated input, ...) is an error here (``cudagraph_or_error``; the skip
+    counter catches those it counts without raising), and so is one split around ops it cannot
+    capture, e.g. CPU ops (graph partitions)."""
     import torch._inductor.config  # noqa: PLC0415
-    from torch._dynamo.utils import counters  # noqa: PLC0415 (private: Inductor's skip counter)
+    from torch._dynamo.utils import counters  # noqa: PLC0415 (private: Inductor's cudagraph counters)
 
     scale = int(preset.split("-")[1][0])
     model, hr, lr = _model(scale, "auto", True, None, device="cuda")
@@ -267,3 +271,24 @@ def test_cuda_graph_training_steps_equal_eager(preset: str):
     with torch._inductor.config.patch({"triton.cudagraph_or_error": True}):
         _assert_as_accurate_as_eager(model, hr, lr, dict(mode="reduce-overhead", fullgraph=True), False, 5, _fused_adam)
     assert counters["inductor"]["cudagraph_skips"] == 0
+    assert counters["inductor"]["cudagraph_partitions"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batching", [False, True], ids=["per-step", "batched"])
+def test_eager_step_and_sampling_do_not_sync_on_cuda(batching: bool):
+    """On a GPU, an eager training step and a sampling call (no non-finite report) under
+    ``torch.cuda.set_sync_debug_mode("error")``: any op that makes the host wait for the device
+    raises (the CPU test above counts the ops; this also covers the CUDA-only code)."""
+    model, hr, lr = _model(4, "auto", False, batching, device="cuda")
+    model.nll(hr, lr).mean().backward()  # first calls: library handles, the backends' loading
+    with torch.no_grad():
+        model.sample(lr, temperature=0.9, nonfinite="ignore")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model.nll(hr, lr).mean().backward()
+        with torch.no_grad():
+            model.sample(lr, temperature=0.9, nonfinite="ignore")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
