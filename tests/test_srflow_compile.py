@@ -141,6 +141,20 @@ def test_training_step_is_one_graph_and_as_accurate_as_eager(
 
 
 @pytest.mark.slow
+def test_training_step_compiles_at_most_twice_over_image_sizes():
+    """A new image size recompiles once, with dynamic sizes, and no more: nothing in the step may
+    specialise on a size (e.g. hashing a pixel count, which made every size a new graph)."""
+    kernel_backend("cuda", "cpu")
+    model, _, _ = _model(4, "cuda", False, None)
+    graphs: list = []
+    step = torch.compile(lambda hr, lr: model.nll(hr, lr).mean(), fullgraph=True, backend=_capture(graphs, "eager"))
+    for size in (32, 48, 64):
+        hr = torch.rand(2, 3, size, size)
+        step(hr, F.avg_pool2d(hr, 4)).backward()
+    assert len(graphs) == 2, f"{len(graphs)} compilations for 3 image sizes"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [8])  # 3 levels (4x: 2, the same code with one level fewer)
 def test_sampling_and_encoding_are_one_graph_each(scale: int):
     """``sample`` (torch's global RNG: Dynamo cannot trace a Generator), ``decode`` and ``encode``
