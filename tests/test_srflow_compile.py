@@ -141,9 +141,10 @@ def test_training_step_is_one_graph_and_as_accurate_as_eager(
 
 
 @pytest.mark.slow
-def test_training_step_compiles_at_most_twice_over_image_sizes():
-    """A new image size recompiles once, with dynamic sizes, and no more: nothing in the step may
-    specialise on a size (e.g. hashing a pixel count, which made every size a new graph)."""
+def test_training_step_and_sampling_compile_at_most_twice_over_image_sizes():
+    """A new image size recompiles once, with dynamic sizes, and no more: nothing in the step or
+    in sampling may specialise on a size (e.g. hashing a pixel count, which made every size a
+    new graph of the training step)."""
     kernel_backend("cuda", "cpu")
     model, _, _ = _model(4, "cuda", False, None)
     graphs: list = []
@@ -151,7 +152,14 @@ def test_training_step_compiles_at_most_twice_over_image_sizes():
     for size in (32, 48, 64):
         hr = torch.rand(2, 3, size, size)
         step(hr, F.avg_pool2d(hr, 4)).backward()
-    assert len(graphs) == 2, f"{len(graphs)} compilations for 3 image sizes"
+    assert len(graphs) == 2, f"training step: {len(graphs)} compilations for 3 image sizes"
+    graphs.clear()
+    sample = lambda lr: model.sample(lr, temperature=0.9, nonfinite="ignore")  # noqa: E731
+    sample = torch.compile(sample, fullgraph=True, backend=_capture(graphs, "eager"))
+    with torch.no_grad():
+        for size in (8, 12, 16):
+            sample(torch.rand(2, 3, size, size))
+    assert len(graphs) == 2, f"sampling: {len(graphs)} compilations for 3 image sizes"
 
 
 @pytest.mark.slow
