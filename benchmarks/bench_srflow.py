@@ -42,12 +42,12 @@ import sys
 import time
 
 import torch
-from torch._dynamo.utils import counters  # Inductor's count of graphs it ran without capturing them
 from torch.utils.checkpoint import checkpoint
 
 import flowkernels as fk
 import srflow
 from benchmarks.common import add_common_args, environment, is_oom, peak_rss_gib, rss_gib, write_json
+from srflow.train import cudagraph_fallbacks
 
 DEFAULT_VARIANTS = "official,checkpoint,ms-cuda,ms-triton,ms-cuda-cl,ms-cuda-bf16-cl,ms-triton-bf16-cl"
 BUDGETS_GIB = (10, 24, 80)
@@ -249,7 +249,7 @@ def run_variant(name: str, args, device, official_b16_peak: float | None, deadli
         "cond_chunk_mib": args.cond_chunk_mib,
         "points": [],
     }
-    counters["inductor"].clear()
+    fallbacks = cudagraph_fallbacks()
     try:
         model = build(args.preset, variant, device, args.rrdb_trainable, args.cond_chunk_mib)
         hr, lr = batch_of(model, 2, args.hr_size, device, variant["channels_last"])
@@ -287,11 +287,10 @@ def run_variant(name: str, args, device, official_b16_peak: float | None, deadli
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if variant["compile"] == "reduce-overhead" and device.type == "cuda":
-        # Over all the variant's compilations (a graph compiled once is reused by later points):
-        # graphs Inductor ran uncaptured (skips) or split around ops it cannot capture, e.g. CPU
-        # ops (partitions, counted when a graph has more than one). The reasons are in its log.
-        result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
-        result["cudagraph_partitions"] = counters["inductor"]["cudagraph_partitions"]
+        # over all the variant's compilations (a graph compiled once serves the later points)
+        now = cudagraph_fallbacks()
+        result["cudagraph_skips"] = now["skips"] - fallbacks["skips"]
+        result["cudagraph_partitions"] = now["partitions"] - fallbacks["partitions"]
     return result
 
 

@@ -165,6 +165,18 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
     return Trainer(config, log).run()
 
 
+def cudagraph_fallbacks() -> dict[str, int]:
+    """Inductor's counts, in this process, of graphs it ran without CUDA graphs (``skips``: a
+    mutated input, a CPU-only graph, ...) and of the pieces it cut graphs into around ops it
+    cannot capture, e.g. CPU ops (``partitions``). Under ``mode="reduce-overhead"`` it falls back
+    this way silently but for a log that is off by default (``TORCH_LOGS=cudagraphs``). Reads
+    torch's private counters (torch 2.11 and 2.13)."""
+    from torch._dynamo.utils import counters  # noqa: PLC0415 (private; loaded with torch.compile anyway)
+
+    inductor = counters["inductor"]
+    return {"skips": inductor["cudagraph_skips"], "partitions": inductor["cudagraph_partitions"]}
+
+
 def learning_rate_factor(step: int, steps: int, milestones: tuple[float, ...], gamma: float) -> float:
     """LR multiplier of 0-based step ``step``: ``gamma ** #(milestones <= step + 1)``, milestone
     iterations ``int(fraction * steps)`` (the official MultiStepLR, stepped before each update)."""
@@ -349,6 +361,8 @@ class Trainer:
         self.unfreeze_step = 0  # the RRDB is trainable from this step on
         self.actnorms_pending = True  # the first batch still has to initialise the ActNorms
         self.signals = _DeferredSignals()
+        # compile reduce-overhead: Inductor's fallbacks from CUDA graphs seen so far (warned of)
+        self._cudagraph_seen = cudagraph_fallbacks() if config.compile == "reduce-overhead" else None
 
     @property
     def _rrdb_stage(self) -> bool:
@@ -479,6 +493,8 @@ class Trainer:
         ``max_nonfinite`` non-finite steps in a row."""
         loss, finite, stop = self._optimize(run.step, hr, lr, run.t_start)
         run.step += 1
+        if self._cudagraph_seen is not None:
+            self._warn_cudagraph_fallbacks()
         if stop is not None:
             run.stopped = stop
             if stop in _SIGNAL_STOPS:
@@ -811,6 +827,23 @@ class Trainer:
             self.wrapped = None
             gc.collect()  # release the old reducer and its hooks before the new one registers
             self.wrapped = self._wrap()
+
+    def _warn_cudagraph_fallbacks(self) -> None:
+        """Warn when a compilation since the last check fell back from CUDA graphs (the first
+        step's, or a recompile's: e.g. when the RRDB is unfrozen): the step still runs, but
+        launches what was to be replayed."""
+        now = cudagraph_fallbacks()
+        if now == self._cudagraph_seen:
+            return
+        skips, pieces = (now[k] - self._cudagraph_seen[k] for k in ("skips", "partitions"))
+        self._cudagraph_seen = now
+        what = [f"ran {skips} graph(s) of the training step without CUDA graphs"] if skips else []
+        what += [f"cut its graphs into {pieces} pieces around ops it cannot capture"] if pieces else []
+        warnings.warn(
+            f"compile reduce-overhead: Inductor {' and '.join(what)}, so part of the step is launched op by op "
+            "(TORCH_LOGS=cudagraphs names the reasons; CUDA graphs need a CUDA device)",
+            stacklevel=2,
+        )
 
     # ---------------------------------------------------------------------------------- steps
 

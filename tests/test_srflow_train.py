@@ -642,6 +642,32 @@ def test_compile_option_compiles_the_loss_as_one_graph(photos: Path, tmp_path: P
     assert math.isclose(compiled.losses[0][1], eager.losses[0][1], rel_tol=1e-5)
 
 
+@pytest.mark.slow
+def test_compile_reduce_overhead_warns_when_inductor_falls_back(photos: Path, tmp_path: Path, monkeypatch) -> None:
+    """Where Inductor cannot capture the step as CUDA graphs it says so only in a log that is off
+    by default; the trainer warns, once per compilation that fell back. The compile here is a
+    stand-in that counts a fallback on its first call, as Inductor does (that Inductor counts
+    them so is tests/test_srflow_compile.py's)."""
+    from torch._dynamo.utils import counters  # noqa: PLC0415
+
+    def compile_that_falls_back(fn, **kwargs):  # noqa: ANN001, ANN202
+        calls = []
+
+        def compiled(*args):  # noqa: ANN002, ANN202
+            if not calls:
+                counters["inductor"]["cudagraph_skips"] += 1
+            calls.append(1)
+            return fn(*args)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_that_falls_back)
+    with pytest.warns(UserWarning, match=r"Inductor ran 1 graph\(s\) of the training step without CUDA graphs") as rec:
+        result = train(tiny(photos, tmp_path / "run", steps=3, compile="reduce-overhead"), log=quiet)
+    assert result.step == 3
+    assert len([w for w in rec if "reduce-overhead" in str(w.message)]) == 1
+
+
 def test_validation_writes_a_sample_grid_and_log(photos: Path, tmp_path: Path) -> None:
     result = train(
         tiny(photos, tmp_path / "run", steps=2, val_every=2, val_images=2, val_crop=48, log_every=1), log=quiet
