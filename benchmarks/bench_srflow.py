@@ -47,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 import flowkernels as fk
 import srflow
 from benchmarks.common import add_common_args, environment, is_oom, peak_rss_gib, rss_gib, write_json
+from srflow.config import CUDA_GRAPH_MODES
 from srflow.train import cudagraph_fallbacks
 
 DEFAULT_VARIANTS = "official,checkpoint,ms-cuda,ms-triton,ms-cuda-cl,ms-cuda-bf16-cl,ms-triton-bf16-cl"
@@ -138,7 +139,7 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
     """Median step time, samples/s and peak memory of ``steps`` timed steps after ``warmup`` ones."""
     hr, lr = batch_of(model, batch, hr_size, device, variant["channels_last"])
     rss_before = rss_gib() if device.type == "cpu" else None
-    graphs = variant["compile"] == "reduce-overhead" and device.type == "cuda"
+    graphs = variant["compile"] in CUDA_GRAPH_MODES and device.type == "cuda"
     # fused Adam: the optimizer step as a few multi-tensor launches beside the captured step
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=graphs or None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if variant["bf16"] else contextlib.nullcontext()
@@ -286,11 +287,10 @@ def run_variant(name: str, args, device, official_b16_peak: float | None, deadli
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if variant["compile"] == "reduce-overhead" and device.type == "cuda":
+    if variant["compile"] in CUDA_GRAPH_MODES and device.type == "cuda":
         # over all the variant's compilations (a graph compiled once serves the later points)
-        now = cudagraph_fallbacks()
-        result["cudagraph_skips"] = now["skips"] - fallbacks["skips"]
-        result["cudagraph_partitions"] = now["partitions"] - fallbacks["partitions"]
+        new = cudagraph_fallbacks(since=fallbacks)
+        result["cudagraph_skips"], result["cudagraph_partitions"] = new["skips"], new["partitions"]
     return result
 
 

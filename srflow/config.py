@@ -74,6 +74,7 @@ OFFICIAL_PRESETS = ("df2k-4x", "df2k-8x", "celeba-8x")
 
 # torch.compile modes of the training step ("off": eager)
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes in which Inductor captures CUDA graphs
 
 
 class ConfigError(ValueError):
@@ -147,7 +148,7 @@ class TrainConfig:
         "off",
         "torch.compile the training loss (forward and its memory-saving backward, one graph): off (default: "
         "compiling has not been measured to pay yet), default, reduce-overhead (CUDA graphs, with fused Adam) "
-        "or max-autotune",
+        "or max-autotune (autotuned kernels, and CUDA graphs as reduce-overhead)",
     )
     device: str | None = _opt(None, "cpu, cuda or cuda:N; default: cuda if available (under torchrun: cuda:LOCAL_RANK)")
     seed: int = _opt(10, "seed of the initialisation, data order, crops and noise (official 10)")

@@ -104,6 +104,7 @@ from tqdm.auto import tqdm
 import flowkernels as fk
 
 from .config import (
+    CUDA_GRAPH_MODES,
     OFFICIAL_PRESETS,
     TRAJECTORY_FIELDS,
     ConfigError,
@@ -165,16 +166,16 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
     return Trainer(config, log).run()
 
 
-def cudagraph_fallbacks() -> dict[str, int]:
-    """Inductor's counts, in this process, of graphs it ran without CUDA graphs (``skips``: a
-    mutated input, a CPU-only graph, ...) and of the pieces it cut graphs into around ops it
-    cannot capture, e.g. CPU ops (``partitions``). Under ``mode="reduce-overhead"`` it falls back
-    this way silently but for a log that is off by default (``TORCH_LOGS=cudagraphs``). Reads
-    torch's private counters (torch 2.11 and 2.13)."""
+def cudagraph_fallbacks(since: dict[str, int] | None = None) -> dict[str, int]:
+    """Inductor's counts, in this process (minus ``since``, an earlier reading), of graphs it ran
+    without CUDA graphs (``skips``: a mutated input, a graph without CUDA ops, ...) and of the
+    pieces it cut graphs into around ops it cannot capture, e.g. CPU ops (``partitions``). In the
+    CUDA-graph modes it falls back this way silently but for a log that is off by default
+    (``TORCH_LOGS=cudagraphs``). Reads torch's private counters (torch 2.11 and 2.13)."""
     from torch._dynamo.utils import counters  # noqa: PLC0415 (private; loaded with torch.compile anyway)
 
-    inductor = counters["inductor"]
-    return {"skips": inductor["cudagraph_skips"], "partitions": inductor["cudagraph_partitions"]}
+    now = {"skips": counters["inductor"]["cudagraph_skips"], "partitions": counters["inductor"]["cudagraph_partitions"]}
+    return now if since is None else {k: v - since[k] for k, v in now.items()}
 
 
 def learning_rate_factor(step: int, steps: int, milestones: tuple[float, ...], gamma: float) -> float:
@@ -361,8 +362,7 @@ class Trainer:
         self.unfreeze_step = 0  # the RRDB is trainable from this step on
         self.actnorms_pending = True  # the first batch still has to initialise the ActNorms
         self.signals = _DeferredSignals()
-        # compile reduce-overhead: Inductor's fallbacks from CUDA graphs seen so far (warned of)
-        self._cudagraph_seen = cudagraph_fallbacks() if config.compile == "reduce-overhead" else None
+        self._cudagraph_seen: dict[str, int] | None = None  # rank 0, CUDA-graph modes: fallbacks warned of
 
     @property
     def _rrdb_stage(self) -> bool:
@@ -471,6 +471,8 @@ class Trainer:
         )
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
+        if c.compile in CUDA_GRAPH_MODES and d.main:
+            self._cudagraph_seen = cudagraph_fallbacks()
         return run
 
     def _epoch_loader(self, run: _RunState) -> torch.utils.data.DataLoader:
@@ -494,7 +496,7 @@ class Trainer:
         loss, finite, stop = self._optimize(run.step, hr, lr, run.t_start)
         run.step += 1
         if self._cudagraph_seen is not None:
-            self._warn_cudagraph_fallbacks()
+            self._warn_cudagraph_fallbacks(run.step)
         if stop is not None:
             run.stopped = stop
             if stop in _SIGNAL_STOPS:
@@ -746,7 +748,7 @@ class Trainer:
         """Adam over ``groups``; fused (one multi-tensor kernel per group and dtype instead of a
         few per parameter) with CUDA graphs, where the step's own launches are the cost left."""
         c = self.config
-        fused = c.compile == "reduce-overhead" and self.dist.device.type == "cuda"
+        fused = c.compile in CUDA_GRAPH_MODES and self.dist.device.type == "cuda"
         return torch.optim.Adam(
             groups, lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps, weight_decay=c.weight_decay, fused=fused or None
         )
@@ -828,20 +830,27 @@ class Trainer:
             gc.collect()  # release the old reducer and its hooks before the new one registers
             self.wrapped = self._wrap()
 
-    def _warn_cudagraph_fallbacks(self) -> None:
-        """Warn when a compilation since the last check fell back from CUDA graphs (the first
-        step's, or a recompile's: e.g. when the RRDB is unfrozen): the step still runs, but
-        launches what was to be replayed."""
-        now = cudagraph_fallbacks()
-        if now == self._cudagraph_seen:
+    def _warn_cudagraph_fallbacks(self, step: int) -> None:
+        """Warn when a compilation or replay since the last check fell back from CUDA graphs (the
+        first step's compilation, a recompile's, e.g. when the RRDB is unfrozen): the step still
+        runs, but what was to be replayed is launched kernel by kernel."""
+        new = cudagraph_fallbacks(since=self._cudagraph_seen)
+        if not any(v > 0 for v in new.values()):
             return
-        skips, pieces = (now[k] - self._cudagraph_seen[k] for k in ("skips", "partitions"))
-        self._cudagraph_seen = now
-        what = [f"ran {skips} graph(s) of the training step without CUDA graphs"] if skips else []
-        what += [f"cut its graphs into {pieces} pieces around ops it cannot capture"] if pieces else []
+        self._cudagraph_seen = cudagraph_fallbacks()
+        what = []
+        if new["skips"] > 0:
+            what.append(f"ran {new['skips']} graph(s) without CUDA graphs")
+        if new["partitions"] > 0:
+            what.append(f"cut the step's graphs into {new['partitions']} pieces around ops it cannot capture")
+        why = (
+            "TORCH_LOGS=cudagraphs names the reasons"
+            if self.dist.device.type == "cuda"
+            else f"CUDA graphs need a CUDA device, and this run is on {self.dist.device}"
+        )
         warnings.warn(
-            f"compile reduce-overhead: Inductor {' and '.join(what)}, so part of the step is launched op by op "
-            "(TORCH_LOGS=cudagraphs names the reasons; CUDA graphs need a CUDA device)",
+            f"step {step}: compile {self.config.compile}: Inductor {' and '.join(what)}, so part of the training step "
+            f"is launched kernel by kernel ({why})",
             stacklevel=2,
         )
 

@@ -643,29 +643,40 @@ def test_compile_option_compiles_the_loss_as_one_graph(photos: Path, tmp_path: P
 
 
 @pytest.mark.slow
-def test_compile_reduce_overhead_warns_when_inductor_falls_back(photos: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "counter,says",
+    [("cudagraph_skips", r"ran 1 graph\(s\) without CUDA graphs"), ("cudagraph_partitions", r"into 1 pieces")],
+    ids=["skip", "partition"],
+)
+def test_compile_reduce_overhead_warns_when_inductor_falls_back(
+    photos: Path, tmp_path: Path, monkeypatch, counter: str, says: str
+) -> None:
     """Where Inductor cannot capture the step as CUDA graphs it says so only in a log that is off
-    by default; the trainer warns, once per compilation that fell back. The compile here is a
-    stand-in that counts a fallback on its first call, as Inductor does (that Inductor counts
-    them so is tests/test_srflow_compile.py's)."""
+    by default; the trainer warns after each step whose compilation fell back (here the first
+    and, as after a recompile, the third). The compile is a stand-in that counts a fallback as
+    Inductor does (that Inductor counts them so is tests/test_srflow_compile.py's)."""
     from torch._dynamo.utils import counters  # noqa: PLC0415
+
+    monkeypatch.setitem(counters["inductor"], counter, counters["inductor"][counter])  # restored afterwards
 
     def compile_that_falls_back(fn, **kwargs):  # noqa: ANN001, ANN202
         calls = []
 
         def compiled(*args):  # noqa: ANN002, ANN202
-            if not calls:
-                counters["inductor"]["cudagraph_skips"] += 1
             calls.append(1)
+            if len(calls) in (1, 3):
+                counters["inductor"][counter] += 1
             return fn(*args)
 
         return compiled
 
     monkeypatch.setattr(torch, "compile", compile_that_falls_back)
-    with pytest.warns(UserWarning, match=r"Inductor ran 1 graph\(s\) of the training step without CUDA graphs") as rec:
-        result = train(tiny(photos, tmp_path / "run", steps=3, compile="reduce-overhead"), log=quiet)
-    assert result.step == 3
-    assert len([w for w in rec if "reduce-overhead" in str(w.message)]) == 1
+    with pytest.warns(UserWarning, match=says) as rec:
+        result = train(tiny(photos, tmp_path / "run", steps=4, compile="reduce-overhead"), log=quiet)
+    assert result.step == 4
+    warned = [str(w.message) for w in rec if "Inductor" in str(w.message)]
+    assert [m.split(":")[0] for m in warned] == ["step 1", "step 3"], warned
+    assert all("CUDA graphs need a CUDA device, and this run is on cpu" in m for m in warned)
 
 
 def test_validation_writes_a_sample_grid_and_log(photos: Path, tmp_path: Path) -> None:
