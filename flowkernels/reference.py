@@ -84,7 +84,7 @@ def actnorm_inv(y: Tensor, logs: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     return x, dlogdet
 
 
-def compute_dtype(t: Tensor) -> torch.dtype:
+def at_least_float32(t: Tensor) -> torch.dtype:
     """float32 for half/bf16/float32 inputs (subnet outputs may be bf16), float64 stays float64:
     ``torch.promote_types(t.dtype, torch.float32)`` for floating ``t``, without its dispatched call."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -92,7 +92,7 @@ def compute_dtype(t: Tensor) -> torch.dtype:
 
 def _logabsdet(weight: Tensor) -> Tensor:
     # float64: log|det W| of a 96x96 or 192x192 matrix loses digits in float32.
-    return torch.linalg.slogdet(weight.double())[1].to(compute_dtype(weight))
+    return torch.linalg.slogdet(weight.double())[1].to(at_least_float32(weight))
 
 
 def invconv_fwd(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -159,7 +159,7 @@ def actnorm_conv_inv(y: Tensor, weight: Tensor, logs: Tensor, bias: Tensor) -> t
 
 def _shift_and_scale(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """shift, s = sigmoid(raw + 2) + eps and sigmoid itself, in float32 (float64 for float64 h)."""
-    h = h.to(compute_dtype(h))
+    h = h.to(at_least_float32(h))
     shift, raw = h[:, 0::2], h[:, 1::2]
     sig = torch.sigmoid(raw + 2.0)
     return shift, sig + eps, sig
@@ -264,7 +264,7 @@ def additive_coupling_fwd(x: Tensor, h: Tensor, passive: int) -> tuple[Tensor, T
     Returns (y, dlogdet), dlogdet (B,) exactly zero: the map is volume preserving.
     """
     _check_passive(x, h, passive, per_channel=1)
-    shift = h.to(compute_dtype(h))
+    shift = h.to(at_least_float32(h))
     y = torch.cat([x[:, :passive], x[:, passive:] + shift], dim=1)
     return y, x.new_zeros(x.shape[0])
 
@@ -272,7 +272,7 @@ def additive_coupling_fwd(x: Tensor, h: Tensor, passive: int) -> tuple[Tensor, T
 def additive_coupling_inv(y: Tensor, h: Tensor, passive: int) -> tuple[Tensor, Tensor]:
     """Inverse of :func:`additive_coupling_fwd`: ``x2 = y2 - h``. Returns (x, dlogdet = 0)."""
     _check_passive(y, h, passive, per_channel=1)
-    shift = h.to(compute_dtype(h))
+    shift = h.to(at_least_float32(h))
     return torch.cat([y[:, :passive], y[:, passive:] - shift], dim=1), y.new_zeros(y.shape[0])
 
 
@@ -289,7 +289,7 @@ def additive_coupling_bwd(
     * reverse: ``inp = out + t``, ``g_inp = g``, ``g_t = -g2``.
     """
     _check_passive(out, h, passive, per_channel=1)
-    shift = h.to(compute_dtype(h))
+    shift = h.to(at_least_float32(h))
     o2, g2 = out[:, passive:], grad_out[:, passive:]
     i2, g_shift = (o2 + shift, -g2) if reverse else (o2 - shift, g2)
     return torch.cat([out[:, :passive], i2], dim=1), grad_out.clone(), g_shift.to(h.dtype)

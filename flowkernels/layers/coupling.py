@@ -183,7 +183,7 @@ class Subnet(nn.Sequential):
             if first_part:
                 # Sum in float32 (at least): under bf16 both convolutions come out in bf16, and a
                 # bf16 sum would round a third time where the per-step convolution rounds once.
-                wide = reference.compute_dtype(part)
+                wide = reference.at_least_float32(part)
                 if x is None:
                     conv = bias.view(1, -1, 1, 1)
                 conv = as_dtype(conv, wide) + as_dtype(part, wide)
