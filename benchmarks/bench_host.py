@@ -9,7 +9,8 @@ Per variant this measures:
   counted with a ``TorchDispatchMode``, and the most frequent ones;
 * ``ops_per_sample``: the same for one ``sample`` call (temperature 0.9, no grad);
 * ``host_syncs_per_step`` / ``host_syncs_per_sample``: those of the ops that make the host wait
-  for a GPU (``HOST_SYNC_OPS``: tensors built from host data, values read back);
+  for a GPU (``HOST_SYNC_OPS``: tensors built from host data, values read back, value-dependent
+  output sizes, linalg error checks, copies to the host);
 * ``host_ms_per_step`` / ``host_ms_per_sample``: median wall time of those calls (one thread);
 * ``graph_breaks``: ``torch._dynamo.explain`` of the training loss and of ``sample``;
 * with ``--inductor``: Inductor's generated-kernel count and compile time of the training loss

@@ -135,11 +135,16 @@ def compiled_loss(model: srflow.SRFlow, mode: str | None):
     return torch.compile(loss, mode=mode, fullgraph=True)
 
 
+def captures_graphs(variant: dict, device: torch.device) -> bool:
+    """Whether Inductor is to run ``variant``'s compiled step as CUDA graphs."""
+    return variant["compile"] in CUDA_GRAPH_MODES and device.type == "cuda"
+
+
 def measure_training(model, variant: dict, batch: int, hr_size: int, device, steps: int, warmup: int = 2) -> dict:
     """Median step time, samples/s and peak memory of ``steps`` timed steps after ``warmup`` ones."""
     hr, lr = batch_of(model, batch, hr_size, device, variant["channels_last"])
     rss_before = rss_gib() if device.type == "cpu" else None
-    graphs = variant["compile"] in CUDA_GRAPH_MODES and device.type == "cuda"
+    graphs = captures_graphs(variant, device)
     # fused Adam: the optimizer step as a few multi-tensor launches beside the captured step
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=graphs or None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if variant["bf16"] else contextlib.nullcontext()
@@ -287,7 +292,7 @@ def run_variant(name: str, args, device, official_b16_peak: float | None, deadli
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if variant["compile"] in CUDA_GRAPH_MODES and device.type == "cuda":
+    if captures_graphs(variant, device):
         # over all the variant's compilations (a graph compiled once serves the later points)
         new = cudagraph_fallbacks(since=fallbacks)
         result["cudagraph_skips"], result["cudagraph_partitions"] = new["skips"], new["partitions"]

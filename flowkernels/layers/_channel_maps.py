@@ -157,11 +157,11 @@ class SequenceMaps:
                     f"steps {g.steps} ({g.weight.shape[-1]} channels) ran at different pixel counts: a layer of "
                     "the sequence changes C*H*W, which an invertible layer cannot"
                 )
-            g_logdet = (total * count).expand(len(g.steps))
+            n = len(g.steps)
+            g_logdet = (total * count).expand(n)
             g_w, g_logs, g_b = chain_rule_stacked(
                 g_map, g_off, g_logdet, g.weight, g.weight_inv, g.bias, g.maps, reverse=self.reverse
             )
-            n = len(g.steps)
             g_logs, g_b = g_logs.reshape(n, *g.shapes[0]), g_b.reshape(n, *g.shapes[1])  # the parameters' shapes
             for i, w, lg, b in zip(g.steps, g_w.unbind(0), g_logs.unbind(0), g_b.unbind(0)):
                 for param, value in self.steps[i].map_param_grads(w, lg, b):
