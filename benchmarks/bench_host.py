@@ -84,9 +84,11 @@ _HOST_READS = {torch.Tensor.tolist: "Tensor.tolist", torch.Tensor.numpy: "Tensor
 
 
 def _to_host(args: tuple, kwargs: dict) -> bool:
-    """Whether a ``Tensor.to`` call names the CPU as its device."""
-    targets = [*args[1:], kwargs.get("device")]
-    return any(t == "cpu" or (isinstance(t, torch.device) and t.type == "cpu") for t in targets)
+    """Whether a ``Tensor.to`` call copies to the host and waits: it names the CPU (``"cpu"``; a
+    device object such as ``x.to(device)`` or torch's own ``x.to(grads[0].device)`` moves a tensor
+    to the run's device, which is the CPU only because this run is on one) and is not
+    ``non_blocking`` (a copy into pinned memory, queued and not waited for)."""
+    return "cpu" in (*args[1:], kwargs.get("device")) and not kwargs.get("non_blocking", False)
 
 
 class _CountHostReads(TorchFunctionMode):

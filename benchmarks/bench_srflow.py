@@ -1,6 +1,7 @@
 """SRFlow training and sampling benchmark: the official maths against memory-saving backends.
 
-One training step = RRDB conditioning + flow NLL forward + backward + Adam step, on random
+One training step = RRDB conditioning + flow NLL forward + backward + Adam step (fused, as
+``srflow train`` uses; before 2026-12-07 torch's default, fused only with CUDA graphs), on random
 160x160 HR crops with their 40x40 (4x) LR, ActNorms initialised first. Variants:
 
 * ``official``: stored-activation autograd over the reference ops (the official model's maths);
@@ -14,7 +15,7 @@ One training step = RRDB conditioning + flow NLL forward + backward + Adam step,
   the batched parts from forward to backward (``keep_cond_parts``);
 * any of them with ``-compile`` (``torch.compile(fullgraph=True)`` of the whole loss, forward and
   backward; the sampling call too) or ``-graph`` (the same in ``mode="reduce-overhead"``: CUDA
-  graphs, with fused Adam). ``warmup_s`` holds the compile time; a ``-graph`` variant on CUDA
+  graphs). ``warmup_s`` holds the compile time; a ``-graph`` variant on CUDA
   records ``cudagraph_skips`` and ``cudagraph_partitions`` (graphs Inductor ran uncaptured or
   split around uncapturable ops): its times are CUDA-graph times only where both are 0.
 
@@ -144,9 +145,7 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
     """Median step time, samples/s and peak memory of ``steps`` timed steps after ``warmup`` ones."""
     hr, lr = batch_of(model, batch, hr_size, device, variant["channels_last"])
     rss_before = rss_gib() if device.type == "cpu" else None
-    graphs = captures_graphs(variant, device)
-    # fused Adam: the optimizer step as a few multi-tensor launches beside the captured step
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=graphs or None)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if variant["bf16"] else contextlib.nullcontext()
     loss_fn = compiled_loss(model, variant["compile"])
 

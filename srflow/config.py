@@ -147,7 +147,7 @@ class TrainConfig:
     compile: str = _opt(
         "off",
         "torch.compile the training loss (forward and its memory-saving backward, one graph): off (default: "
-        "compiling has not been measured to pay yet), default, reduce-overhead (CUDA graphs, with fused Adam) "
+        "compiling has not been measured to pay yet), default, reduce-overhead (CUDA graphs) "
         "or max-autotune (autotuned kernels, and CUDA graphs as reduce-overhead)",
     )
     device: str | None = _opt(None, "cpu, cuda or cuda:N; default: cuda if available (under torchrun: cuda:LOCAL_RANK)")

@@ -39,6 +39,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     variants = "official,ms-reference-cl,ms-reference-perstep,ms-reference-batched"
     _run("benchmarks.bench_srflow", *common, "--variants", variants, "--steps", "1")
     _run("benchmarks.bench_host", *common, "--variants", "ms-reference", "--trace-times")
+    _run("benchmarks.bench_optimizer", *common)
     ab = ["--specs", "full:ms-reference", "--preset", "tiny-4x", "--rounds", "1", "--steps", "1", "--out", str(out)]
     _run("benchmarks.host_ab", str(ROOT), str(ROOT), *ab)
     _run("benchmarks.bench_loader", "--out", str(out), "--images", "2", "--size", "200", "120", "--crop", "32")
@@ -70,6 +71,12 @@ def test_every_benchmark_writes_rows_without_errors(results: Path):
     assert row["ratio_of_medians"] > 0 and row["ratio_of_fastest"] > 0
     traced = host_json["trace_times"]
     assert traced["variant"] == "ms-reference" and traced["eager_s"] > 0 and traced["aot_eager_s"] > 0
+    adam = json.loads((results / "bench_optimizer_tiny-4x.json").read_text())["rows"]
+    assert [(r["rrdb_trainable"], r["implementation"]) for r in adam] == [
+        (trainable, implementation) for trainable in (False, True) for implementation in ("default", "foreach", "fused")
+    ]
+    assert all(r["ms"] > 0 and r["ops_per_step"] > 0 for r in adam)
+    assert adam[0]["parameters"] < adam[3]["parameters"]  # the RRDB's parameters join when it trains
     loader = json.loads((results / "bench_loader.json").read_text())
     assert [r["mode"] for r in loader["rows"]] == ["cold", "memory", "store", "bank"]
     assert all(len(r["samples_per_s"]) == 5 and r["median"] > 0 for r in loader["rows"])

@@ -38,7 +38,14 @@ import flowkernels as fk
 from srflow import SRFlow, dequantization_noise, dequantize
 from srflow.config import ConfigError, TrainConfig, config_from_dict, config_to_yaml, load_config, resolve_config
 from srflow.official_checkpoint import CheckpointError
-from srflow.train import NonFiniteTrainingError, TrainingObjective, cosine_learning_rate, learning_rate_factor, train
+from srflow.train import (
+    NonFiniteTrainingError,
+    Trainer,
+    TrainingObjective,
+    cosine_learning_rate,
+    learning_rate_factor,
+    train,
+)
 from srflow.training_checkpoint import (
     checkpoint_files,
     list_checkpoints,
@@ -486,6 +493,66 @@ def test_nonfinite_run_stops_and_keeps_checkpoints(
         assert all(torch.isfinite(v).all() for v in read_weights(files.weights)[0].values())
 
 
+# ------------------------------------------------------------------------------------ queuing
+
+
+def test_steps_are_queued_without_waiting_for_the_device(
+    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queuing a step dispatches no op that would make the host wait for a GPU (counted on the
+    CPU: bench_host.HOST_SYNC_OPS; the first step reads the batch once, to initialise the
+    ActNorms), and its numbers are read after the next step is queued, except at a step that logs
+    (4) or ends the run (6), whose numbers are needed at once."""
+    from benchmarks.bench_host import HOST_SYNC_OPS, count_ops, host_syncs  # noqa: PLC0415
+
+    events: list[tuple[str, int]] = []
+    optimize, settle = Trainer._optimize, Trainer._settle
+
+    def counted_optimize(self: Trainer, step: int, *args: object) -> object:
+        queued = []
+        ops = count_ops(lambda: queued.append(optimize(self, step, *args)))
+        assert ops["aten.convolution"] > 0  # the count saw the step
+        if step > 0:
+            assert host_syncs(ops) == 0, {op: n for op, n in ops.items() if op in HOST_SYNC_OPS}
+        events.append(("queue", step + 1))
+        return queued[0]
+
+    def recorded_settle(self: Trainer, run: object, queued: object) -> None:
+        events.append(("read", queued.step))
+        settle(self, run, queued)
+
+    monkeypatch.setattr(Trainer, "_optimize", counted_optimize)
+    monkeypatch.setattr(Trainer, "_settle", recorded_settle)
+    result = train(tiny(photos, tmp_path / "run", log_every=4), log=quiet)
+    queued_then_read = [("queue", 1), ("queue", 2), ("read", 1), ("queue", 3), ("read", 2), ("queue", 4)]
+    queued_then_read += [("read", 3), ("read", 4), ("queue", 5), ("queue", 6), ("read", 5), ("read", 6)]
+    assert events == queued_then_read
+    assert [s for s, _ in result.losses] == list(range(1, 7))
+    assert all(math.isfinite(loss) for _, loss in result.losses)
+
+
+@pytest.mark.gpu
+def test_training_steps_do_not_sync_on_cuda(photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU, every step but the first (which initialises the ActNorms from the batch and
+    creates Adam's state) is queued under ``torch.cuda.set_sync_debug_mode("error")``: any op in it
+    that makes the host wait for the device raises (the CPU test above counts them)."""
+    optimize = Trainer._optimize
+
+    def strict_optimize(self: Trainer, step: int, *args: object) -> object:
+        if step == 0:
+            return optimize(self, step, *args)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return optimize(self, step, *args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(Trainer, "_optimize", strict_optimize)
+    result = train(tiny(photos, tmp_path / "run", device="cuda", workers=0), log=quiet)
+    assert [s for s, _ in result.losses] == list(range(1, 7))
+    assert all(math.isfinite(loss) for _, loss in result.losses)
+
+
 # ------------------------------------------------------------------------------------ interrupts
 
 
@@ -776,7 +843,8 @@ train(load_config(sys.argv[1]))
 @pytest.mark.slow
 def test_ddp_a_signal_to_one_rank_stops_every_rank_after_the_same_step(photos: Path, tmp_path: Path) -> None:
     """SIGTERM to rank 1 alone (``kill`` of one process) in step 3: the step's all-reduce tells
-    rank 0, both finish step 3, rank 0 saves it, and both ranks end by SIGTERM."""
+    rank 0, the ranks read it one step later (the trainer does not wait for a step's numbers before
+    queuing the next), so both finish step 4, rank 0 saves it, and both ranks end by SIGTERM."""
     config = tmp_path / "config.yaml"
     config.write_text(config_to_yaml(tiny(photos, tmp_path / "run")))
     with socket.socket() as probe:  # a free port for the rendezvous (torchrun --standalone does the same)
@@ -800,9 +868,9 @@ def test_ddp_a_signal_to_one_rank_stops_every_rank_after_the_same_step(photos: P
                 proc.kill()
                 proc.wait()
     assert [proc.returncode for proc in procs] == [-signal.SIGTERM, -signal.SIGTERM], logs[0][-2000:] + logs[1][-2000:]
-    assert "stopped by SIGTERM after finishing step 3" in logs[0]
+    assert "stopped by SIGTERM after finishing step 4" in logs[0]
     saved = list_checkpoints(tmp_path / "run" / "checkpoints")
-    assert [c.step for c in saved] == [3]
+    assert [c.step for c in saved] == [4]
     assert load_training_checkpoint(saved[0]).state["world_size"] == 2
 
 
