@@ -81,15 +81,15 @@ as it would have without the deferral: Python's default SIGINT handler raises Ke
 handlers get the signal instead. Under DDP a signal may reach only some ranks (``kill`` of one
 process): the all-reduce every step already does (loss and non-finite flag) also carries each
 rank's SIGTERM, SIGINT and time-limit flags, so all ranks stop after the same step at no extra
-collective: the step after the one the signal came in, whose flags are read one step later
-(above; one process stops after the current step). SIGTERM wins over SIGINT, and every rank then
-raises the agreed signal. Repeated signals while stopping change nothing (torchrun passes the
-terminal's Ctrl-C on to workers that got it already); SIGKILL, which torchrun and schedulers
-send after their grace period, remains the hard stop. The handlers are installed only around the
-steps (during setup a signal acts at once: there is nothing to save yet), only from the main
-thread (Python's rule) and never over an ignored signal; DataLoader workers ignore both signals,
-so a terminal's Ctrl-C to the whole process group does not kill them under a run that is
-finishing its step.
+collective: at most one step later than one process, which stops after the current step (the
+ranks' flags are read with the step's other numbers, above). SIGTERM wins over SIGINT, and every
+rank then raises the agreed signal. Repeated signals while stopping change nothing (torchrun
+passes the terminal's Ctrl-C on to workers that got it already); SIGKILL, which torchrun and
+schedulers send after their grace period, remains the hard stop. The handlers are installed only
+around the steps (during setup a signal acts at once: there is nothing to save yet), only from
+the main thread (Python's rule) and never over an ignored signal; DataLoader workers ignore both
+signals, so a terminal's Ctrl-C to the whole process group does not kill them under a run that
+is finishing its step.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def _to_host(values: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
         return values, None
     host = values.to("cpu", non_blocking=True)  # into pinned memory: the copy is queued, not waited for
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(values.device))  # the copy's stream, whichever GPU is current
     return host, copied
 
 
@@ -827,8 +827,8 @@ class Trainer:
         """Adam's state, the global RNG states and the counters of ``resume``; warns about changed
         trajectory settings. Returns (step, non-finite steps in all, non-finite steps in a row)."""
         try:
-            self.optimizer.load_state_dict(resume.state["optimizer"])
-        except (ValueError, KeyError) as exc:
+            self.optimizer.load_state_dict(self._as_fused(resume))
+        except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(
                 f"checkpoint {str(resume.files.state)!r}: optimiser state does not fit ({exc})"
             ) from exc
@@ -840,6 +840,22 @@ class Trainer:
         self._compare_config(resume)
         state = resume.state
         return resume.step, int(state.get("nonfinite_total", 0)), int(state.get("nonfinite_in_row", 0))
+
+    def _as_fused(self, resume: TrainingCheckpoint) -> dict:
+        """``resume``'s Adam state with this optimiser's implementation (fused) in its groups:
+        ``load_state_dict`` would otherwise restore the saved one, and checkpoints written before
+        2026-12-07 hold a non-fused Adam, which cannot skip a step on the device. Its state then
+        moves to the parameters' device (fused Adam keeps its step counts there)."""
+        saved = resume.state["optimizer"]
+        implementation = {key: self.optimizer.defaults[key] for key in ("fused", "foreach", "capturable")}
+        if any(group.get("fused") is not True for group in saved["param_groups"]):
+            warnings.warn(
+                f"checkpoint {str(resume.files.state)!r} holds the state of a non-fused Adam (srflow before "
+                "2026-12-07); training continues with fused Adam, which rounds differently, so the run is close to, "
+                "not bitwise, the one it continues",
+                stacklevel=4,
+            )
+        return {**saved, "param_groups": [{**group, **implementation} for group in saved["param_groups"]]}
 
     def _compare_config(self, resume: TrainingCheckpoint) -> None:
         saved = resume.state.get("config", {})

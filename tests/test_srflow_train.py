@@ -443,7 +443,10 @@ def test_rrdb_weights_and_init_official(photos: Path, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------ non-finite
 
 
-def _nan_at(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int] | None = None, from_call: int | None = None) -> None:
+def _nan_at(
+    monkeypatch: pytest.MonkeyPatch, bad_calls: set[int] | None = None, from_call: int | None = None
+) -> dict[str, int]:
+    """Make the loss NaN in the given training forwards (1-based); returns the live call count."""
     original = TrainingObjective.forward
     calls = {"n": 0}
 
@@ -455,6 +458,7 @@ def _nan_at(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int] | None = None, 
         return loss, nll
 
     monkeypatch.setattr(TrainingObjective, "forward", forward)
+    return calls
 
 
 def test_nonfinite_steps_are_skipped_and_counted(photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -491,6 +495,38 @@ def test_nonfinite_run_stops_and_keeps_checkpoints(
     assert digest(run / "checkpoints") == before
     for files in list_checkpoints(run / "checkpoints"):
         assert all(torch.isfinite(v).all() for v in read_weights(files.weights)[0].values())
+
+
+def test_a_nonfinite_streak_read_one_step_late_stops_before_anything_is_saved(
+    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps 4, 5, 6 diverge and step 6 neither logs nor saves, so its numbers are read after step 7
+    is queued: the error still names step 6, and step 7's weights are never saved."""
+    calls = _nan_at(monkeypatch, from_call=4)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteTrainingError, match=r"stopped at step 6: 3 consecutive steps .*\(step 4\)"):
+        train(tiny(photos, run, steps=20, save_every=4, max_nonfinite=3), log=quiet)
+    assert calls["n"] == 7
+    assert [c.step for c in list_checkpoints(run / "checkpoints")] == [4]
+
+
+def test_resume_from_a_non_fused_adam_checkpoint(photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints written before 2026-12-07 hold a non-fused Adam (its groups say ``fused``
+    None): the run continues with fused Adam, which skips a non-finite step (step 5) on the device,
+    and warns that it is not bitwise the run it continues."""
+    run = tmp_path / "run"
+    first = train(tiny(photos, run, stop_after=3), log=quiet)
+    state = torch.load(first.checkpoint.state, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = None
+    torch.save(state, first.checkpoint.state)
+    _nan_at(monkeypatch, bad_calls={2})
+    with pytest.warns(UserWarning, match="holds the state of a non-fused Adam .* not bitwise"):
+        second = train(tiny(photos, run, resume="auto"), log=quiet)
+    assert second.step == 6 and [s for s, _ in second.losses] == [4, 6]
+    saved = load_training_checkpoint(second.checkpoint).state["optimizer"]
+    assert all(group["fused"] is True for group in saved["param_groups"])
+    assert {float(s["step"]) for s in saved["state"].values()} == {5.0}  # 3 + steps 4 and 6
 
 
 # ------------------------------------------------------------------------------------ queuing
