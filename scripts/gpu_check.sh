@@ -4,9 +4,11 @@
 #   bash scripts/gpu_check.sh [build|test|ops|stack|memory|srflow|lvlbatch|compiled|host|report|all]...   (default: all)
 #
 # Logs and JSON accumulate in $WORK (default /tmp/gpu-run, so stages can run as separate calls
-# on one machine; the build stays in the tree); at the end each call copies the JSON files and
-# a tarball of everything to $OUT (the device tool brings back at most 8 files). Meant for one
-# H100/H200 with torch + CUDA installed (Python 3.12, torch 2.11+cu130, triton 3.6, nvcc 13.0).
+# on one machine; the build stays in the tree). $OUT gets one tarball of all of it, gpu-run.tgz,
+# renewed every 20 s and after each stage, so that a call stopped at its time limit still brings
+# back what it did, and status.txt (each stage's exit code). The device tool brings back at most
+# 8 files: the JSON files are in the tarball, not beside it. Meant for one H100/H200 with torch
+# + CUDA installed (Python 3.12, torch 2.11+cu130, triton 3.6, nvcc 13.0).
 # To fit a short lease: SRFLOW_SECONDS, LVLBATCH_SECONDS, COMPILED_SECONDS (time budgets),
 # COMPILED_VARIANTS / COMPILED_BATCHES (the compiled stage's points), TEST_WORKERS (xdist).
 # Stage times on an H200 (2026-12-04): build ~70 s, the kernel test matrix ~65 s on 8 workers,
@@ -22,13 +24,23 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(all)
 status=0
 
-run() {  # run NAME CMD...: log to $OUT/NAME.log, keep going on failure, remember it
+snapshot() {  # $WORK so far as $OUT/gpu-run.tgz, replaced whole (never half-written)
+    tar czf "$OUT/gpu-run.tgz.part" -C "$WORK" . 2>/dev/null && mv -f "$OUT/gpu-run.tgz.part" "$OUT/gpu-run.tgz"
+}
+(while sleep 20; do snapshot; done) >/dev/null 2>&1 &
+snapshots=$!
+trap 'kill $snapshots 2>/dev/null' EXIT
+
+run() {  # run NAME CMD...: log to $WORK/NAME.log, keep going on failure, remember it
     local name=$1; shift
     echo "=== $name: $*"
     local t0=$SECONDS
     "$@" 2>&1 | tee "$WORK/$name.log"
     local rc=${PIPESTATUS[0]}
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+    echo "$name: exit $rc after $((SECONDS - t0)) s" >> "$WORK/status.txt"
+    cp "$WORK/status.txt" "$OUT/status.txt"
+    snapshot
     [ "$rc" -eq 0 ] || status=1
 }
 
@@ -93,6 +105,7 @@ fi
 if want report; then
     run report "$PY" -m benchmarks.report "$WORK"
 fi
-cp "$WORK"/*.json "$OUT"/ 2>/dev/null
-tar czf "$OUT/gpu-run.tgz" -C "$WORK" .
+kill $snapshots 2>/dev/null
+wait $snapshots 2>/dev/null
+snapshot
 exit $status
