@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,16 @@ def test_bench_peers_runs_and_skips_absent_peers(tmp_path: Path):
             assert library in ran and library not in result["skipped"]
     ours = [r for r in result["rows"] if r["library"] == "flowkernels"]
     assert len(ours) == 1 and ours[0]["step_ms"] > 0 and ours[0]["saved_mib"] > 0
+
+
+def test_gpu_check_returns_its_work_as_one_tarball(tmp_path: Path):
+    """scripts/gpu_check.sh, by its report stage (no GPU needed): $OUT holds only gpu-run.tgz, with
+    every stage's log and output, and status.txt with each stage's exit code (the device tool
+    returns at most 8 files, and a call stopped at its time limit returns what $OUT holds)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "WORK": str(work), "PYTHON": sys.executable}
+    subprocess.run(["bash", "scripts/gpu_check.sh", "report"], cwd=ROOT, env=env, check=True, capture_output=True)
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-run.tgz", "status.txt"]
+    assert (out / "status.txt").read_text().startswith("report: exit 0 after ")
+    with tarfile.open(out / "gpu-run.tgz") as tar:
+        assert {"./report.log", "./report.md", "./status.txt"} <= set(tar.getnames())
