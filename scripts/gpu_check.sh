@@ -99,7 +99,7 @@ if want compiled; then
 fi
 if want host; then
     run bench-host "$PY" -m benchmarks.bench_host --device cuda --out "$WORK"
-    # Adam foreach vs fused (srflow train's) over df2k-4x's parameters: seconds
+    # Adam's default, foreach and fused (srflow train's) over df2k-4x's parameters: seconds
     run bench-optimizer "$PY" -m benchmarks.bench_optimizer --device cuda --out "$WORK"
 fi
 if want report; then

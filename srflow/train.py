@@ -571,9 +571,10 @@ class Trainer:
         if summed and (stop := _stop_reason(summed)) is not None:
             self._stop(run, stop)
         if not bad:
+            mean = total / self.dist.world
             run.nonfinite_in_row = 0
-            run.losses.append((queued.step, total / self.dist.world))
-            run.window.append(total / self.dist.world)
+            run.losses.append((queued.step, mean))
+            run.window.append(mean)
             return
         run.nonfinite_in_row += 1
         run.nonfinite_total += 1
