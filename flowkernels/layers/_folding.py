@@ -106,18 +106,30 @@ def fold_convs(terms: Sequence[FoldTerms], dtype: torch.dtype | None = None) -> 
     return folded, groups  # type: ignore[return-value]
 
 
-def _mul_into(stack: Tensor, other: Tensor) -> Tensor:
-    """``stack * other``, in place into ``stack`` (the caller's to overwrite) where autograd is
-    off and the product has its dtype: a weight-sized result freshly allocated is, on a CPU,
+def _in_place(out: Tensor, other: Tensor) -> bool:
+    """Whether ``out * other`` may overwrite ``out`` (the caller's to overwrite): where autograd is
+    off and the product has ``out``'s dtype. A weight-sized result freshly allocated is, on a CPU,
     mostly page faults (16 weights of 64 x 320 x 3 x 3 scaled: ~18 ms out of place, ~1 ms in
     place; compiled, Inductor plans the buffers itself). The dtype test is on the dtypes' sizes:
     ``torch.promote_types`` would be one more dispatched call."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled() or stack.requires_grad:
-        return stack * other
-    a, b = stack.dtype, other.dtype
-    if a != b and not (a.is_floating_point and b.is_floating_point and a.itemsize > b.itemsize):
-        return stack * other
-    return stack.mul_(other)
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or out.requires_grad:
+        return False
+    a, b = out.dtype, other.dtype
+    return a == b or (a.is_floating_point and b.is_floating_point and a.itemsize > b.itemsize)
+
+
+def _mul_into(stack: Tensor, other: Tensor) -> Tensor:
+    """``stack * other``, in place into ``stack`` where :func:`_in_place` allows."""
+    return stack.mul_(other) if _in_place(stack, other) else stack * other
+
+
+def _mul_all_into(tensors: list[Tensor], others: Sequence[Tensor]) -> list[Tensor]:
+    """``[t * o for t, o in zip(tensors, others)]`` as one foreach call, in place into ``tensors``
+    (the caller's to overwrite; one dtype, ``others`` one dtype) where :func:`_in_place` allows."""
+    if _in_place(tensors[0], others[0]):
+        torch._foreach_mul_(tensors, others)
+        return tensors
+    return list(torch._foreach_mul(tensors, others))
 
 
 def unfold_grads(
@@ -127,25 +139,39 @@ def unfold_grads(
     term (None: zero) to those of its (weight, logs, bias), shaped like them (None for a term of a
     group without any gradient). With ``W' = W e``, ``b' = b e``, ``e = exp(f l)`` per output
     channel: ``dW = dW' e``, ``db = db' e``, ``dl = f (sum(dW' W') + db' b')``: the folded tensors
-    and the scales are all it reads. A few ops per group, the per-term tensors unbound from stacks.
-    Where autograd is off it overwrites the groups' folded weights (the fold's last use)."""
+    and the scales are all it reads. A few ops per group. The weights' gradients are never
+    stacked (a weight-sized copy per group, page faults included: ~5 ms each for a df2k-4x level
+    on a CPU): foreach calls scale them one by one, and where autograd is off they overwrite the
+    given gradients and the groups' folded weights (the fold's last use)."""
     out: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(terms)
     for g in groups:
-        if all(grads[i] is None for i in g.members):
+        present = [k for k, i in enumerate(g.members) if grads[i] is not None]
+        if not present:
             continue
-        zero = (torch.zeros_like(g.folded_weight[0]), torch.zeros_like(g.folded_bias[0]))
-        gw = torch.stack([zero[0] if grads[i] is None else grads[i].weight for i in g.members])
-        gb = torch.stack([zero[1] if grads[i] is None else grads[i].bias for i in g.members])
         n, o = g.scale.shape
-        # sum(dW' W') per output channel, the product taken in the folded weight's memory
-        g_scale = _mul_into(g.folded_weight.flatten(2), gw.flatten(2)).sum(-1) + gb * g.folded_bias
+        zero = None  # stands in for a term without gradients: shared, never written
+        if len(present) < n:
+            zero = Folded(torch.zeros_like(g.folded_weight[0]), torch.zeros_like(g.folded_bias[0]))
+        got = [zero if grads[i] is None else grads[i] for i in g.members]
+        gw = [f.weight for f in got]
+        gb = torch.stack([f.bias for f in got])
+        # sum(dW' W') per output channel; eager, the products are taken in the folded weights' memory
+        if _in_place(g.folded_weight, gw[0]):
+            torch._foreach_mul_(list(g.folded_weight.unbind(0)), gw)
+            products = g.folded_weight
+        else:
+            products = g.folded_weight * torch.stack(gw)
+        g_scale = products.flatten(2).sum(-1) + gb * g.folded_bias
         g_logs = g_scale * g.factor if g.factor != 1.0 else g_scale
-        g_weight = _mul_into(gw, g.scale.reshape(n, o, 1, 1, 1))
+        scales = g.scale.reshape(n, o, 1, 1, 1).unbind(0)
+        g_weight = list(gw)
+        for k, w in zip(present, _mul_all_into([gw[k] for k in present], [scales[k] for k in present])):
+            g_weight[k] = w
         g_bias = gb * g.scale
         first = terms[g.members[0]]
         g_logs = g_logs.reshape(n, *first.logs.shape).unbind(0)
         g_bias = g_bias.reshape(n, *first.bias.shape).unbind(0)
-        for i, w, lg, b in zip(g.members, g_weight.unbind(0), g_logs, g_bias):
+        for i, w, lg, b in zip(g.members, g_weight, g_logs, g_bias):
             out[i] = (w, lg, b)
     return out
 
