@@ -209,7 +209,7 @@ def test_inductor_compiles_the_training_step():
 def test_eager_training_step_op_count_is_bounded():
     """One df2k-4x training step (NLL forward + backward, RRDB frozen, B1, 16x16 HR: compute
     negligible, so every op is a launch to pay for on a GPU) on the C++ kernels under the
-    defaults dispatches at most MAX_STEP_OPS ops (bench_host, 2026-12-04: 5,555; the official maths 13,943;
+    defaults dispatches at most MAX_STEP_OPS ops (bench_host, 2026-12-07: 5,480; the official maths 13,793;
     before issue 17, 15,051)."""
     kernel_backend("cuda", "cpu")
     model = srflow.SRFlow.from_preset("df2k-4x", backend="cuda", seed=0)
