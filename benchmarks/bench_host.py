@@ -21,7 +21,7 @@ Per variant this measures:
 
 ``--narrow``: the preset's architecture (levels, steps, RRDB blocks: the same ops, the same op
 count) with its widths divided by 8 (RRDB 8 / 4 channels, subnets 8 wide). On a CPU, df2k-4x at
-batch 1 is not compute-negligible: its 77 MB of coupling-subnet weights are read (and, memory
+batch 1 is not compute-negligible: its 89 MB of coupling-subnet weights are read (and, memory
 saving, folded) several times per step, a cost a GPU does not feel. The narrow model leaves the
 host's own work: dispatch, autograd, and the layers' Python.
 

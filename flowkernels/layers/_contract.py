@@ -99,8 +99,9 @@ class StepGrads(NamedTuple):
     grad_parts: dL/dpart for each precomputed conditioning part the layer was given (None when
     it was given none), whose weight-column and cond gradients the caller completes;
     grad_folded: for each folded convolution the layer was given (``folded``), the gradients of
-    its folded weight and bias (a ``Folded`` of them, or None); the caller maps them back to the
-    parameters through the fold, and leaves those parameters' entries of grad_params None;
+    its folded weight and bias (a ``Folded`` of them, or None; fresh tensors, which the caller
+    may overwrite); the caller maps them back to the parameters through the fold, and leaves
+    those parameters' entries of grad_params None;
     grad_map: for a layer given its ``channel_map``, the gradients (matrix (C, C), offset (C,)) of
     the map it applied, which the caller turns into its parameters' gradients (whose entries of
     grad_params it leaves None).

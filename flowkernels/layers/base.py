@@ -195,7 +195,8 @@ class InvertibleModule(nn.Module):
 
         A layer returning some must accept ``folded`` (one :class:`~flowkernels.layers._folding.Folded`
         per term, this order) as a keyword of ``_run`` and ``backward_from_output``, use it instead
-        of those parameters, and return their gradients in ``StepGrads.grad_folded``.
+        of those parameters, and return their gradients in ``StepGrads.grad_folded`` (tensors of
+        its own, which the caller may overwrite).
         """
         return ()
 
