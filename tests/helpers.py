@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -91,3 +94,14 @@ def level_inputs(batch: int, channels: int, cond_channels: int, hw: int | tuple[
         torch.randn(batch, channels, height, width),
         torch.randn(batch),
     )
+
+
+@contextlib.contextmanager
+def cuda_syncs_raise() -> Iterator[None]:
+    """Inside, any CUDA op that makes the host wait for the device raises
+    (``torch.cuda.set_sync_debug_mode("error")``); the default mode is restored on the way out."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

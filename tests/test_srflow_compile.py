@@ -23,7 +23,7 @@ import srflow
 from benchmarks.bench_host import HOST_SYNC_OPS, count_ops, host_syncs
 from flowkernels.layers._cond_parts import plan_chunks
 from srflow.train import cudagraph_fallbacks
-from tests.helpers import trained_level
+from tests.helpers import cuda_syncs_raise, trained_level
 from tests.kernel_grid import kernel_backend
 from tests.oracle import smooth_relus_
 from tests.tolerances import BF16_ERROR_RATIO, FP32_NOISE_FLOOR, FP32_PATH_RATIO, rel_err
@@ -315,10 +315,7 @@ def test_eager_step_and_sampling_do_not_sync_on_cuda(batching: bool):
     with torch.no_grad():
         model.sample(lr, temperature=0.9, nonfinite="ignore")
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with cuda_syncs_raise():
         model.nll(hr, lr).mean().backward()
         with torch.no_grad():
             model.sample(lr, temperature=0.9, nonfinite="ignore")
-    finally:
-        torch.cuda.set_sync_debug_mode("default")

@@ -53,6 +53,7 @@ from srflow.training_checkpoint import (
     read_weights,
     save_training_checkpoint,
 )
+from tests.helpers import cuda_syncs_raise
 
 REPO = Path(__file__).resolve().parents[1]
 # Two gloo ranks against one process: float32 reduction order alone makes the weights differ by
@@ -577,11 +578,8 @@ def test_training_steps_do_not_sync_on_cuda(photos: Path, tmp_path: Path, monkey
     def strict_optimize(self: Trainer, step: int, *args: object) -> object:
         if step == 0:
             return optimize(self, step, *args)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with cuda_syncs_raise():
             return optimize(self, step, *args)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
 
     monkeypatch.setattr(Trainer, "_optimize", strict_optimize)
     result = train(tiny(photos, tmp_path / "run", device="cuda", workers=0), log=quiet)
