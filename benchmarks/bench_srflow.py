@@ -41,6 +41,8 @@ import multiprocessing
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -245,8 +247,19 @@ def fit(points: list[dict]) -> dict | None:
     return {"gib_per_sample": per_sample, "fixed_gib": fixed, "largest_batch_predicted": largest}
 
 
-def run_variant(name: str, args, device, official_b16_peak: float | None, deadline: float) -> dict:
+def run_variant(
+    name: str,
+    args,
+    device,
+    official_b16_peak: float | None,
+    deadline: float,
+    on_point: Callable[[dict], None] | None = None,
+) -> dict:
+    """One variant's measurements. ``on_point(result so far)`` after each one: ``--max-seconds``
+    only stops new measurements from starting, so a call stopped from outside in the middle of a
+    variant (a compiled one takes minutes) keeps what it had measured."""
     variant = parse_variant(name)
+    saved = on_point or (lambda _: None)
     result: dict = {
         "variant": name,
         **variant,
@@ -271,6 +284,7 @@ def run_variant(name: str, args, device, official_b16_peak: float | None, deadli
                 result["points"].append({"batch": batch, "oom": True})
                 break
             result["points"].append(point)
+            saved(result)
             print(f"{name} batch {batch}: {point}", flush=True)
         result["fit"] = fit([p for p in result["points"] if "ms" in p])
         if official_b16_peak and result["fit"] and variant["memory_saving"] and time.perf_counter() < deadline:
@@ -280,10 +294,12 @@ def run_variant(name: str, args, device, official_b16_peak: float | None, deadli
             if target > max(args.batches):
                 point = measure_training(model, variant, target, args.hr_size, device, max(2, args.steps // 2))
                 result["at_official_b16_memory"] = point
+                saved(result)
                 print(f"{name} at the official batch-16 memory ({official_b16_peak:.2f} GiB): {point}", flush=True)
         if args.sample_batch and not variant["checkpoint"] and time.perf_counter() < deadline:
             size = args.hr_size // model.scale
             result["sampling"] = measure_sampling(model, args.sample_batch, size, device, 5, variant["compile"])
+            saved(result)
             print(f"{name} sampling: {result['sampling']}", flush=True)
     except Exception as exc:  # noqa: BLE001 (record and go on with the next variant)
         result["error"] = f"{type(exc).__name__}: {exc}"[:800]
@@ -298,10 +314,13 @@ def run_variant(name: str, args, device, official_b16_peak: float | None, deadli
     return result
 
 
-def run_variant_isolated(name: str, args, device, official_b16_peak: float | None, deadline: float) -> dict:
-    """:func:`run_variant`; on the CPU in a fresh process, so its peak RSS is its own."""
+def run_variant_isolated(
+    name: str, args, device, official_b16_peak: float | None, deadline: float, on_point: Callable[[dict], None]
+) -> dict:
+    """:func:`run_variant`; on the CPU in a fresh process, so its peak RSS is its own (and
+    ``on_point`` is not called: the child's results come back at its end)."""
     if device.type != "cpu":
-        return run_variant(name, args, device, official_b16_peak, deadline)
+        return run_variant(name, args, device, official_b16_peak, deadline, on_point)
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
         # time.perf_counter is per process: pass the time left, not the deadline
@@ -341,21 +360,26 @@ def main() -> None:
     results = []
     official_b16 = None
     env = environment(device)
-    for name in args.variants.split(","):
-        res = run_variant_isolated(name, args, device, official_b16, deadline)
-        if name == "official":
-            official_b16 = next((p.get("peak_gib") for p in res["points"] if p.get("batch") == 16), None)
-        results.append(res)
-        # rewritten after every variant: a run stopped from outside keeps what it measured
+
+    def save(in_progress: dict | None = None) -> Path:
+        """Rewritten after every measurement: a run stopped from outside keeps what it measured."""
+        done = results + ([in_progress] if in_progress is not None else [])
         payload = {
             "env": env,
             "preset": args.preset,
             "hr_size": args.hr_size,
             "command": " ".join(sys.argv),
-            "results": results,
-            "batching_speedup": batching_speedups(results),
+            "results": done,
+            "batching_speedup": batching_speedups(done),
         }
-        path = write_json(f"bench_srflow_{args.preset}", payload, args.out)
+        return write_json(f"bench_srflow_{args.preset}", payload, args.out)
+
+    for name in args.variants.split(","):
+        res = run_variant_isolated(name, args, device, official_b16, deadline, save)
+        if name == "official":
+            official_b16 = next((p.get("peak_gib") for p in res["points"] if p.get("batch") == 16), None)
+        results.append(res)
+        path = save()
     print(f"wrote {path}")
 
 

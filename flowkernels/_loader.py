@@ -9,6 +9,7 @@ once the extension exists (the op modules register the fakes of its C++ ops) sub
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from types import ModuleType
 
@@ -19,6 +20,7 @@ __all__ = [
     "extension_reason",
     "load_extension",
     "load_triton",
+    "load_triton_kernels",
     "on_extension_load",
     "triton_reason",
 ]
@@ -96,7 +98,7 @@ def triton_reason() -> str | None:
     """Why triton cannot be used (not installed, or not loaded before compiling); None if it can."""
     if "triton" not in _loaded:
         if torch.compiler.is_compiling():
-            return _NOT_LOADED.format(what="triton", call='load_triton("<kernel module>")')
+            return _NOT_LOADED.format(what="triton", call="load_triton_kernels()")
         try:
             _loaded["triton"] = importlib.import_module("triton")
         except ImportError as exc:
@@ -111,8 +113,18 @@ def load_triton(module: str) -> ModuleType:
     if module not in _loaded:
         reason = triton_reason()
         if reason is None and torch.compiler.is_compiling():
-            reason = _NOT_LOADED.format(what=module, call=f"load_triton({module!r})")
+            reason = _NOT_LOADED.format(what=module, call="load_triton_kernels()")
         if reason is not None:
             raise BackendImportError(reason)
         _loaded[module] = importlib.import_module(module)
     return _loaded[module]
+
+
+def load_triton_kernels() -> None:
+    """Import every Triton kernel module, ``flowkernels.ops._<op>_kernels`` (registering all the
+    ``*_triton`` ops), as a compiled graph that uses them needs done before tracing; raise
+    :class:`BackendImportError` if triton cannot be loaded."""
+    package = importlib.import_module("flowkernels.ops")
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("_") and info.name.endswith("_kernels"):
+            load_triton(f"{package.__name__}.{info.name}")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ._layout import layout_reason
-from ._loader import extension_reason, load_extension, triton_reason
+from ._loader import extension_reason, load_extension, load_triton_kernels, triton_reason
 
 __all__ = [
     "BACKENDS",
@@ -147,11 +147,20 @@ def check_backend_available(backend: str | None, device: torch.device | str) -> 
         if name is None and get_backend() != "auto":
             return check_backend_available(get_backend(), device)
         for candidate in AUTO_PRIORITY[probe.device.type]:
-            refusals(candidate, probe)  # loads each candidate that can load
+            _refusals_loading(candidate, probe)  # loads each candidate that can load
         return None
-    why = refusals(name, probe)
+    why = _refusals_loading(name, probe)
     if why:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: " + "; ".join(why))
+
+
+def _refusals_loading(backend: str, probe: Tensor) -> list[str]:
+    """:func:`refusals`, with all of the backend's kernels loaded where it has none (refusals
+    loads the extension itself, but only triton itself, not the Triton kernel modules)."""
+    why = refusals(backend, probe)
+    if not why and backend == "triton":
+        load_triton_kernels()
+    return why
 
 
 def _describe(x: Tensor, h: Tensor | None) -> str:

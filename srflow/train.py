@@ -1010,7 +1010,7 @@ class Trainer:
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         # The norm of the raw gradients (max_norm=inf leaves them as they are; torch >= 2.4 API),
         # checked before any clipping could hide an Inf.
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, math.inf) if params else torch.zeros(())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, math.inf) if params else loss.new_zeros(())
         detached = loss.detach()
         finite = torch.isfinite(detached) & torch.isfinite(grad_norm.to(detached.device))
         values = torch.stack([torch.where(finite, detached, torch.zeros_like(detached)), (~finite).to(detached.dtype)])

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from flowkernels._loader import load_extension, load_triton
+from flowkernels._loader import load_extension, load_triton_kernels
 from flowkernels.cpu_isa import supported_cpu_isas, use_cpu_isa
 from flowkernels.dispatch import refusals
 from flowkernels.ops import SRFLOW_EPS, fold
@@ -26,11 +26,6 @@ EPS = SRFLOW_EPS  # SRFlow's affine_eps, the floor of every coupling scale
 
 # The registered name of op <name> on each kernel backend: torch.ops.flowkernels.<name><suffix>.
 OP_SUFFIX = {"cuda": "", "triton": "_triton"}
-TRITON_MODULES = (
-    "flowkernels.ops._channel_affine_kernels",
-    "flowkernels.ops._affine_coupling_kernels",
-    "flowkernels.ops._additive_coupling_kernels",
-)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 # The instruction-set variants of the C++ CPU kernels (flowkernels.cpu_isa), highest first: each
@@ -109,8 +104,7 @@ def kernel_backend(backend: str, device: str, isa: str | None = None) -> Kernel:
     if why:
         pytest.skip(f"backend {backend!r} cannot run on {device} here: {'; '.join(why)}")
     if backend == "triton":
-        for module in TRITON_MODULES:
-            load_triton(module)  # registers the *_triton ops
+        load_triton_kernels()  # registers the *_triton ops
     else:
         load_extension()
     if isa is not None and isa not in supported_cpu_isas():

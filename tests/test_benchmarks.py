@@ -4,12 +4,15 @@ scarce to find a broken script there. Nothing here looks at timings."""
 
 from __future__ import annotations
 
+import argparse
+import copy
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -90,6 +93,29 @@ def test_report_has_every_section(results: Path):
     for title in ("ActNorm + 1x1 conv", "Affine coupling", "16-step stack", "SRFlow tiny-4x", "memory vs depth"):
         assert title in report
     assert (results / "memory_vs_depth.png").stat().st_size > 0
+
+
+def test_bench_srflow_saves_after_every_measurement():
+    """On a GPU a variant runs in bench_srflow's own process and its JSON is rewritten after each
+    measurement (``on_point``): ``--max-seconds`` cannot stop a compiled variant that takes
+    minutes, and a call stopped from outside must keep the points it had."""
+    from benchmarks import bench_srflow  # noqa: PLC0415 (imports srflow's training stack)
+
+    args = argparse.Namespace(
+        preset="tiny-4x", rrdb_trainable=False, cond_chunk_mib=None, hr_size=32, batches=[2, 4], steps=1, warmup=1
+    )
+    args.max_batch, args.sample_batch = 8, 2
+    saved: list[dict] = []
+    deadline = time.perf_counter() + 600
+    result = bench_srflow.run_variant(
+        "ms-reference", args, torch.device("cpu"), None, deadline, lambda r: saved.append(copy.deepcopy(r))
+    )
+    assert "error" not in result and [p["batch"] for p in result["points"]] == [2, 4]
+    assert [([p["batch"] for p in r["points"]], "sampling" in r) for r in saved] == [
+        ([2], False),
+        ([2, 4], False),
+        ([2, 4], True),
+    ]
 
 
 def test_bench_peers_runs_and_skips_absent_peers(tmp_path: Path):

@@ -145,3 +145,11 @@ def test_check_backend_available_is_a_preflight(monkeypatch: pytest.MonkeyPatch)
         fk.check_backend_available("triton", "cpu")
     with pytest.raises(ValueError, match="backend: expected one of"):
         fk.check_backend_available("gpu", "cpu")
+
+
+@pytest.mark.gpu
+def test_auto_takes_the_cuda_kernels_on_a_gpu():
+    """With the extension built for CUDA (scripts/gpu_check.sh checks the build), "auto" runs the
+    CUDA kernels on a GPU: were it to refuse them (a CPU-only build, a wrong reason), every GPU
+    test of "auto" would still pass, on triton or the reference."""
+    assert fk.select_backend("auto", torch.zeros(1, 2, 1, 1, device="cuda")) == "cuda"

@@ -78,7 +78,8 @@ def _train(
             loss = loss_fn(hr, lr)
         loss.backward()
         opt.step()
-        losses.append(loss.detach())
+        # a copy: under reduce-overhead the loss is a CUDA-graph output, overwritten by the next replay
+        losses.append(loss.detach().clone())
     updates = {n: p.detach() - start[n] for n, p in model.named_parameters() if p.requires_grad}
     return torch.stack(losses), updates
 

@@ -17,11 +17,16 @@ them; the module-level tests compile FlowStep and a memory-saving FlowSequence t
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import flowkernels as fk
+from flowkernels.dispatch import refusals
 from flowkernels.ops import fold
 from tests.helpers import cond_step
 from tests.kernel_grid import DEVICES, Kernel, kernel_backend, to_layout
@@ -223,3 +228,38 @@ def test_dynamo_fullgraph_memory_saving_training(triton: Kernel):
     seq.forward = torch.compile(seq.forward, fullgraph=True, backend=_dynamo_capture(graphs))
     reference.check(outputs_and_grads(seq, *(t.to(triton.device) for t in (x, cond, cot, cot_ld))), "compiled")
     assert "flowkernels.affine_coupling_bwd_triton" in _module_ops(graphs)
+
+
+_FRESH_PROCESS = """
+import torch
+import flowkernels as fk
+from tests.helpers import cond_step
+
+fk.check_backend_available("triton", "cpu")
+step = cond_step(12, 5, hidden=8).eval()
+step.backend = "triton"
+x, cond = torch.randn(2, 12, 5, 3), torch.randn(2, 5, 5, 3)
+with torch.no_grad():
+    z, logdet = torch.compile(step, fullgraph=True, backend="eager")(x, cond)
+    z_eager, logdet_eager = step(x, cond)
+torch.testing.assert_close((z, logdet), (z_eager, logdet_eager))
+"""
+
+
+def test_preflight_loads_what_a_compiled_model_needs():
+    """In a fresh process, ``check_backend_available("triton", ...)`` is all that is needed before
+    compiling a model on the Triton backend: it imports the kernel modules that register the
+    ``*_triton`` ops, which a trace cannot import (importing triton alone left the first traced
+    call failing with "not loaded before torch.compile")."""
+    why = refusals("triton", torch.empty(1, 2, 1, 1))
+    if why:
+        pytest.skip(f"the Triton backend cannot run on the CPU here: {'; '.join(why)}")
+    done = subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS],
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
