@@ -253,7 +253,7 @@ def run_variant(
     device,
     official_b16_peak: float | None,
     deadline: float,
-    on_point: Callable[[dict], None] | None = None,
+    on_point: Callable[[dict], object] | None = None,
 ) -> dict:
     """One variant's measurements. ``on_point(result so far)`` after each one: ``--max-seconds``
     only stops new measurements from starting, so a call stopped from outside in the middle of a
@@ -314,13 +314,8 @@ def run_variant(
     return result
 
 
-def run_variant_isolated(
-    name: str, args, device, official_b16_peak: float | None, deadline: float, on_point: Callable[[dict], None]
-) -> dict:
-    """:func:`run_variant`; on the CPU in a fresh process, so its peak RSS is its own (and
-    ``on_point`` is not called: the child's results come back at its end)."""
-    if device.type != "cpu":
-        return run_variant(name, args, device, official_b16_peak, deadline, on_point)
+def run_variant_isolated(name: str, args, device, official_b16_peak: float | None, deadline: float) -> dict:
+    """:func:`run_variant` in a fresh process (on the CPU: so that its peak RSS is its own)."""
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
         # time.perf_counter is per process: pass the time left, not the deadline
@@ -363,7 +358,7 @@ def main() -> None:
 
     def save(in_progress: dict | None = None) -> Path:
         """Rewritten after every measurement: a run stopped from outside keeps what it measured."""
-        done = results + ([in_progress] if in_progress is not None else [])
+        done = results + ([{**in_progress, "in_progress": True}] if in_progress is not None else [])
         payload = {
             "env": env,
             "preset": args.preset,
@@ -375,7 +370,10 @@ def main() -> None:
         return write_json(f"bench_srflow_{args.preset}", payload, args.out)
 
     for name in args.variants.split(","):
-        res = run_variant_isolated(name, args, device, official_b16, deadline, save)
+        if device.type == "cpu":  # saved at its end (a child's results come back when it ends)
+            res = run_variant_isolated(name, args, device, official_b16, deadline)
+        else:
+            res = run_variant(name, args, device, official_b16, deadline, save)
         if name == "official":
             official_b16 = next((p.get("peak_gib") for p in res["points"] if p.get("batch") == 16), None)
         results.append(res)

@@ -10,6 +10,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import resource
 import statistics
@@ -108,11 +109,15 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
-    """Write ``payload`` to ``<out_dir or benchmarks/results>/<name>.json`` and return the path."""
+    """Write ``payload`` to ``<out_dir or benchmarks/results>/<name>.json`` and return the path.
+    Replaced whole (a temporary renamed over it): a copy taken while it is rewritten, such as
+    scripts/gpu_check.sh's snapshots, never holds half a file."""
     out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    part = path.with_name(f"{path.name}.part")
+    part.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    os.replace(part, path)
     return path
 
 

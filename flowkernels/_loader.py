@@ -3,13 +3,13 @@
 Nothing is imported at ``import flowkernels`` (STYLE rule 1): each backend is imported on first
 use and the result, a module or the reason it is unusable, is cached. Modules that need to act
 once the extension exists (the op modules register the fakes of its C++ ops) subscribe with
-:func:`on_extension_load`. This module knows no op and imports only torch.
+:func:`on_extension_load`; the op package names its Triton kernel modules with
+:func:`register_triton_kernels`. This module knows no op and imports only torch.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from collections.abc import Callable
 from types import ModuleType
 
@@ -22,6 +22,7 @@ __all__ = [
     "load_triton",
     "load_triton_kernels",
     "on_extension_load",
+    "register_triton_kernels",
     "triton_reason",
 ]
 
@@ -34,6 +35,7 @@ class BackendImportError(ImportError):
 # cannot trace importlib), so a backend must have been used or loaded once before compiling.
 _loaded: dict[str, ModuleType | str] = {}
 _extension_hooks: list[Callable[[], None]] = []
+_triton_kernels: list[str] = []  # module names, see register_triton_kernels
 _NOT_LOADED = (
     "{what} was not loaded before torch.compile: run the model once eagerly (e.g. a first training "
     "step) or call flowkernels._loader.{call}"
@@ -120,11 +122,15 @@ def load_triton(module: str) -> ModuleType:
     return _loaded[module]
 
 
+def register_triton_kernels(*modules: str) -> None:
+    """Name Triton kernel modules for :func:`load_triton_kernels` (``flowkernels.ops`` registers
+    its own when imported, which ``import flowkernels`` does)."""
+    _triton_kernels.extend(m for m in modules if m not in _triton_kernels)
+
+
 def load_triton_kernels() -> None:
-    """Import every Triton kernel module, ``flowkernels.ops._<op>_kernels`` (registering all the
-    ``*_triton`` ops), as a compiled graph that uses them needs done before tracing; raise
-    :class:`BackendImportError` if triton cannot be loaded."""
-    package = importlib.import_module("flowkernels.ops")
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name.startswith("_") and info.name.endswith("_kernels"):
-            load_triton(f"{package.__name__}.{info.name}")
+    """Import every registered Triton kernel module (registering all the ``*_triton`` ops), as a
+    compiled graph that uses them needs done before tracing; raise :class:`BackendImportError`
+    if triton cannot be loaded."""
+    for module in _triton_kernels:
+        load_triton(module)

@@ -146,8 +146,8 @@ def check_backend_available(backend: str | None, device: torch.device | str) -> 
     if name in (None, "auto"):
         if name is None and get_backend() != "auto":
             return check_backend_available(get_backend(), device)
-        for candidate in AUTO_PRIORITY[probe.device.type]:
-            _refusals_loading(candidate, probe)  # loads each candidate that can load
+        # loads what "auto" picks for this device (the reference, which needs nothing, at worst)
+        next(c for c in AUTO_PRIORITY.get(probe.device.type, ("reference",)) if not _refusals_loading(c, probe))
         return None
     why = _refusals_loading(name, probe)
     if why:
@@ -155,11 +155,14 @@ def check_backend_available(backend: str | None, device: torch.device | str) -> 
 
 
 def _refusals_loading(backend: str, probe: Tensor) -> list[str]:
-    """:func:`refusals`, with all of the backend's kernels loaded where it has none (refusals
-    loads the extension itself, but only triton itself, not the Triton kernel modules)."""
+    """:func:`refusals`, and where there are none, every kernel of the backend loaded (refusals
+    loads the extension, but of triton only the package, not the Triton kernel modules)."""
     why = refusals(backend, probe)
     if not why and backend == "triton":
-        load_triton_kernels()
+        try:
+            load_triton_kernels()
+        except ImportError as exc:  # e.g. a triton release these kernels do not support
+            why.append(f"the Triton kernels failed to import: {type(exc).__name__}: {exc}")
     return why
 
 

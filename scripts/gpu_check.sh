@@ -33,7 +33,7 @@ snapshot() {  # $WORK so far as $OUT/gpu-run.tgz, replaced whole (never half-wri
 }
 (while sleep 20; do snapshot; done) >/dev/null 2>&1 &
 snapshots=$!
-trap 'kill $snapshots 2>/dev/null' EXIT
+trap 'kill $snapshots 2>/dev/null; rm -f "$OUT"/gpu-run.tgz.part.*' EXIT  # a killed loop leaves its temporary
 
 run() {  # run NAME CMD...: log to $WORK/NAME.log, keep going on failure, remember it
     local name=$1; shift

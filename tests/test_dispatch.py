@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import flowkernels as fk
-from flowkernels import _layout, dispatch
+from flowkernels import _layout, _loader, dispatch
 
 
 def test_default_and_context_manager():
@@ -124,6 +125,32 @@ def _python(code: str, **env: str) -> str:
 def test_import_loads_neither_triton_nor_the_extension():
     out = _python("import sys, flowkernels; print('triton' in sys.modules, 'flowkernels._C' in sys.modules)")
     assert out.split() == ["False", "False"]
+
+
+def test_every_triton_kernel_module_is_registered():
+    """``check_backend_available`` loads the Triton kernel modules that ``flowkernels.ops``
+    registers (``TRITON_OPS``): a kernel file missing from that list would be left unloaded, and
+    a model using it could not be compiled."""
+    from flowkernels.ops._common import TRITON_OPS  # noqa: PLC0415
+
+    files = sorted(p.stem for p in Path(fk.ops.__file__).parent.glob("_*_kernels.py"))
+    assert files == sorted(f"_{op}_kernels" for op in TRITON_OPS)
+    assert sorted(_loader._triton_kernels) == [f"flowkernels.ops.{f}" for f in files]
+
+
+def test_a_triton_kernel_import_failure_is_a_refusal(monkeypatch: pytest.MonkeyPatch):
+    """A Triton kernel module that fails to import (say, under a triton release the kernels do
+    not support) is a reason named by the preflight, not an ImportError from inside it; "auto"
+    then goes on to the next backend."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    why = dispatch.refusals("triton", torch.zeros(1, 2, 1, 1))
+    if why:
+        pytest.skip(f"the Triton backend cannot run on the CPU here: {'; '.join(why)}")
+    monkeypatch.setattr(_loader, "_triton_kernels", [*_loader._triton_kernels, "flowkernels.ops._missing_kernels"])
+    with pytest.raises(fk.BackendUnavailableError, match="the Triton kernels failed to import: ModuleNotFoundError"):
+        fk.check_backend_available("triton", "cpu")
+    monkeypatch.setitem(dispatch.AUTO_PRIORITY, "cpu", ("triton", "reference"))
+    fk.check_backend_available("auto", "cpu")
 
 
 def test_environment_variable_sets_the_initial_default():

@@ -8,9 +8,26 @@ import torch
 from torch import Tensor
 
 from .._layout import pixel_strides
-from .._loader import load_extension, load_triton
+from .._loader import load_extension, load_triton, register_triton_kernels
 
-__all__ = ["kernel_op", "logdet_buffer", "check_coupling_args", "check_not_differentiating", "pixels_collapsible"]
+__all__ = [
+    "TRITON_OPS",
+    "kernel_op",
+    "logdet_buffer",
+    "check_coupling_args",
+    "check_not_differentiating",
+    "pixels_collapsible",
+]
+
+# The ops with Triton kernels, each in the module flowkernels.ops._<op>_kernels
+TRITON_OPS = ("channel_affine", "affine_coupling", "additive_coupling")
+
+
+def _triton_module(op: str) -> str:
+    return f"{__package__}._{op}_kernels"
+
+
+register_triton_kernels(*map(_triton_module, TRITON_OPS))
 
 
 def kernel_op(backend: str, name: str) -> Callable[..., object]:
@@ -19,7 +36,7 @@ def kernel_op(backend: str, name: str) -> Callable[..., object]:
     ``"triton"`` (from ``flowkernels.ops._<op>_kernels``, imported on first use: triton is
     optional and slow to import). The only place the ``_triton`` suffix convention lives."""
     if backend == "triton":
-        load_triton(f"{__package__}._{name.rsplit('_', 1)[0]}_kernels")
+        load_triton(_triton_module(name.rsplit("_", 1)[0]))
         return getattr(torch.ops.flowkernels, f"{name}_triton")
     if backend == "cuda":
         load_extension()
