@@ -9,9 +9,6 @@ Run: ``PYTHONPATH=. python -m pytest tests/test_cpp_kernels.py -q`` (needs the e
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +16,7 @@ import torch
 
 from flowkernels._loader import load_extension
 from flowkernels.cpu_isa import cpu_isa, set_cpu_isa, supported_cpu_isas, use_cpu_isa
+from tests.helpers import run_python
 from tests.kernel_grid import (
     CPU_ISAS,
     DEVICES,
@@ -89,16 +87,10 @@ def test_variants_are_different_code(cpp: Kernel):
     assert not torch.equal(outs[0], outs[-1])
 
 
-def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=120
-    )
-
-
 def test_environment_variable_sets_the_initial_variant():
-    done = _python("import flowkernels.cpu_isa as c; print(c.cpu_isa())", FLOWKERNELS_CPU_ISA="baseline")
+    done = run_python("import flowkernels.cpu_isa as c; print(c.cpu_isa())", FLOWKERNELS_CPU_ISA="baseline")
     assert done.returncode == 0 and done.stdout.strip() == "baseline", done.stderr
-    bad = _python("import flowkernels.cpu_isa as c; c.cpu_isa()", FLOWKERNELS_CPU_ISA="avx1024")
+    bad = run_python("import flowkernels.cpu_isa as c; c.cpu_isa()", FLOWKERNELS_CPU_ISA="avx1024")
     assert bad.returncode != 0 and "FLOWKERNELS_CPU_ISA: cpu_isa: expected one of the variants" in bad.stderr
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +11,7 @@ import torch
 
 import flowkernels as fk
 from flowkernels import _layout, _loader, dispatch
+from tests.helpers import run_python
 
 
 def test_default_and_context_manager():
@@ -118,8 +117,9 @@ def test_kernel_ops_refuse_to_be_differentiated():
 
 
 def _python(code: str, **env: str) -> str:
-    full_env = {**os.environ, **env, "PYTHONPATH": os.getcwd()}
-    return subprocess.run([sys.executable, "-c", code], env=full_env, check=True, capture_output=True, text=True).stdout
+    done = run_python(code, **env)
+    done.check_returncode()
+    return done.stdout
 
 
 def test_import_loads_neither_triton_nor_the_extension():

@@ -17,10 +17,6 @@ them; the module-level tests compile FlowStep and a memory-saving FlowSequence t
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +24,7 @@ import torch
 import flowkernels as fk
 from flowkernels.dispatch import refusals
 from flowkernels.ops import fold
-from tests.helpers import cond_step
+from tests.helpers import cond_step, run_python
 from tests.kernel_grid import DEVICES, Kernel, kernel_backend, to_layout
 from tests.oracle import outputs_and_grads, reference_of
 from tests.tolerances import ROUND_TRIP_ABS, assert_rel_close
@@ -254,12 +250,5 @@ def test_preflight_loads_what_a_compiled_model_needs():
     why = refusals("triton", torch.empty(1, 2, 1, 1))
     if why:
         pytest.skip(f"the Triton backend cannot run on the CPU here: {'; '.join(why)}")
-    done = subprocess.run(
-        [sys.executable, "-c", _FRESH_PROCESS],
-        cwd=Path(__file__).parents[1],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_python(_FRESH_PROCESS, timeout=300, TRITON_INTERPRET="1")
     assert done.returncode == 0, done.stderr[-3000:]
