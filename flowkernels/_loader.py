@@ -36,6 +36,7 @@ class BackendImportError(ImportError):
 _loaded: dict[str, ModuleType | str] = {}
 _extension_hooks: list[Callable[[], None]] = []
 _triton_kernels: list[str] = []  # module names, see register_triton_kernels
+_TRITON_BACKEND = "triton"  # _loaded key: triton once it and every kernel module imported
 _NOT_LOADED = (
     "{what} was not loaded before torch.compile: run the model once eagerly (e.g. a first training "
     "step) or call flowkernels._loader.{call}"
@@ -97,40 +98,54 @@ def load_extension() -> ModuleType:
 
 
 def triton_reason() -> str | None:
-    """Why triton cannot be used (not installed, or not loaded before compiling); None if it can."""
-    if "triton" not in _loaded:
+    """Why the Triton backend cannot be used (triton not installed, a registered kernel module
+    failing to import, or neither loaded before compiling); None if it can. The first call
+    imports triton and every registered kernel module (registering the ``*_triton`` ops), so
+    that a kernel module that cannot be imported is a reason for "auto" to pass over, not an
+    ImportError at the first kernel call."""
+    if _TRITON_BACKEND not in _loaded:
         if torch.compiler.is_compiling():
             return _NOT_LOADED.format(what="triton", call="load_triton_kernels()")
-        try:
-            _loaded["triton"] = importlib.import_module("triton")
-        except ImportError as exc:
-            _loaded["triton"] = f"triton is not installed ({exc}); `pip install triton`"
-    found = _loaded["triton"]
+        _loaded[_TRITON_BACKEND] = _import_triton_backend()
+    found = _loaded[_TRITON_BACKEND]
     return found if isinstance(found, str) else None
 
 
+def _import_triton_backend() -> ModuleType | str:
+    """triton itself, every registered kernel module loaded into ``_loaded``; or why not."""
+    try:
+        triton = importlib.import_module("triton")
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); `pip install triton`"
+    for module in _triton_kernels:
+        try:
+            _loaded[module] = importlib.import_module(module)
+        except ImportError as exc:  # e.g. a triton release these kernels do not support
+            return f"the Triton kernels failed to import: {module}: {type(exc).__name__}: {exc}"
+    return triton
+
+
 def load_triton(module: str) -> ModuleType:
-    """Import the Triton kernel module ``module`` (a full dotted name; importing it registers its
-    ``*_triton`` ops) once; raise :class:`BackendImportError` saying why if it cannot be."""
-    if module not in _loaded:
-        reason = triton_reason()
-        if reason is None and torch.compiler.is_compiling():
-            reason = _NOT_LOADED.format(what=module, call="load_triton_kernels()")
-        if reason is not None:
-            raise BackendImportError(reason)
-        _loaded[module] = importlib.import_module(module)
+    """The registered Triton kernel module ``module`` (a full dotted name), loading the Triton
+    backend first if it is not (:func:`triton_reason`); raise :class:`BackendImportError` saying
+    why if it cannot be."""
+    load_triton_kernels()
     return _loaded[module]
 
 
 def register_triton_kernels(*modules: str) -> None:
-    """Name Triton kernel modules for :func:`load_triton_kernels` (``flowkernels.ops`` registers
-    its own when imported, which ``import flowkernels`` does)."""
-    _triton_kernels.extend(m for m in modules if m not in _triton_kernels)
+    """Name Triton kernel modules for :func:`triton_reason` to load (``flowkernels.ops``
+    registers its own when imported, which ``import flowkernels`` does)."""
+    new = [m for m in modules if m not in _triton_kernels]
+    if new:
+        _triton_kernels.extend(new)
+        _loaded.pop(_TRITON_BACKEND, None)  # loaded without them: load again on next use
 
 
 def load_triton_kernels() -> None:
-    """Import every registered Triton kernel module (registering all the ``*_triton`` ops), as a
-    compiled graph that uses them needs done before tracing; raise :class:`BackendImportError`
-    if triton cannot be loaded."""
-    for module in _triton_kernels:
-        load_triton(module)
+    """Import triton and every registered Triton kernel module (registering all the ``*_triton``
+    ops), as a compiled graph that uses them needs done before tracing; raise
+    :class:`BackendImportError` saying why if the Triton backend cannot be loaded."""
+    reason = triton_reason()
+    if reason is not None:
+        raise BackendImportError(reason)

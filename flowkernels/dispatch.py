@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ._layout import layout_reason
-from ._loader import extension_reason, load_extension, load_triton_kernels, triton_reason
+from ._loader import extension_reason, load_extension, triton_reason
 
 __all__ = [
     "BACKENDS",
@@ -138,7 +138,7 @@ def check_backend_available(backend: str | None, device: torch.device | str) -> 
     float32 flow state on ``device`` (a preflight for applications: check before writing output
     files, not at the first forward). ``"auto"`` and None always have a backend (the reference).
 
-    It also loads what the backend needs (the extension, triton), which ``torch.compile`` cannot
+    It also loads what the backend needs (the extension; triton and its kernel modules), which ``torch.compile`` cannot
     do while tracing: call it before compiling a model, so that ``"auto"`` picks in a compiled
     graph what it picks eagerly."""
     name = validate_backend(backend, allow_none=True)
@@ -146,24 +146,11 @@ def check_backend_available(backend: str | None, device: torch.device | str) -> 
     if name in (None, "auto"):
         if name is None and get_backend() != "auto":
             return check_backend_available(get_backend(), device)
-        # loads what "auto" picks for this device (the reference, which needs nothing, at worst)
-        next(c for c in AUTO_PRIORITY.get(probe.device.type, ("reference",)) if not _refusals_loading(c, probe))
+        select_backend("auto", probe)  # loads what "auto" picks here (at worst the reference: nothing)
         return None
-    why = _refusals_loading(name, probe)
+    why = refusals(name, probe)
     if why:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: " + "; ".join(why))
-
-
-def _refusals_loading(backend: str, probe: Tensor) -> list[str]:
-    """:func:`refusals`, and where there are none, every kernel of the backend loaded (refusals
-    loads the extension, but of triton only the package, not the Triton kernel modules)."""
-    why = refusals(backend, probe)
-    if not why and backend == "triton":
-        try:
-            load_triton_kernels()
-        except ImportError as exc:  # e.g. a triton release these kernels do not support
-            why.append(f"the Triton kernels failed to import: {type(exc).__name__}: {exc}")
-    return why
 
 
 def _describe(x: Tensor, h: Tensor | None) -> str:

@@ -140,17 +140,27 @@ def test_every_triton_kernel_module_is_registered():
 
 def test_a_triton_kernel_import_failure_is_a_refusal(monkeypatch: pytest.MonkeyPatch):
     """A Triton kernel module that fails to import (say, under a triton release the kernels do
-    not support) is a reason named by the preflight, not an ImportError from inside it; "auto"
-    then goes on to the next backend."""
+    not support) is a refusal like a missing triton: the preflight names it, and "auto" passes
+    over triton at an op call too, where a process need not have run the preflight (a GPU
+    without the CUDA extension), instead of raising an ImportError from inside the op."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    why = dispatch.refusals("triton", torch.zeros(1, 2, 1, 1))
+    x = torch.zeros(1, 2, 1, 1)
+    why = dispatch.refusals("triton", x)
     if why:
         pytest.skip(f"the Triton backend cannot run on the CPU here: {'; '.join(why)}")
     monkeypatch.setattr(_loader, "_triton_kernels", [*_loader._triton_kernels, "flowkernels.ops._missing_kernels"])
-    with pytest.raises(fk.BackendUnavailableError, match="the Triton kernels failed to import: ModuleNotFoundError"):
+    monkeypatch.delitem(_loader._loaded, "triton")  # restored at teardown: the backend loaded, as before
+    failed = "the Triton kernels failed to import: flowkernels.ops._missing_kernels: ModuleNotFoundError"
+    assert [r for r in dispatch.refusals("triton", x) if r.startswith(failed)]
+    with pytest.raises(fk.BackendUnavailableError, match=failed):
         fk.check_backend_available("triton", "cpu")
     monkeypatch.setitem(dispatch.AUTO_PRIORITY, "cpu", ("triton", "reference"))
     fk.check_backend_available("auto", "cpu")
+    assert fk.select_backend("auto", x) == "reference"
+    x, h = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    y, logdet = fk.ops.affine_coupling_fwd(x, h, passive=2, backend="auto")
+    y_ref, logdet_ref = fk.ops.affine_coupling_fwd(x, h, passive=2, backend="reference")
+    torch.testing.assert_close((y, logdet), (y_ref, logdet_ref), rtol=0, atol=0)
 
 
 def test_environment_variable_sets_the_initial_default():
