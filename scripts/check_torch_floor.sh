@@ -26,7 +26,7 @@ if [[ ! -x $VENV/bin/python ]]; then
   # triton 3.6 as on the GPU machine; numpy < 2.3: its interpreter fails on numpy 2.4 (a
   # 1-element array as a loop bound), and on the GPU Triton runs compiled
   "$VENV/bin/pip" install -q "${FLOOR_TORCH:-torch==2.11.0}" triton==3.6.0 "numpy<2.3" ninja setuptools \
-    pytest pytest-xdist pytest-benchmark scikit-image pillow safetensors tqdm pyyaml matplotlib
+    "pytest<9.2" pytest-xdist pytest-benchmark scikit-image pillow safetensors tqdm pyyaml matplotlib
 fi
 echo "check_torch_floor: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')"
 
