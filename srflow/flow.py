@@ -83,8 +83,9 @@ class FlowUpsamplerNet(fk.MultiScaleFlow):
             keep_every=keep_every,
         )
         self.preset = preset
-        # Level l's feature is at scale / 2^l times the LR size.
-        self.factors = [preset.scale / 2 ** (level + 1) for level in range(preset.L)]
+        # Level l's feature is at scale / 2^l times the LR size. A tuple: torch.compile(dynamic=True)
+        # traces the floats of a list attribute as symbols, which cannot index RRDB.features' dict.
+        self.factors = tuple(preset.scale / 2 ** (level + 1) for level in range(preset.L))
         self.features = [feature_name(f) for f in self.factors]
         # SRFlow validates its images once per call (and decode guards overflow itself), so the
         # container skips its NaN/Inf scan; the nested layers run inside its checked context.

@@ -131,7 +131,7 @@ class RRDBNet(nn.Module):
             fea = _lrelu(getattr(self, f"upconv{k}")(F.interpolate(fea, scale_factor=2, mode="nearest")))
         return self.conv_last(_lrelu(self.HRconv(fea)))
 
-    def features(self, lr: Tensor, factors: list[float]) -> list[Tensor]:
+    def features(self, lr: Tensor, factors: tuple[float, ...]) -> list[Tensor]:
         """Conditioning tensors at ``factor`` times the LR size, one per entry of ``factors``.
 
         Each is ``cat([fea_up{factor}, nearest(cat(blocks), size)])`` with
