@@ -42,7 +42,9 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _run("benchmarks.bench_memory", *common)
     variants = "official,ms-reference-cl,ms-reference-perstep,ms-reference-batched"
     _run("benchmarks.bench_srflow", *common, "--variants", variants, "--steps", "1")
-    _run("benchmarks.bench_host", *common, "--variants", "ms-reference", "--trace-times")
+    # not --trace-times: a CPU-only measurement (gpu_check.sh does not use it) of two more whole
+    # compiles, ~55 s here
+    _run("benchmarks.bench_host", *common, "--variants", "ms-reference")
     _run("benchmarks.bench_optimizer", *common)
     ab = ["--specs", "full:ms-reference", "--preset", "tiny-4x", "--rounds", "1", "--steps", "1", "--out", str(out)]
     _run("benchmarks.host_ab", str(ROOT), str(ROOT), *ab)
@@ -83,8 +85,6 @@ def test_every_benchmark_writes_rows_without_errors(results: Path):
     (row,) = ab["results"]
     assert row["spec"] == "full:ms-reference" and [len(v) for v in row["per_round_fastest_ms"]] == [1, 1]
     assert row["ratio_of_medians"] > 0 and row["ratio_of_fastest"] > 0
-    traced = host_json["trace_times"]
-    assert traced["variant"] == "ms-reference" and traced["eager_s"] > 0 and traced["aot_eager_s"] > 0
     adam = json.loads((results / "bench_optimizer_tiny-4x.json").read_text())["rows"]
     assert [(r["rrdb_trainable"], r["implementation"]) for r in adam] == [
         (trainable, implementation) for trainable in (False, True) for implementation in ("default", "foreach", "fused")

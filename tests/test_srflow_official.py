@@ -118,12 +118,14 @@ def _config(scale: str, backend: str, memory_saving: bool, device: str, dtype=to
 
 
 # The reference and the compiled C++ kernels on every scale; the Triton kernels under the CPU
-# interpreter on 4x only (about 10 s a configuration); on a GPU the CUDA and Triton kernels; and
-# the reference in float64, whose rounding is far from every kink of the fixtures' ReLUs.
+# interpreter on 4x only (about 10 s a configuration, so their tests share one worker, and with
+# it the cache of `outputs`); on a GPU the CUDA and Triton kernels; and the reference in float64,
+# whose rounding is far from every kink of the fixtures' ReLUs.
 FLOAT64 = [_config(s, "reference", False, "cpu", torch.float64) for s in SCALES]
+_INTERPRETED = (pytest.mark.slow, pytest.mark.xdist_group("official-triton-cpu"))
 FP32 = [
     *(_config(s, b, ms, "cpu") for s in SCALES for b in ("reference", "cuda") for ms in (True, False)),
-    *(_config("4x", "triton", ms, "cpu", marks=pytest.mark.slow) for ms in (True, False)),
+    *(_config("4x", "triton", ms, "cpu", marks=_INTERPRETED) for ms in (True, False)),
     *(_config(s, b, True, "cuda", marks=pytest.mark.gpu) for s in SCALES for b in ("cuda", "triton")),
 ]
 # Gradients are discontinuous at a ReLU kink, so float32 can reproduce the official gradients only
