@@ -19,7 +19,6 @@ __all__ = [
     "BackendImportError",
     "extension_reason",
     "load_extension",
-    "load_triton",
     "load_triton_kernels",
     "on_extension_load",
     "register_triton_kernels",
@@ -36,7 +35,7 @@ class BackendImportError(ImportError):
 _loaded: dict[str, ModuleType | str] = {}
 _extension_hooks: list[Callable[[], None]] = []
 _triton_kernels: list[str] = []  # module names, see register_triton_kernels
-_TRITON_BACKEND = "triton"  # _loaded key: triton once it and every kernel module imported
+_TRITON_BACKEND = "triton"  # _loaded key: triton, once it and every kernel module imported
 _NOT_LOADED = (
     "{what} was not loaded before torch.compile: run the model once eagerly (e.g. a first training "
     "step) or call flowkernels._loader.{call}"
@@ -112,25 +111,17 @@ def triton_reason() -> str | None:
 
 
 def _import_triton_backend() -> ModuleType | str:
-    """triton itself, every registered kernel module loaded into ``_loaded``; or why not."""
+    """triton, once it and every registered kernel module are imported; or why they cannot be."""
     try:
         triton = importlib.import_module("triton")
     except ImportError as exc:
         return f"triton is not installed ({exc}); `pip install triton`"
     for module in _triton_kernels:
         try:
-            _loaded[module] = importlib.import_module(module)
+            importlib.import_module(module)
         except ImportError as exc:  # e.g. a triton release these kernels do not support
             return f"the Triton kernels failed to import: {module}: {type(exc).__name__}: {exc}"
     return triton
-
-
-def load_triton(module: str) -> ModuleType:
-    """The registered Triton kernel module ``module`` (a full dotted name), loading the Triton
-    backend first if it is not (:func:`triton_reason`); raise :class:`BackendImportError` saying
-    why if it cannot be."""
-    load_triton_kernels()
-    return _loaded[module]
 
 
 def register_triton_kernels(*modules: str) -> None:

@@ -138,9 +138,9 @@ def check_backend_available(backend: str | None, device: torch.device | str) -> 
     float32 flow state on ``device`` (a preflight for applications: check before writing output
     files, not at the first forward). ``"auto"`` and None always have a backend (the reference).
 
-    It also loads what the backend needs (the extension; triton and its kernel modules), which ``torch.compile`` cannot
-    do while tracing: call it before compiling a model, so that ``"auto"`` picks in a compiled
-    graph what it picks eagerly."""
+    It also loads what the backend needs (the extension; triton and its kernel modules), which
+    ``torch.compile`` cannot do while tracing: call it before compiling a model, so that ``"auto"``
+    picks in a compiled graph what it picks eagerly."""
     name = validate_backend(backend, allow_none=True)
     probe = torch.empty(1, 2, 1, 1, device=device)
     if name in (None, "auto"):

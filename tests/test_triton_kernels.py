@@ -8,11 +8,12 @@ tests/conftest.py); on a GPU (``gpu`` marker, TRITON_INTERPRET=0) they run compi
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from flowkernels import reference
-from flowkernels._loader import load_triton
 from tests.kernel_grid import DEVICES, EPS, Kernel, channel_map, f64, kernel_backend, to_layout
 from tests.tolerances import assert_rel_close
 
@@ -36,7 +37,7 @@ def triton(request: pytest.FixtureRequest) -> Kernel:
 def test_channel_affine_bwd_many_tiles_per_program(triton: Kernel, monkeypatch: pytest.MonkeyPatch):
     """More pixel tiles than the program cap: programs loop over tiles (grid-stride) and the
     partials still sum to the full reduction. Level-1 channels, 2 * 40 * 40 pixels."""
-    kernels = load_triton("flowkernels.ops._channel_affine_kernels")
+    kernels = importlib.import_module("flowkernels.ops._channel_affine_kernels")  # loaded by the fixture
     monkeypatch.setattr(kernels, "_BWD_MAX_PROGRAMS", 3)  # 2 * ceil(1600 / 128) = 26 tiles over 3 programs
     shape = (2, 12, 40, 40)
     cmap = channel_map(12, 1600, triton.device)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._layout import pixel_strides
-from .._loader import load_extension, load_triton, register_triton_kernels
+from .._loader import load_extension, load_triton_kernels, register_triton_kernels
 
 __all__ = [
     "TRITON_OPS",
@@ -33,10 +33,11 @@ register_triton_kernels(*map(_triton_module, TRITON_OPS))
 def kernel_op(backend: str, name: str) -> Callable[..., object]:
     """The registered op ``name`` (``<op>_<dir>``) of a kernel backend, its backend loaded first:
     ``torch.ops.flowkernels.<name>`` for ``"cuda"`` (``flowkernels._C``), ``<name>_triton`` for
-    ``"triton"`` (from ``flowkernels.ops._<op>_kernels``, imported on first use: triton is
-    optional and slow to import). The only place the ``_triton`` suffix convention lives."""
+    ``"triton"`` (from ``flowkernels.ops._<op>_kernels``; triton and every kernel module are
+    imported on first use: triton is optional and slow to import). The only place the
+    ``_triton`` suffix convention lives."""
     if backend == "triton":
-        load_triton(_triton_module(name.rsplit("_", 1)[0]))
+        load_triton_kernels()
         return getattr(torch.ops.flowkernels, f"{name}_triton")
     if backend == "cuda":
         load_extension()
