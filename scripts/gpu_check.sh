@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # GPU check: build the CUDA extension, run the GPU tests, run the benchmarks, write JSON.
 #
-#   bash scripts/gpu_check.sh [build|test|ops|stack|memory|srflow|lvlbatch|compiled|host|report|all]...   (default: all)
+#   bash scripts/gpu_check.sh [build|target|test|host|ops|stack|memory|srflow|lvlbatch|compiled|report|all]...
 #
+# Stages run in that order (default: all), most wanted first, so that a call cut short by a lease
+# still returns what is owed: the build, then `target` (DESIGN.md section 6's training step:
+# df2k-4x, batch 16, eager and as CUDA graphs), the GPU tests, host overhead, then the rest.
 # Logs and JSON accumulate in $WORK (default /tmp/gpu-run, so stages can run as separate calls
 # on one machine; the build stays in the tree). $OUT gets one tarball of all of it, gpu-run.tgz,
 # renewed every 20 s and after each stage, so that a call stopped at its time limit still brings
 # back what it did, and status.txt (each stage's exit code). The device tool brings back at most
 # 8 files: the JSON files are in the tarball, not beside it. Meant for one H100/H200 with torch
 # + CUDA installed (Python 3.12, torch 2.11+cu130, triton 3.6, nvcc 13.0).
-# To fit a short lease: SRFLOW_SECONDS, LVLBATCH_SECONDS, COMPILED_SECONDS (time budgets),
-# COMPILED_VARIANTS / COMPILED_BATCHES (the compiled stage's points), TEST_WORKERS (xdist).
+# DEADLINE (seconds from the start): no stage starts after it, and a running stage is stopped at
+# it (`timeout`); skipped and stopped stages are named in status.txt, and the exit status is 2
+# where stages were cut and none failed. For a lease's call with a 540 s limit: DEADLINE=500.
+# To fit a short lease: TARGET_SECONDS, SRFLOW_SECONDS, LVLBATCH_SECONDS, COMPILED_SECONDS (time
+# budgets), TARGET_VARIANTS, COMPILED_VARIANTS / COMPILED_BATCHES (points), TEST_WORKERS (xdist).
 # Stage times on an H200 (2026-12-04): build ~70 s, the kernel test matrix ~65 s on 8 workers,
 # host's eager part < 80 s, one df2k-4x step compiled with reduce-overhead > 2 minutes.
 set -uo pipefail
@@ -22,7 +28,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(all)
-status=0
+status=0  # 1: a stage failed
+cut=0     # 1: a stage was skipped or stopped at DEADLINE
 
 snapshot() {  # $WORK so far as $OUT/gpu-run.tgz, replaced whole (never half-written)
     # one temporary per process (the 20 s loop and a finished stage may snapshot at once); tar's
@@ -37,15 +44,36 @@ trap 'kill $snapshots 2>/dev/null; rm -f "$OUT"/gpu-run.tgz.part.*' EXIT  # a ki
 
 run() {  # run NAME CMD...: log to $WORK/NAME.log, keep going on failure, remember it
     local name=$1; shift
+    local left=""
+    if [ -n "${DEADLINE:-}" ]; then
+        left=$((DEADLINE - SECONDS))
+        if [ "$left" -lt 5 ]; then
+            echo "=== $name: skipped (DEADLINE=$DEADLINE s reached)"
+            echo "$name: skipped (deadline)" >> "$WORK/status.txt"
+            cp "$WORK/status.txt" "$OUT/status.txt"
+            cut=1
+            return
+        fi
+    fi
     echo "=== $name: $*"
     local t0=$SECONDS
-    "$@" 2>&1 | tee "$WORK/$name.log"
+    if [ -n "$left" ]; then
+        timeout --kill-after=10 "$left" "$@" 2>&1 | tee "$WORK/$name.log"
+    else
+        "$@" 2>&1 | tee "$WORK/$name.log"
+    fi
     local rc=${PIPESTATUS[0]}
-    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
-    echo "$name: exit $rc after $((SECONDS - t0)) s" >> "$WORK/status.txt"
+    local what="exit $rc"
+    if [ -n "$left" ] && { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; }; then
+        what="stopped at the deadline"
+        cut=1
+    elif [ "$rc" -ne 0 ]; then
+        status=1
+    fi
+    echo "=== $name: $what after $((SECONDS - t0)) s"
+    echo "$name: $what after $((SECONDS - t0)) s" >> "$WORK/status.txt"
     cp "$WORK/status.txt" "$OUT/status.txt"
     snapshot
-    [ "$rc" -eq 0 ] || status=1
 }
 
 want() { [[ " ${stages[*]} " == *" $1 "* || " ${stages[*]} " == *" all "* ]]; }
@@ -56,6 +84,16 @@ if want build; then
     # fails where setup.py found no CUDA and built the C++ kernels only (the cuda backend's GPU
     # tests would then skip, and "auto" pick triton, with every stage green)
     run build-check "$PY" -c "import flowkernels._loader as loader; m = loader.load_extension(); print('with_cuda', m.with_cuda); assert m.with_cuda, 'flowkernels._C was built without CUDA'"
+fi
+if want target; then
+    # DESIGN.md section 6's step (df2k-4x, batch 16, 160x160, RRDB frozen): the official maths and
+    # the memory-saving step eager, then as CUDA graphs (reduce-overhead, fused Adam), fp32 then
+    # bf16; warmup_s holds the compile time, the JSON is rewritten after each measurement.
+    mkdir -p "$WORK/target"
+    run bench-srflow-target "$PY" -m benchmarks.bench_srflow --out "$WORK/target" \
+        --variants "${TARGET_VARIANTS:-official,ms-cuda,ms-cuda-graph,ms-cuda-bf16-cl-graph}" \
+        --batches 16 --sample-batch 16 --max-seconds "${TARGET_SECONDS:-300}"
+    cp "$WORK/target/bench_srflow_df2k-4x.json" "$WORK/bench_srflow_df2k-4x_target.json" 2>/dev/null
 fi
 if want test; then
     # TRITON_INTERPRET=0: the Triton kernels run compiled (tests/conftest.py defaults to the interpreter)
@@ -68,6 +106,11 @@ if want test; then
     "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-8}")
     run test-gpu-kernels env TRITON_INTERPRET=0 "$PY" -m pytest -q --maxfail=5 -m gpu tests/test_kernels.py "${xdist[@]}" \
         -p no:cacheprovider --durations=10 --junitxml="$WORK/test-gpu-kernels.xml"
+fi
+if want host; then
+    run bench-host "$PY" -m benchmarks.bench_host --device cuda --out "$WORK"
+    # Adam's default, foreach and fused (srflow train's) over df2k-4x's parameters: seconds
+    run bench-optimizer "$PY" -m benchmarks.bench_optimizer --device cuda --out "$WORK"
 fi
 if want ops; then
     # torch.compile of the reference only at level 1 (each shape costs a compilation)
@@ -96,18 +139,14 @@ if want lvlbatch; then
     cp "$WORK/lvlbatch/bench_srflow_df2k-4x.json" "$WORK/bench_srflow_df2k-4x_lvlbatch.json" 2>/dev/null
 fi
 if want compiled; then
-    # The whole step compiled (Inductor) and as CUDA graphs (reduce-overhead, fused Adam), fp32 and
-    # bf16, against eager and the compiled official maths; warmup_s holds the compile time.
+    # The whole step compiled (Inductor) and as CUDA graphs, fp32 and bf16, against the official
+    # maths eager and compiled, at two batches: the fit of memory per sample gives the batch that
+    # fits in the official batch-16 memory, which is measured too (samples/s, DESIGN.md section 6).
     mkdir -p "$WORK/compiled-step"
     run bench-srflow-compiled "$PY" -m benchmarks.bench_srflow --out "$WORK/compiled-step" \
-        --variants "${COMPILED_VARIANTS:-ms-cuda,ms-cuda-compile,ms-cuda-graph,ms-cuda-bf16-cl-graph,official-compile}" \
+        --variants "${COMPILED_VARIANTS:-official,ms-cuda-graph,ms-cuda-bf16-cl-graph,ms-cuda-compile,official-compile}" \
         --batches "${COMPILED_BATCHES:-16,64}" --sample-batch 16 --max-seconds "${COMPILED_SECONDS:-420}"
     cp "$WORK/compiled-step/bench_srflow_df2k-4x.json" "$WORK/bench_srflow_df2k-4x_compiled.json" 2>/dev/null
-fi
-if want host; then
-    run bench-host "$PY" -m benchmarks.bench_host --device cuda --out "$WORK"
-    # Adam's default, foreach and fused (srflow train's) over df2k-4x's parameters: seconds
-    run bench-optimizer "$PY" -m benchmarks.bench_optimizer --device cuda --out "$WORK"
 fi
 if want report; then
     run report "$PY" -m benchmarks.report "$WORK"
@@ -115,4 +154,5 @@ fi
 kill $snapshots 2>/dev/null
 wait $snapshots 2>/dev/null
 snapshot
+[ "$status" -eq 0 ] && [ "$cut" -eq 1 ] && exit 2
 exit $status

@@ -160,3 +160,32 @@ def test_gpu_check_returns_its_work_as_one_tarball(tmp_path: Path):
     assert (out / "status.txt").read_text().startswith("report: exit 0 after ")
     with tarfile.open(out / "gpu-run.tgz") as tar:
         assert {"./report.log", "./report.md", "./status.txt"} <= set(tar.getnames())
+
+
+def _gpu_check(tmp_path: Path, python: str, deadline: int, *stages: str) -> tuple[int, str, Path]:
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "WORK": str(work), "PYTHON": python, "DEADLINE": str(deadline)}
+    run = subprocess.run(["bash", "scripts/gpu_check.sh", *stages], cwd=ROOT, env=env, capture_output=True, timeout=120)
+    return run.returncode, (out / "status.txt").read_text(), work
+
+
+def test_gpu_check_starts_no_stage_past_its_deadline(tmp_path: Path):
+    """DEADLINE (seconds from the start) lets a lease's call end on its own, with what it skipped
+    named: the stages listed after the deadline are not started, and the exit status is 2."""
+    rc, status, work = _gpu_check(tmp_path, sys.executable, 0, "report")
+    assert rc == 2
+    assert status == "report: skipped (deadline)\n"
+    assert not (work / "report.md").exists()
+
+
+def test_gpu_check_stops_a_stage_at_its_deadline(tmp_path: Path):
+    """A stage still running at DEADLINE is stopped there (a Python that never returns stands in
+    for a compile that outlasts the lease) and named as stopped, not as failed."""
+    hang = tmp_path / "python"
+    hang.write_text("#!/bin/sh\nexec sleep 300\n")
+    hang.chmod(0o755)
+    t0 = time.monotonic()
+    rc, status, _ = _gpu_check(tmp_path, str(hang), 6, "report")
+    assert time.monotonic() - t0 < 60
+    assert rc == 2
+    assert status.startswith("report: stopped at the deadline after ")
