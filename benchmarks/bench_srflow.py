@@ -19,10 +19,13 @@ One training step = RRDB conditioning + flow NLL forward + backward + Adam step 
   records ``cudagraph_skips`` and ``cudagraph_partitions`` (graphs Inductor ran uncaptured or
   split around uncapturable ops): its times are CUDA-graph times only where both are 0.
 
-For each variant and batch: median step time over timed steps, samples/s and peak memory
-(``max_memory_allocated``, model and optimizer state included; on the CPU each variant runs in
-its own process and reports that process's peak resident set, total and above its RSS before the
-first training step). From two batch sizes a linear
+For each variant and batch: median step time over timed steps, samples/s, the last step's loss
+(across the fp32 variants equal up to rounding: one model, batch and number of steps) and peak memory
+(``max_memory_allocated`` over the timed steps, model and optimizer state included, and over the
+warm-up, ``warmup_peak_gib``: a CUDA graph's replay allocates nothing, so for ``-graph`` variants
+that and ``reserved_gib`` are the peaks to read; on the CPU each variant runs in its own process
+and reports that process's peak resident set, total and above its RSS before the first training
+step). From two batch sizes a linear
 fit gives GiB per sample, the largest batch within 10/24/80 GiB, and the batch that fits in the
 memory ``official`` needs at batch 16, which is then measured. Sampling: ``sample`` of a batch
 of 40x40 LR at temperature 0.9.
@@ -115,6 +118,9 @@ def build(
         _checkpoint_steps(model)
     if variant["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    # as `srflow train` runs it: its batches are valid by construction, and the per-call value scan
+    # is a host sync (eagerly, every step would wait for the RRDB)
+    model.check_inputs = False
     return model.train()
 
 
@@ -128,13 +134,11 @@ def batch_of(model: srflow.SRFlow, batch: int, hr_size: int, device: torch.devic
 
 def compiled_loss(model: srflow.SRFlow, mode: str | None):
     """The training loss ``(hr, lr) -> mean NLL``, whole-step compiled (``fullgraph``) in ``mode``
-    (None: eager). Compiled, the input value check is off (it reads values: a host sync), as in
-    ``srflow train --compile``."""
+    (None: eager)."""
     loss = lambda hr, lr: model.nll(hr, lr).mean()  # noqa: E731
     if mode is None:
         return loss
     fk.check_backend_available(model.backend, next(model.parameters()).device)  # load it before tracing
-    model.check_inputs = False
     return torch.compile(loss, mode=mode, fullgraph=True)
 
 
@@ -151,32 +155,43 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if variant["bf16"] else contextlib.nullcontext()
     loss_fn = compiled_loss(model, variant["compile"])
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         with autocast:
             loss = loss_fn(hr, lr)
         loss.backward()
         opt.step()
+        return loss
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     sync(device)
     warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
+        warmup_peak = torch.cuda.max_memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        step()
+        loss = step()
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     ms = statistics.median(times)
     out = {"batch": batch, "ms": ms, "ms_min": min(times), "ms_max": max(times), "samples_per_s": batch / ms * 1e3}
     out["warmup_s"] = warmup_s  # compile time included for the compiled variants
+    # the same model, batch and steps in every variant: the last loss agrees across them (bf16 aside)
+    out["loss"] = loss.item()  # read before the next replay could overwrite a CUDA graph's output
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        # A CUDA graph's replay allocates nothing (its memory is its private pool, allocated while
+        # it was recorded in the warm-up): for -graph variants the warm-up's peak and the reserved
+        # memory are the ones to read, peak_gib counts only what lives outside the graphs.
+        out["warmup_peak_gib"] = warmup_peak / 2**30
+        out["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     else:
         out["peak_rss_gib"] = peak_rss_gib()
         out["rss_before_gib"] = rss_before
@@ -235,9 +250,10 @@ def batching_speedups(results: list[dict]) -> dict[str, dict[str, dict[str, floa
     return out
 
 
-def fit(points: list[dict]) -> dict | None:
-    """Linear fit peak = fixed + per_sample * batch over the measured batches."""
-    pts = [(p["batch"], p["peak_gib"]) for p in points if "peak_gib" in p]
+def fit(points: list[dict], peak: str = "peak_gib") -> dict | None:
+    """Linear fit peak = fixed + per_sample * batch over the measured batches (``peak``: the
+    points' field to fit)."""
+    pts = [(p["batch"], p[peak]) for p in points if peak in p]
     if len(pts) < 2:
         return None
     (b0, m0), (b1, m1) = pts[0], pts[-1]
@@ -268,6 +284,12 @@ def run_variant(
         "points": [],
     }
     fallbacks = cudagraph_fallbacks()
+    if variant["compile"] is not None:
+        # Dynamo keys its caches on the loss's code, the same in every variant of this process: a
+        # second compiled variant would start from the first one's automatic-dynamic state (e.g.
+        # symbolic strides after contiguous then channels-last inputs), not as `srflow train` does
+        torch._dynamo.reset()
+    saved(result)  # a variant stopped from outside in its first compile still shows, in_progress
     try:
         model = build(args.preset, variant, device, args.rrdb_trainable, args.cond_chunk_mib)
         hr, lr = batch_of(model, 2, args.hr_size, device, variant["channels_last"])
@@ -286,7 +308,9 @@ def run_variant(
             result["points"].append(point)
             saved(result)
             print(f"{name} batch {batch}: {point}", flush=True)
-        result["fit"] = fit([p for p in result["points"] if "ms" in p])
+        # a CUDA graph's memory shows in the warm-up that recorded it, not in its replays
+        peak = "warmup_peak_gib" if captures_graphs(variant, device) else "peak_gib"
+        result["fit"] = fit([p for p in result["points"] if "ms" in p], peak)
         if official_b16_peak and result["fit"] and variant["memory_saving"] and time.perf_counter() < deadline:
             per, fixed = result["fit"]["gib_per_sample"], result["fit"]["fixed_gib"]
             target = min(int((official_b16_peak - fixed) / per), args.max_batch) if per > 0 else args.max_batch

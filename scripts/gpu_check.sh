@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # GPU check: build the CUDA extension, run the GPU tests, run the benchmarks, write JSON.
 #
-#   bash scripts/gpu_check.sh [build|target|test|host|ops|stack|memory|srflow|lvlbatch|compiled|report|all]...
+#   bash scripts/gpu_check.sh [build|target|test|host|target-bf16|ops|stack|memory|srflow|lvlbatch|compiled|report|all]...
 #
 # Stages run in that order (default: all), most wanted first, so that a call cut short by a lease
 # still returns what is owed: the build, then `target` (DESIGN.md section 6's training step:
-# df2k-4x, batch 16, eager and as CUDA graphs), the GPU tests, host overhead, then the rest.
+# df2k-4x, batch 16, fp32, eager and as CUDA graphs), the GPU tests, host overhead, the same step
+# with bf16 subnets, then the rest.
 # Logs and JSON accumulate in $WORK (default /tmp/gpu-run, so stages can run as separate calls
 # on one machine; the build stays in the tree). $OUT gets one tarball of all of it, gpu-run.tgz,
 # renewed every 20 s and after each stage, so that a call stopped at its time limit still brings
@@ -16,7 +17,8 @@
 # it (`timeout`); skipped and stopped stages are named in status.txt, and the exit status is 2
 # where stages were cut and none failed. For a lease's call with a 540 s limit: DEADLINE=500.
 # To fit a short lease: TARGET_SECONDS, SRFLOW_SECONDS, LVLBATCH_SECONDS, COMPILED_SECONDS (time
-# budgets), TARGET_VARIANTS, COMPILED_VARIANTS / COMPILED_BATCHES (points), TEST_WORKERS (xdist).
+# budgets), TARGET_VARIANTS, TARGET_BF16_VARIANTS, COMPILED_VARIANTS / COMPILED_BATCHES (points),
+# TEST_WORKERS (xdist).
 # Stage times on an H200 (2026-12-04): build ~70 s, the kernel test matrix ~65 s on 8 workers,
 # host's eager part < 80 s, one df2k-4x step compiled with reduce-overhead > 2 minutes.
 set -uo pipefail
@@ -78,6 +80,15 @@ run() {  # run NAME CMD...: log to $WORK/NAME.log, keep going on failure, rememb
 
 want() { [[ " ${stages[*]} " == *" $1 "* || " ${stages[*]} " == *" all "* ]]; }
 
+target() {  # target NAME VARIANTS: DESIGN.md section 6's step (df2k-4x, batch 16, 160x160, RRDB
+    # frozen), training only (one compile each: sampling compiles in the compiled stage);
+    # warmup_s holds the compile time, the JSON is rewritten after each measurement
+    mkdir -p "$WORK/$1"
+    run "bench-srflow-$1" "$PY" -m benchmarks.bench_srflow --out "$WORK/$1" --variants "$2" \
+        --batches 16 --steps 10 --sample-batch 0 --max-seconds "${TARGET_SECONDS:-300}"
+    cp "$WORK/$1/bench_srflow_df2k-4x.json" "$WORK/bench_srflow_df2k-4x_$1.json" 2>/dev/null
+}
+
 if want build; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$WORK/gpu.txt"
     run build env MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install --no-deps --no-build-isolation -q -e .
@@ -86,14 +97,9 @@ if want build; then
     run build-check "$PY" -c "import flowkernels._loader as loader; m = loader.load_extension(); print('with_cuda', m.with_cuda); assert m.with_cuda, 'flowkernels._C was built without CUDA'"
 fi
 if want target; then
-    # DESIGN.md section 6's step (df2k-4x, batch 16, 160x160, RRDB frozen): the official maths and
-    # the memory-saving step eager, then as CUDA graphs (reduce-overhead, fused Adam), fp32 then
-    # bf16; warmup_s holds the compile time, the JSON is rewritten after each measurement.
-    mkdir -p "$WORK/target"
-    run bench-srflow-target "$PY" -m benchmarks.bench_srflow --out "$WORK/target" \
-        --variants "${TARGET_VARIANTS:-official,ms-cuda,ms-cuda-graph,ms-cuda-bf16-cl-graph}" \
-        --batches 16 --sample-batch 16 --max-seconds "${TARGET_SECONDS:-300}"
-    cp "$WORK/target/bench_srflow_df2k-4x.json" "$WORK/bench_srflow_df2k-4x_target.json" 2>/dev/null
+    # fp32: the official maths and the memory-saving step eager, then as CUDA graphs
+    # (reduce-overhead, fused Adam)
+    target target "${TARGET_VARIANTS:-official,ms-cuda,ms-cuda-graph}"
 fi
 if want test; then
     # TRITON_INTERPRET=0: the Triton kernels run compiled (tests/conftest.py defaults to the interpreter)
@@ -111,6 +117,10 @@ if want host; then
     run bench-host "$PY" -m benchmarks.bench_host --device cuda --out "$WORK"
     # Adam's default, foreach and fused (srflow train's) over df2k-4x's parameters: seconds
     run bench-optimizer "$PY" -m benchmarks.bench_optimizer --device cuda --out "$WORK"
+fi
+if want target-bf16; then
+    # bf16 subnets, channels-last: eager first (a minute's check of that path before its compile)
+    target target-bf16 "${TARGET_BF16_VARIANTS:-ms-cuda-bf16-cl,ms-cuda-bf16-cl-graph}"
 fi
 if want ops; then
     # torch.compile of the reference only at level 1 (each shape costs a compilation)
