@@ -237,15 +237,36 @@ def first_compiled_step_s(model: srflow.SRFlow, hr: torch.Tensor, lr: torch.Tens
     return time.perf_counter() - t0
 
 
+PHASES = (
+    "bytecode_tracing",
+    "create_aot_dispatcher_function",
+    "compile_fx.<locals>.fw_compiler_base",
+    "compile_fx.<locals>.bw_compiler",
+    "async_compile.wait",
+)
+
+
 def inductor_kernels(args: argparse.Namespace, device: torch.device) -> dict:
-    """Generated kernels and compile time of the training loss (forward + backward) on a small preset."""
+    """Generated kernels and compile time of the training loss (forward + backward) on
+    ``--inductor-preset`` (``<preset>-narrow``: its widths / 8, the same graph)."""
     from torch._inductor import metrics  # noqa: PLC0415 (private, only for this optional measurement)
 
-    model, hr, lr = build(args.inductor_preset, "ms-cuda", device, 32, 2)
+    name = args.inductor_preset
+    preset = narrow(name.removesuffix("-narrow")) if name.endswith("-narrow") else name
+    model, hr, lr = build(preset, "ms-cuda", device, 32, 2)
     torch._dynamo.reset()
     metrics.reset()
     seconds = first_compiled_step_s(model, hr, lr, "inductor")
-    return {"preset": args.inductor_preset, "generated_kernels": metrics.generated_kernel_count, "compile_s": seconds}
+    names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+    phases = dict(zip(names, map(float, values)))
+    return {
+        "preset": args.inductor_preset,
+        "generated_kernels": metrics.generated_kernel_count,
+        "compile_s": seconds,
+        # where it went: Dynamo's trace, AOT autograd + Inductor, Inductor's forward and backward
+        # graphs, of those the wait for the generated kernels' compilation (C++ here, Triton on CUDA)
+        "phases_s": {k: phases.get(k) for k in PHASES},
+    }
 
 
 def trace_times(args: argparse.Namespace, preset: str | SRFlowPreset, variant: str, device: torch.device) -> dict:
@@ -269,7 +290,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--inductor", action="store_true", help="also compile the training loss with Inductor")
-    parser.add_argument("--inductor-preset", default="tiny-4x")
+    parser.add_argument("--inductor-preset", default="tiny-4x", help="a preset, or <preset>-narrow")
     parser.add_argument("--narrow", action="store_true", help="the preset's architecture, widths / 8")
     parser.add_argument("--trace-times", action="store_true", help="also time Dynamo's and AOT's compile")
     args = parser.parse_args()

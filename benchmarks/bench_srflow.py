@@ -17,7 +17,12 @@ One training step = RRDB conditioning + flow NLL forward + backward + Adam step 
   backward; the sampling call too) or ``-graph`` (the same in ``mode="reduce-overhead"``: CUDA
   graphs). ``warmup_s`` holds the compile time; a ``-graph`` variant on CUDA
   records ``cudagraph_skips`` and ``cudagraph_partitions`` (graphs Inductor ran uncaptured or
-  split around uncapturable ops): its times are CUDA-graph times only where both are 0.
+  split around uncapturable ops): its times are CUDA-graph times only where both are 0;
+* or with ``-capture`` (CUDA only): the eager step, Adam's included, captured whole with
+  ``torch.cuda.graph`` after the warm-up steps and replayed (:func:`captured`): no compile, so it
+  measures in seconds what launching nothing from the host gives the eager kernels, where a
+  ``-graph`` variant of df2k-4x compiles for many minutes (Inductor generates thousands of
+  kernels for the step). A measurement, not a trainer option (yet).
 
 For each variant and batch: median step time over timed steps, samples/s, the last step's loss
 (across the fp32 variants equal up to rounding: one model, batch and number of steps) and peak memory
@@ -66,8 +71,16 @@ COMPILE_SUFFIXES = {"compile": "default", "graph": "reduce-overhead"}
 def parse_variant(name: str) -> dict:
     parts = name.split("-")
     compiled = [COMPILE_SUFFIXES[p] for p in parts if p in COMPILE_SUFFIXES]
-    common = {"bf16": "bf16" in parts, "channels_last": "cl" in parts, "compile": compiled[0] if compiled else None}
-    if parts[0] in ("official", "checkpoint") and len(compiled) <= 1:
+    capture = "capture" in parts
+    common = {
+        "bf16": "bf16" in parts,
+        "channels_last": "cl" in parts,
+        "compile": compiled[0] if compiled else None,
+        "capture": capture,
+    }
+    if len(compiled) + capture > 1:
+        raise ValueError(f"variant: at most one of -compile, -graph and -capture, got {name!r}")
+    if parts[0] in ("official", "checkpoint"):
         return {
             "memory_saving": False,
             "backend": "reference",
@@ -77,10 +90,10 @@ def parse_variant(name: str) -> dict:
             **common,
         }
     batching_flags = [p for p in parts if p in ("perstep", "batched", "keep")]
-    if parts[0] != "ms" or len(parts) < 2 or len(batching_flags) > 1 or len(compiled) > 1:
+    if parts[0] != "ms" or len(parts) < 2 or len(batching_flags) > 1:
         raise ValueError(
             "variant: expected official, checkpoint or ms-<backend>[-bf16][-cl][-perstep|-batched|-keep]"
-            f"[-compile|-graph], got {name!r}"
+            f"[-compile|-graph|-capture], got {name!r}"
         )
     return {
         "memory_saving": True,
@@ -147,12 +160,47 @@ def captures_graphs(variant: dict, device: torch.device) -> bool:
     return variant["compile"] in CUDA_GRAPH_MODES and device.type == "cuda"
 
 
+def captured(step: Callable[[], torch.Tensor], warmup: int) -> Callable[[], torch.Tensor]:
+    """``step`` (a whole training step on fixed input tensors: zero_grad(set_to_none=True), loss,
+    backward, a capturable optimizer's step) captured as one CUDA graph. ``warmup`` real steps run
+    first on a side stream (lazy initialisations, the optimizer's state), then one capture (which
+    runs nothing). The returned callable replays the graph: one more real step, whose loss it
+    returns (the same tensor every time, overwritten by the next replay). The gradients the
+    capture allocated stay the parameters' ``.grad``, rewritten by each replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return loss
+
+    return replay
+
+
 def measure_training(model, variant: dict, batch: int, hr_size: int, device, steps: int, warmup: int = 2) -> dict:
-    """Median step time, samples/s and peak memory of ``steps`` timed steps after ``warmup`` ones."""
+    """Median step time, samples/s and peak memory of ``steps`` timed steps after ``warmup`` ones
+    (a ``-capture`` variant: replays of the step captured after at least 3 warm-up steps)."""
     hr, lr = batch_of(model, batch, hr_size, device, variant["channels_last"])
     rss_before = rss_gib() if device.type == "cpu" else None
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if variant["bf16"] else contextlib.nullcontext()
+    if variant["capture"] and device.type != "cuda":
+        raise ValueError(f"-capture variants need CUDA (torch.cuda.graph), got device {device}")
+    # capturable: Adam's step count on the device, so that a replay advances it
+    opt = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True, capturable=variant["capture"]
+    )
+    # autocast's cast cache would hand a capture the weights cast before it: off when capturing
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not variant["capture"])
+        if variant["bf16"]
+        else contextlib.nullcontext()
+    )
     loss_fn = compiled_loss(model, variant["compile"])
 
     def step() -> torch.Tensor:
@@ -167,8 +215,11 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
+    if variant["capture"]:
+        step = captured(step, max(warmup, 3))
+    else:
+        for _ in range(warmup):
+            step()
     sync(device)
     warmup_s = time.perf_counter() - t0
     if device.type == "cuda":

@@ -5,8 +5,8 @@
 #
 # Stages run in that order (default: all), most wanted first, so that a call cut short by a lease
 # still returns what is owed: the build, then `target` (DESIGN.md section 6's training step:
-# df2k-4x, batch 16, fp32, eager and as CUDA graphs), the GPU tests, host overhead, the same step
-# with bf16 subnets, then the rest.
+# df2k-4x, batch 16, fp32, eager, captured as a CUDA graph, compiled as CUDA graphs), the GPU
+# tests, host overhead, the same step with bf16 subnets, then the rest.
 # Logs and JSON accumulate in $WORK (default /tmp/gpu-run, so stages can run as separate calls
 # on one machine; the build stays in the tree). $OUT gets one tarball of all of it, gpu-run.tgz,
 # renewed every 20 s and after each stage, so that a call stopped at its time limit still brings
@@ -97,9 +97,10 @@ if want build; then
     run build-check "$PY" -c "import flowkernels._loader as loader; m = loader.load_extension(); print('with_cuda', m.with_cuda); assert m.with_cuda, 'flowkernels._C was built without CUDA'"
 fi
 if want target; then
-    # fp32: the official maths and the memory-saving step eager, then as CUDA graphs
-    # (reduce-overhead, fused Adam)
-    target target "${TARGET_VARIANTS:-official,ms-cuda,ms-cuda-graph}"
+    # fp32: the official maths and the memory-saving step eager; both captured whole as CUDA
+    # graphs by hand (no compile: seconds); then compiled with reduce-overhead (CUDA graphs of
+    # Inductor's kernels, fused Adam beside them: a compile of many minutes, last)
+    target target "${TARGET_VARIANTS:-official,ms-cuda,ms-cuda-capture,official-capture,ms-cuda-graph}"
 fi
 if want test; then
     # TRITON_INTERPRET=0: the Triton kernels run compiled (tests/conftest.py defaults to the interpreter)
@@ -119,8 +120,8 @@ if want host; then
     run bench-optimizer "$PY" -m benchmarks.bench_optimizer --device cuda --out "$WORK"
 fi
 if want target-bf16; then
-    # bf16 subnets, channels-last: eager first (a minute's check of that path before its compile)
-    target target-bf16 "${TARGET_BF16_VARIANTS:-ms-cuda-bf16-cl,ms-cuda-bf16-cl-graph}"
+    # bf16 subnets, channels-last: eager, captured, then compiled with reduce-overhead
+    target target-bf16 "${TARGET_BF16_VARIANTS:-ms-cuda-bf16-cl,ms-cuda-bf16-cl-capture,ms-cuda-bf16-cl-graph}"
 fi
 if want ops; then
     # torch.compile of the reference only at level 1 (each shape costs a compilation)

@@ -360,3 +360,28 @@ def test_memory_saving_backward_refuses_steps_of_one_width_at_different_sizes():
     z, logdet = seq(x)
     with pytest.raises(RuntimeError, match=r"steps \[0, 2\] \(4 channels\) ran at different pixel counts"):
         (z.sum() + logdet.sum()).backward()
+
+
+@pytest.mark.gpu
+def test_invconv_cache_is_not_captured_in_a_cuda_graph():
+    """A 1x1 convolution outside a sequence takes W^-1 and log|det W| from its cache, keyed on the
+    weight's version: a CUDA graph replay runs no Python, so a capture that read the cache would
+    replay a log-det stale after the next optimizer step. Under capture the cache is bypassed:
+    the replay after a weight update gives what an eager call with the new weight does."""
+    step = fk.FlowStep(12).cuda().eval()
+    step.check_inputs = False  # its NaN scan reads a value on the host: not capturable
+    x = torch.randn(2, 12, 8, 8, device="cuda")
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires; fills the cache
+            step(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y, logdet = step(x)
+        step.invconv.weight.add_(0.1 * torch.randn_like(step.invconv.weight))
+        graph.replay()
+        want_y, want_logdet = step(x)
+    assert_rel_close(logdet, want_logdet, "forward")
+    assert_rel_close(y, want_y, "forward")

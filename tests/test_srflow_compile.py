@@ -92,14 +92,24 @@ def _assert_as_accurate_as_eager(
     (BF16_ERROR_RATIO x eager bf16's under autocast), each parameter's update against its own
     error (some gradients are sums that cancel to 1e-3 of their terms). The oracle: float64 stored-activation
     autograd on the reference ops. Updates are compared under SGD only."""
+    compiled = torch.compile(lambda hr, lr: model.nll(hr, lr).mean(), **compile_args)
+    _judge_training(
+        model, hr, lr, lambda: _train(model, hr, lr, compiled, steps, bf16, optimizer), bf16, steps, optimizer
+    )
+
+
+def _judge_training(model, hr, lr, train_got, bf16: bool, steps: int, optimizer: type) -> None:
+    """:func:`_assert_as_accurate_as_eager`'s verdict on ``train_got()`` (losses, updates) of
+    ``model``, which it runs first: copies of the model are the eager path and the oracle. Where
+    it returns fewer losses than ``steps``, they are the last ones."""
     eager, oracle = copy.deepcopy(model), copy.deepcopy(model).double()
     oracle.set_backend("reference")
     oracle.set_memory_saving(False)
-    compiled = torch.compile(lambda hr, lr: model.nll(hr, lr).mean(), **compile_args)
-    got_losses, got = _train(model, hr, lr, compiled, steps, bf16, optimizer)
+    got_losses, got = train_got()
     eager_losses, eager_updates = _train(eager, hr, lr, lambda hr, lr: eager.nll(hr, lr).mean(), steps, bf16, optimizer)
     oracle_fn = lambda hr, lr: oracle.nll(hr, lr).mean()  # noqa: E731
     want_losses, want = _train(oracle, hr.double(), lr.double(), oracle_fn, steps, False, optimizer)
+    eager_losses, want_losses = eager_losses[-len(got_losses) :], want_losses[-len(got_losses) :]
     ratio = BF16_ERROR_RATIO if bf16 else FP32_PATH_RATIO
     loss_bound = ratio * max(rel_err(eager_losses, want_losses), FP32_NOISE_FLOOR)
     assert rel_err(got_losses, want_losses) <= loss_bound
@@ -305,6 +315,38 @@ def test_cuda_graph_training_steps_equal_eager(preset: str):
     with torch._inductor.config.patch({"triton.cudagraph_or_error": True}):
         _assert_as_accurate_as_eager(model, hr, lr, dict(mode="reduce-overhead", fullgraph=True), False, 5, _fused_adam)
     assert cudagraph_fallbacks(since=before) == {"skips": 0, "partitions": 0}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_captured_training_steps_equal_eager(bf16: bool):
+    """bench_srflow's ``-capture`` variants: the eager training step (memory saving, the C++
+    kernels, level batching as on CUDA by default) captured whole with ``torch.cuda.graph`` after
+    two warm-up steps, then replayed: the replays' losses and the parameters after them are as
+    accurate as eager's. A replay runs no Python, so a value the capture read from a Python-side
+    cache, or work it did not record, would show here."""
+    from benchmarks.bench_srflow import captured  # noqa: PLC0415
+
+    model, hr, lr = _model(4, "auto", False, None, device="cuda")
+    smooth_relus_(model)
+
+    def train() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+        def step() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+                loss = model.nll(hr, lr).mean()
+            loss.backward()
+            opt.step()
+            return loss
+
+        replay = captured(step, 2)
+        losses = torch.stack([replay().detach().clone() for _ in range(3)])
+        return losses, {n: p.detach() - start[n] for n, p in model.named_parameters() if p.requires_grad}
+
+    _judge_training(model, hr, lr, train, bf16, 5, torch.optim.SGD)
 
 
 @pytest.mark.gpu

@@ -71,9 +71,12 @@ class InvConv1x1(InvertibleModule):
     def inverse_stats(self) -> tuple[Tensor, Tensor]:
         """``(W^-1, log|det W|)`` computed in float64 and returned in the weight's dtype, not
         differentiable; cached while W is unchanged."""
-        if torch.compiler.is_compiling():  # no cache inside a traced graph: recomputed per call
+        # No cache inside a traced graph or a CUDA-graph capture: recomputed per call (a replay
+        # runs no Python, so a W^-1 taken from the cache would outlive the optimizer's updates).
+        tensors = self._tensors()
+        if torch.compiler.is_compiling() or (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
             return self._compute_stats()
-        key = tuple((t._version, t.data_ptr(), t.device) for t in self._tensors())
+        key = tuple((t._version, t.data_ptr(), t.device) for t in tensors)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, *self._compute_stats())
         return self._cache[1], self._cache[2]
