@@ -27,8 +27,8 @@ One training step = RRDB conditioning + flow NLL forward + backward + Adam step 
 For each variant and batch: median step time over timed steps, samples/s, the last step's loss
 (across the fp32 variants equal up to rounding: one model, batch and number of steps) and peak memory
 (``max_memory_allocated`` over the timed steps, model and optimizer state included, and over the
-warm-up, ``warmup_peak_gib``: a CUDA graph's replay allocates nothing, so for ``-graph`` variants
-that and ``reserved_gib`` are the peaks to read; on the CPU each variant runs in its own process
+warm-up, ``warmup_peak_gib``: a CUDA graph's replay allocates nothing, so for ``-graph`` and
+``-capture`` variants that and ``reserved_gib`` are the peaks to read; on the CPU each variant runs in its own process
 and reports that process's peak resident set, total and above its RSS before the first training
 step). From two batch sizes a linear
 fit gives GiB per sample, the largest batch within 10/24/80 GiB, and the batch that fits in the
@@ -160,22 +160,45 @@ def captures_graphs(variant: dict, device: torch.device) -> bool:
     return variant["compile"] in CUDA_GRAPH_MODES and device.type == "cuda"
 
 
+def replays_graphs(variant: dict, device: torch.device) -> bool:
+    """Whether ``variant``'s timed steps are CUDA-graph replays (Inductor's or :func:`captured`)."""
+    return captures_graphs(variant, device) or (variant["capture"] and device.type == "cuda")
+
+
 def captured(step: Callable[[], torch.Tensor], warmup: int) -> Callable[[], torch.Tensor]:
     """``step`` (a whole training step on fixed input tensors: zero_grad(set_to_none=True), loss,
     backward, a capturable optimizer's step) captured as one CUDA graph. ``warmup`` real steps run
-    first on a side stream (lazy initialisations, the optimizer's state), then one capture (which
-    runs nothing). The returned callable replays the graph: one more real step, whose loss it
-    returns (the same tensor every time, overwritten by the next replay). The gradients the
-    capture allocated stay the parameters' ``.grad``, rewritten by each replay."""
+    first on a side stream (lazy initialisations, the optimizer's state), then one capture on that
+    same stream (which runs nothing: the linear-algebra libraries keep per-stream state, which
+    they cannot set up inside a capture). The returned callable replays the graph: one more real
+    step, whose loss it returns (the same tensor every time, overwritten by the next replay). The
+    gradients the capture allocated stay the parameters' ``.grad``, rewritten by each replay.
+
+    Warm-up and capture prefer cuSOLVER for linear algebra (the 1x1 maps' LU): torch may pick
+    MAGMA for a batch, whose host-side waits a capture cannot record."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step()
+    linalg = torch.backends.cuda.preferred_linalg_library()
+    torch.backends.cuda.preferred_linalg_library("cusolver")
+    try:
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step()
+        try:
+            with torch.cuda.graph(graph, stream=side):
+                loss = step()
+        except Exception as exc:
+            # a failure inside the capture surfaces as capture_end's own error: name the first one
+            first = exc
+            while first.__context__ is not None:
+                first = first.__context__
+            if first is exc:
+                raise
+            raise RuntimeError(f"capturing the step failed: {type(first).__name__}: {first}") from exc
+    finally:
+        torch.backends.cuda.preferred_linalg_library(linalg)
+    torch.cuda.current_stream().wait_stream(side)
 
     def replay() -> torch.Tensor:
         graph.replay()
@@ -216,7 +239,7 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     if variant["capture"]:
-        step = captured(step, max(warmup, 3))
+        step = captured(step, max(warmup, 1))
     else:
         for _ in range(warmup):
             step()
@@ -239,8 +262,8 @@ def measure_training(model, variant: dict, batch: int, hr_size: int, device, ste
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         # A CUDA graph's replay allocates nothing (its memory is its private pool, allocated while
-        # it was recorded in the warm-up): for -graph variants the warm-up's peak and the reserved
-        # memory are the ones to read, peak_gib counts only what lives outside the graphs.
+        # it was recorded in the warm-up): for -graph and -capture variants the warm-up's peak and
+        # the reserved memory are the ones to read, peak_gib counts what lives outside the graphs.
         out["warmup_peak_gib"] = warmup_peak / 2**30
         out["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     else:
@@ -360,7 +383,7 @@ def run_variant(
             saved(result)
             print(f"{name} batch {batch}: {point}", flush=True)
         # a CUDA graph's memory shows in the warm-up that recorded it, not in its replays
-        peak = "warmup_peak_gib" if captures_graphs(variant, device) else "peak_gib"
+        peak = "warmup_peak_gib" if replays_graphs(variant, device) else "peak_gib"
         result["fit"] = fit([p for p in result["points"] if "ms" in p], peak)
         if official_b16_peak and result["fit"] and variant["memory_saving"] and time.perf_counter() < deadline:
             per, fixed = result["fit"]["gib_per_sample"], result["fit"]["fixed_gib"]

@@ -318,7 +318,7 @@ def test_sequence_maps_linear_algebra_is_capturable_on_cuda(channels: int):
         _inverse_stats(static, True, True)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):  # on the warmed-up stream: cuSOLVER keeps state per stream
         inv, lad = _inverse_stats(static, True, True)
     new = weights()
     static.copy_(new)
@@ -365,23 +365,27 @@ def test_memory_saving_backward_refuses_steps_of_one_width_at_different_sizes():
 @pytest.mark.gpu
 def test_invconv_cache_is_not_captured_in_a_cuda_graph():
     """A 1x1 convolution outside a sequence takes W^-1 and log|det W| from its cache, keyed on the
-    weight's version: a CUDA graph replay runs no Python, so a capture that read the cache would
-    replay a log-det stale after the next optimizer step. Under capture the cache is bypassed:
-    the replay after a weight update gives what an eager call with the new weight does."""
+    weight's version. A CUDA graph replay runs no Python: a capture that read the cache would
+    replay the log-det of the weight it was captured with, and a replay that updates the weight
+    (an optimizer step in the graph) leaves its version, so an eager call after it would find
+    the key of the call before. Under capture the cache is bypassed, and after one never used
+    again: each replay (update, then the step) and an eager call after it agree."""
     step = fk.FlowStep(12).cuda().eval()
     step.check_inputs = False  # its NaN scan reads a value on the host: not capturable
     x = torch.randn(2, 12, 8, 8, device="cuda")
+    delta = 0.05 * torch.randn(12, 12, device="cuda")
     with torch.no_grad():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires; fills the cache
             step(x)
-        torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
+            step.invconv.weight.add_(delta)  # what an optimizer step in the graph does
             y, logdet = step(x)
-        step.invconv.weight.add_(0.1 * torch.randn_like(step.invconv.weight))
-        graph.replay()
-        want_y, want_logdet = step(x)
-    assert_rel_close(logdet, want_logdet, "forward")
-    assert_rel_close(y, want_y, "forward")
+        torch.cuda.current_stream().wait_stream(side)
+        for _ in range(2):
+            graph.replay()
+            want_y, want_logdet = step(x)  # eager, with the weight the replay left
+            assert_rel_close(logdet, want_logdet, "forward")
+            assert_rel_close(y, want_y, "forward")

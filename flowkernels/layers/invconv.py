@@ -39,6 +39,8 @@ class InvConv1x1(InvertibleModule):
         generator: RNG for the random orthogonal initialisation.
     """
 
+    _captured = False  # set once inverse_stats ran in a CUDA-graph capture: no cache from then on
+
     def __init__(self, channels: int, lu: bool = False, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.channels = channels
@@ -73,8 +75,13 @@ class InvConv1x1(InvertibleModule):
         differentiable; cached while W is unchanged."""
         # No cache inside a traced graph or a CUDA-graph capture: recomputed per call (a replay
         # runs no Python, so a W^-1 taken from the cache would outlive the optimizer's updates).
+        # Once captured, never again: replays change W without bumping its version, the key.
+        if torch.compiler.is_compiling():
+            return self._compute_stats()
         tensors = self._tensors()
-        if torch.compiler.is_compiling() or (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+        if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            self._captured = True
+        if self._captured:
             return self._compute_stats()
         key = tuple((t._version, t.data_ptr(), t.device) for t in tensors)
         if self._cache is None or self._cache[0] != key:
