@@ -25,15 +25,15 @@ One training step = RRDB conditioning + flow NLL forward + backward + Adam step 
   kernels for the step). A measurement, not a trainer option (yet).
 
 For each variant and batch: median step time over timed steps, samples/s, the last step's loss
-(across the fp32 variants equal up to rounding: one model, batch and number of steps) and peak memory
-(``max_memory_allocated`` over the timed steps, model and optimizer state included, and over the
-warm-up, ``warmup_peak_gib``: a CUDA graph's replay allocates nothing, so for ``-graph`` and
-``-capture`` variants that and ``reserved_gib`` are the peaks to read; on the CPU each variant runs in its own process
-and reports that process's peak resident set, total and above its RSS before the first training
-step). From two batch sizes a linear
-fit gives GiB per sample, the largest batch within 10/24/80 GiB, and the batch that fits in the
-memory ``official`` needs at batch 16, which is then measured. Sampling: ``sample`` of a batch
-of 40x40 LR at temperature 0.9.
+(across the fp32 variants equal up to rounding: one model, batch and number of steps) and peak
+memory (``max_memory_allocated`` over the timed steps, model and optimizer state included, and
+over the warm-up, ``warmup_peak_gib``: a CUDA graph's replay allocates nothing, so for ``-graph``
+and ``-capture`` variants that and ``reserved_gib`` are the peaks to read; on the CPU each
+variant runs in its own process and reports that process's peak resident set, total and above
+its RSS before the first training step). From two batch sizes a linear fit gives GiB per
+sample, the largest batch within 10/24/80 GiB, and the batch that fits in the memory
+``official`` needs at batch 16, which is then measured. Sampling: ``sample`` of a batch of 40x40
+LR at temperature 0.9.
 
     python -m benchmarks.bench_srflow [--preset df2k-4x] [--variants ...] [--smoke] [--out DIR]
     python -m benchmarks.bench_srflow --device cpu --variants ms-cuda-perstep,ms-cuda-batched,ms-cuda-keep \
@@ -209,7 +209,7 @@ def captured(step: Callable[[], torch.Tensor], warmup: int) -> Callable[[], torc
 
 def measure_training(model, variant: dict, batch: int, hr_size: int, device, steps: int, warmup: int = 2) -> dict:
     """Median step time, samples/s and peak memory of ``steps`` timed steps after ``warmup`` ones
-    (a ``-capture`` variant: replays of the step captured after at least 3 warm-up steps)."""
+    (a ``-capture`` variant: replays of the step captured after the warm-up steps, at least one)."""
     hr, lr = batch_of(model, batch, hr_size, device, variant["channels_last"])
     rss_before = rss_gib() if device.type == "cpu" else None
     if variant["capture"] and device.type != "cuda":

@@ -81,12 +81,16 @@ run() {  # run NAME CMD...: log to $WORK/NAME.log, keep going on failure, rememb
 want() { [[ " ${stages[*]} " == *" $1 "* || " ${stages[*]} " == *" all "* ]]; }
 
 target() {  # target NAME VARIANTS: DESIGN.md section 6's step (df2k-4x, batch 16, 160x160, RRDB
-    # frozen), training only (one compile each: sampling compiles in the compiled stage);
-    # warmup_s holds the compile time, the JSON is rewritten after each measurement
-    mkdir -p "$WORK/$1"
-    run "bench-srflow-$1" "$PY" -m benchmarks.bench_srflow --out "$WORK/$1" --variants "$2" \
-        --batches 16 --steps 10 --sample-batch 0 --max-seconds "${TARGET_SECONDS:-300}"
-    cp "$WORK/$1/bench_srflow_df2k-4x.json" "$WORK/bench_srflow_df2k-4x_$1.json" 2>/dev/null
+    # frozen), training only (one compile each: sampling compiles in the compiled stage); each
+    # variant in its own process (a failed capture or compile cannot touch the next one) and
+    # folder, $WORK/NAME/VARIANT; warmup_s holds the compile time, the JSON is rewritten after
+    # each measurement
+    local variant
+    for variant in ${2//,/ }; do
+        mkdir -p "$WORK/$1/$variant"
+        run "bench-srflow-$1-$variant" "$PY" -m benchmarks.bench_srflow --out "$WORK/$1/$variant" \
+            --variants "$variant" --batches 16 --steps 10 --sample-batch 0 --max-seconds "${TARGET_SECONDS:-300}"
+    done
 }
 
 if want build; then

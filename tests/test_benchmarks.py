@@ -184,6 +184,26 @@ def test_gpu_check_starts_no_stage_past_its_deadline(tmp_path: Path):
     assert not (work / "report.md").exists()
 
 
+def test_gpu_check_runs_each_target_variant_in_its_own_process(tmp_path: Path):
+    """The target stage's variants (the eager step, captured by hand, compiled with CUDA graphs)
+    run one process each, into a folder each: a capture or compile that fails, or breaks its
+    CUDA context, cannot take the next variant down, and each has its line in status.txt."""
+    record = tmp_path / "python"
+    record.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls.txt\n')
+    record.chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": str(record)}
+    env["TARGET_VARIANTS"] = "ms-cuda,ms-cuda-capture"
+    subprocess.run(["bash", "scripts/gpu_check.sh", "target"], cwd=ROOT, env=env, check=True, capture_output=True)
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert [c.split("--variants ")[1].split()[0] for c in calls] == ["ms-cuda", "ms-cuda-capture"]
+    assert f"--out {tmp_path}/work/target/ms-cuda-capture " in calls[1]
+    status = (tmp_path / "out" / "status.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in status] == [
+        "bench-srflow-target-ms-cuda",
+        "bench-srflow-target-ms-cuda-capture",
+    ]
+
+
 def test_gpu_check_stops_a_stage_at_its_deadline(tmp_path: Path):
     """A stage still running at DEADLINE is stopped there (a Python that never returns stands in
     for a compile that outlasts the lease) and named as stopped, not as failed."""
