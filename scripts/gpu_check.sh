@@ -4,8 +4,8 @@
 #   bash scripts/gpu_check.sh [build|target|test|host|target-bf16|ops|stack|memory|srflow|lvlbatch|compiled|report|all]...
 #
 # Stages run in that order (default: all), most wanted first, so that a call cut short by a lease
-# still returns what is owed: the build, then `target` (DESIGN.md section 6's training step:
-# df2k-4x, batch 16, fp32, eager, captured as a CUDA graph, compiled as CUDA graphs), the GPU
+# still returns what is owed: the build, then `target` (the training step of the README's GPU
+# targets: df2k-4x, batch 16, fp32, eager, captured as a CUDA graph, compiled as CUDA graphs), the GPU
 # tests, host overhead, the same step with bf16 subnets, then the rest.
 # Logs and JSON accumulate in $WORK (default /tmp/gpu-run, so stages can run as separate calls
 # on one machine; the build stays in the tree). $OUT gets one tarball of all of it, gpu-run.tgz,
@@ -66,7 +66,8 @@ run() {  # run NAME CMD...: log to $WORK/NAME.log, keep going on failure, rememb
     fi
     local rc=${PIPESTATUS[0]}
     local what="exit $rc"
-    if [ -n "$left" ] && { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; }; then
+    # timeout's exit statuses, where the deadline was reached (a 137 before it is, e.g., the OOM killer)
+    if [ -n "$left" ] && { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && [ "$SECONDS" -ge $((DEADLINE - 1)) ]; then
         what="stopped at the deadline"
         cut=1
     elif [ "$rc" -ne 0 ]; then
@@ -80,11 +81,11 @@ run() {  # run NAME CMD...: log to $WORK/NAME.log, keep going on failure, rememb
 
 want() { [[ " ${stages[*]} " == *" $1 "* || " ${stages[*]} " == *" all "* ]]; }
 
-target() {  # target NAME VARIANTS: DESIGN.md section 6's step (df2k-4x, batch 16, 160x160, RRDB
-    # frozen), training only (one compile each: sampling compiles in the compiled stage); each
-    # variant in its own process (a failed capture or compile cannot touch the next one) and
-    # folder, $WORK/NAME/VARIANT; warmup_s holds the compile time, the JSON is rewritten after
-    # each measurement
+target() {  # target NAME VARIANTS: the step of the README's GPU targets (df2k-4x, batch 16,
+    # 160x160, RRDB frozen), training only (one compile each: sampling compiles in the compiled
+    # stage); each variant in its own process (a failed capture or compile cannot touch the next
+    # one) and folder, $WORK/NAME/VARIANT; warmup_s holds the compile time (-capture: the warm-up
+    # steps and the capture), the JSON is rewritten after each measurement
     local variant
     for variant in ${2//,/ }; do
         mkdir -p "$WORK/$1/$variant"
@@ -156,7 +157,7 @@ fi
 if want compiled; then
     # The whole step compiled (Inductor) and as CUDA graphs, fp32 and bf16, against the official
     # maths eager and compiled, at two batches: the fit of memory per sample gives the batch that
-    # fits in the official batch-16 memory, which is measured too (samples/s, DESIGN.md section 6).
+    # fits in the official batch-16 memory, which is measured too (samples/s, the README's targets).
     mkdir -p "$WORK/compiled-step"
     run bench-srflow-compiled "$PY" -m benchmarks.bench_srflow --out "$WORK/compiled-step" \
         --variants "${COMPILED_VARIANTS:-official,ms-cuda-graph,ms-cuda-bf16-cl-graph,ms-cuda-compile,official-compile}" \

@@ -211,7 +211,7 @@ def test_gpu_check_stops_a_stage_at_its_deadline(tmp_path: Path):
     hang.write_text("#!/bin/sh\nexec sleep 300\n")
     hang.chmod(0o755)
     t0 = time.monotonic()
-    rc, status, _ = _gpu_check(tmp_path, str(hang), 6, "report")
+    rc, status, _ = _gpu_check(tmp_path, str(hang), 10, "report")
     assert time.monotonic() - t0 < 60
     assert rc == 2
     assert status.startswith("report: stopped at the deadline after ")

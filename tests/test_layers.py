@@ -367,13 +367,22 @@ def test_invconv_cache_is_not_captured_in_a_cuda_graph():
     """A 1x1 convolution outside a sequence takes W^-1 and log|det W| from its cache, keyed on the
     weight's version. A CUDA graph replay runs no Python: a capture that read the cache would
     replay the log-det of the weight it was captured with, and a replay that updates the weight
-    (an optimizer step in the graph) leaves its version, so an eager call after it would find
-    the key of the call before. Under capture the cache is bypassed, and after one never used
-    again: each replay (update, then the step) and an eager call after it agree."""
+    (an optimizer step in the graph) leaves its version, so an eager call after it would find the
+    key of the call before. Under capture the cache is bypassed, and after one never used again:
+    each replay and each eager call after it give W x and pixels * log|det W| of the weight they
+    ran with (the step's ActNorm, uninitialised in eval mode, is the identity)."""
     step = fk.FlowStep(12).cuda().eval()
     step.check_inputs = False  # its NaN scan reads a value on the host: not capturable
+    weight = step.invconv.weight
     x = torch.randn(2, 12, 8, 8, device="cuda")
     delta = 0.05 * torch.randn(12, 12, device="cuda")
+
+    def check(y: torch.Tensor, logdet: torch.Tensor, w: torch.Tensor) -> None:
+        w64 = w.double()
+        want_logdet = (64 * torch.linalg.slogdet(w64)[1]).expand(2)
+        assert_rel_close(logdet.double(), want_logdet, "forward")
+        assert_rel_close(y.double(), torch.einsum("oc,bchw->bohw", w64, x.double()), "forward")
+
     with torch.no_grad():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -381,11 +390,11 @@ def test_invconv_cache_is_not_captured_in_a_cuda_graph():
             step(x)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side):
-            step.invconv.weight.add_(delta)  # what an optimizer step in the graph does
             y, logdet = step(x)
+            weight.add_(delta)  # what an optimizer step in the graph does, after the forward
         torch.cuda.current_stream().wait_stream(side)
-        for _ in range(2):
+        for _ in range(3):
+            before = weight.clone()
             graph.replay()
-            want_y, want_logdet = step(x)  # eager, with the weight the replay left
-            assert_rel_close(logdet, want_logdet, "forward")
-            assert_rel_close(y, want_y, "forward")
+            check(y, logdet, before)
+            check(*step(x), weight)  # eager, with the weight the replay left
