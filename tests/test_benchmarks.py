@@ -155,30 +155,32 @@ def test_bench_peers_runs_and_skips_absent_peers(tmp_path: Path):
     assert len(ours) == 1 and ours[0]["step_ms"] > 0 and ours[0]["saved_mib"] > 0
 
 
+def _gpu_check(tmp_path: Path, python: str, *stages: str, **env: str) -> tuple[int, str, Path]:
+    """scripts/gpu_check.sh's ``stages`` with ``python``, $OUT and $WORK in ``tmp_path`` and the
+    extra ``env``: (exit status, status.txt, $WORK)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "WORK": str(work), "PYTHON": python, **env}
+    run = subprocess.run(["bash", "scripts/gpu_check.sh", *stages], cwd=ROOT, env=env, capture_output=True, timeout=120)
+    return run.returncode, (out / "status.txt").read_text(), work
+
+
 def test_gpu_check_returns_its_work_as_one_tarball(tmp_path: Path):
     """scripts/gpu_check.sh, by its report stage (no GPU needed): $OUT holds only gpu-run.tgz, with
     every stage's log and output, and status.txt with each stage's exit code (the device tool
     returns at most 8 files, and a call stopped at its time limit returns what $OUT holds)."""
-    out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "OUT": str(out), "WORK": str(work), "PYTHON": sys.executable}
-    subprocess.run(["bash", "scripts/gpu_check.sh", "report"], cwd=ROOT, env=env, check=True, capture_output=True)
+    rc, status, _ = _gpu_check(tmp_path, sys.executable, "report")
+    out = tmp_path / "out"
+    assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["gpu-run.tgz", "status.txt"]
-    assert (out / "status.txt").read_text().startswith("report: exit 0 after ")
+    assert status.startswith("report: exit 0 after ")
     with tarfile.open(out / "gpu-run.tgz") as tar:
         assert {"./report.log", "./report.md", "./status.txt"} <= set(tar.getnames())
-
-
-def _gpu_check(tmp_path: Path, python: str, deadline: int, *stages: str) -> tuple[int, str, Path]:
-    out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "OUT": str(out), "WORK": str(work), "PYTHON": python, "DEADLINE": str(deadline)}
-    run = subprocess.run(["bash", "scripts/gpu_check.sh", *stages], cwd=ROOT, env=env, capture_output=True, timeout=120)
-    return run.returncode, (out / "status.txt").read_text(), work
 
 
 def test_gpu_check_starts_no_stage_past_its_deadline(tmp_path: Path):
     """DEADLINE (seconds from the start) lets a lease's call end on its own, with what it skipped
     named: the stages listed after the deadline are not started, and the exit status is 2."""
-    rc, status, work = _gpu_check(tmp_path, sys.executable, 0, "report")
+    rc, status, work = _gpu_check(tmp_path, sys.executable, "report", DEADLINE="0")
     assert rc == 2
     assert status == "report: skipped (deadline)\n"
     assert not (work / "report.md").exists()
@@ -191,14 +193,12 @@ def test_gpu_check_runs_each_target_variant_in_its_own_process(tmp_path: Path):
     record = tmp_path / "python"
     record.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls.txt\n')
     record.chmod(0o755)
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": str(record)}
-    env["TARGET_VARIANTS"] = "ms-cuda,ms-cuda-capture"
-    subprocess.run(["bash", "scripts/gpu_check.sh", "target"], cwd=ROOT, env=env, check=True, capture_output=True)
+    rc, status_text, _ = _gpu_check(tmp_path, str(record), "target", TARGET_VARIANTS="ms-cuda,ms-cuda-capture")
+    assert rc == 0
     calls = (tmp_path / "calls.txt").read_text().splitlines()
     assert [c.split("--variants ")[1].split()[0] for c in calls] == ["ms-cuda", "ms-cuda-capture"]
     assert f"--out {tmp_path}/work/target/ms-cuda-capture " in calls[1]
-    status = (tmp_path / "out" / "status.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in status] == [
+    assert [line.split(":")[0] for line in status_text.splitlines()] == [
         "bench-srflow-target-ms-cuda",
         "bench-srflow-target-ms-cuda-capture",
     ]
@@ -211,7 +211,7 @@ def test_gpu_check_stops_a_stage_at_its_deadline(tmp_path: Path):
     hang.write_text("#!/bin/sh\nexec sleep 300\n")
     hang.chmod(0o755)
     t0 = time.monotonic()
-    rc, status, _ = _gpu_check(tmp_path, str(hang), 10, "report")
+    rc, status, _ = _gpu_check(tmp_path, str(hang), "report", DEADLINE="10")
     assert time.monotonic() - t0 < 60
     assert rc == 2
     assert status.startswith("report: stopped at the deadline after ")

@@ -63,23 +63,40 @@ def _capture(graphs: list, inner: str = "aot_eager"):
 
 
 def _train(
-    model, hr, lr, loss_fn, steps: int, bf16: bool, optimizer: type = torch.optim.SGD
+    model,
+    hr,
+    lr,
+    loss_fn,
+    steps: int,
+    bf16: bool,
+    optimizer: type = torch.optim.SGD,
+    capture_after: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``steps`` optimizer steps on the same batch: the losses and each parameter's total update.
     SGD by default: its update is the gradient itself, so the updates compare the steps' gradients
     (Adam divides by the root of the squared gradients, which turns a 1e-8 difference of a
-    near-zero gradient into an update difference of lr)."""
+    near-zero gradient into an update difference of lr). ``capture_after``: that many eager steps,
+    then the step captured as one CUDA graph (bench_srflow's ``captured``) and replayed for the
+    rest; the losses are then the replays' only."""
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=LR)
-    losses = []
-    for _ in range(steps):
+    # a capture must not reuse casts made before it: no autocast cache there
+    cache = None if capture_after is None else False
+
+    def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(hr.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(hr.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=cache):
             loss = loss_fn(hr, lr)
         loss.backward()
         opt.step()
-        # a copy: under reduce-overhead the loss is a CUDA-graph output, overwritten by the next replay
-        losses.append(loss.detach().clone())
+        return loss
+
+    if capture_after is not None:
+        from benchmarks.bench_srflow import captured  # noqa: PLC0415
+
+        step, steps = captured(step, capture_after), steps - capture_after
+    # copies: a CUDA graph's loss (reduce-overhead's or a capture's) is overwritten by the next replay
+    losses = [step().detach().clone() for _ in range(steps)]
     updates = {n: p.detach() - start[n] for n, p in model.named_parameters() if p.requires_grad}
     return torch.stack(losses), updates
 
@@ -334,27 +351,10 @@ def test_captured_training_steps_equal_eager(bf16: bool, optimizer):  # noqa: AN
     are as accurate as eager's; with the capturable fused Adam the benchmark uses, its step count
     and moments advance in the graph. A replay runs no Python, so a value the capture read from a
     Python-side cache, or work it did not record, would show here."""
-    from benchmarks.bench_srflow import captured  # noqa: PLC0415
-
     model, hr, lr = _model(4, "auto", False, None, device="cuda")
     smooth_relus_(model)
-
-    def train() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        start = {n: p.detach().clone() for n, p in model.named_parameters()}
-        opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=LR)
-
-        def step() -> torch.Tensor:
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
-                loss = model.nll(hr, lr).mean()
-            loss.backward()
-            opt.step()
-            return loss
-
-        replay = captured(step, 2)
-        losses = torch.stack([replay().detach().clone() for _ in range(3)])
-        return losses, {n: p.detach() - start[n] for n, p in model.named_parameters() if p.requires_grad}
-
+    loss_fn = lambda hr, lr: model.nll(hr, lr).mean()  # noqa: E731
+    train = lambda: _train(model, hr, lr, loss_fn, 5, bf16, optimizer, capture_after=2)  # noqa: E731
     _judge_training(model, hr, lr, train, bf16, 5, optimizer)
 
 
